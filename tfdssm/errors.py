@@ -1,0 +1,22 @@
+"""Typed exceptions: every user mistake surfaces as one of these.
+
+All inherit from :class:`TfdssmError`, so ``except tfdssm.TfdssmError`` catches
+anything tfdssm raises on purpose. The ``ValueError`` bases keep ``except
+ValueError`` code working.
+"""
+
+
+class TfdssmError(Exception):
+    """Base class of every error tfdssm raises for a user mistake."""
+
+
+class DataError(TfdssmError, ValueError):
+    """Input data is missing, malformed, or does not match the feature specs."""
+
+
+class ConfigError(TfdssmError, ValueError):
+    """An argument or a configuration value is out of range or inconsistent."""
+
+
+class ExportError(TfdssmError):
+    """An export directory is missing, incomplete, or not a tfdssm export."""

@@ -1,0 +1,186 @@
+"""Text -> normalised Unicode code points: the part of hashing that needs strings.
+
+This stage runs inside the SavedModel (core TensorFlow ops only: ``UnicodeDecode``
+and hash-table lookups, so stock TF Serving loads it) and, on a phone, in the app
+with the platform's own Unicode library. Its output is the input of the integer
+stage in :mod:`tfdssm.hashing`, which is what the TFLite model runs.
+
+The definition (see :mod:`tfdssm.unicode_table` for the frozen table):
+
+1. decode UTF-8; invalid bytes become U+FFFD;
+2. NFKC and full case folding, i.e. ``unicodedata.normalize("NFKC", t).casefold()``;
+3. keep the first ``max_length`` code points and pad with 0 to ``max_length``.
+
+Whitespace and control characters are left in place: the integer stage treats them
+(and the pad value 0) as word boundaries.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+import numpy as np
+import tensorflow as tf
+
+from tfdssm.unicode_table import MAX_CODE_POINT, load_table
+
+PAD = 0
+"""The pad value of code-point tensors (NUL is a boundary anyway)."""
+
+_COMPOSE_PASSES = 2
+
+
+def encode_text(text: str, max_length: int) -> np.ndarray:
+    """Reference encoder: what an app does before calling the TFLite tower.
+
+    Args:
+        text: Any Python string.
+        max_length: Number of code points the model takes.
+
+    Returns:
+        int32 ``[max_length]``: code points of ``NFKC(text).casefold()``, truncated
+        to ``max_length`` and padded with 0.
+
+    >>> encode_text("Straße", 8).tolist()
+    [115, 116, 114, 97, 115, 115, 101, 0]
+    """
+    normalised = unicodedata.normalize("NFKC", text).casefold()
+    points = [ord(c) for c in normalised[:max_length]]
+    out = np.zeros([max_length], dtype=np.int32)
+    out[: len(points)] = points
+    return out
+
+
+def normalize_code_points_py(text: str) -> list[int]:
+    """Pure-Python twin of the in-graph normalisation (same table, same rules).
+
+    Unlike :func:`encode_text` this applies tfdssm's frozen table exactly as the
+    graph does, so it is the reference that in-graph tests compare against.
+
+    Args:
+        text: Any Python string (lone surrogates become U+FFFD, as UTF-8 would).
+
+    Returns:
+        The normalised code points, not truncated.
+    """
+    table = load_table()
+    data = text.encode("utf-8", errors="surrogatepass").decode(
+        "utf-8", errors="replace"
+    )
+    points = [ord(c) for c in data]
+    compose = dict(zip(table.compose_keys.tolist(), table.compose_values.tolist()))
+    for _ in range(_COMPOSE_PASSES):
+        hits = [
+            (points[i] * (MAX_CODE_POINT + 1) + points[i + 1]) in compose
+            for i in range(len(points) - 1)
+        ] + [False]
+        out: list[int] = []
+        i = 0
+        while i < len(points):
+            starts = hits[i] and not (i > 0 and hits[i - 1])
+            if starts:
+                out.append(compose[points[i] * (MAX_CODE_POINT + 1) + points[i + 1]])
+                i += 2
+            else:
+                out.append(points[i])
+                i += 1
+        points = out
+    expand = dict(zip(table.expand_keys.tolist(), range(len(table.expand_keys))))
+    result: list[int] = []
+    for cp in points:
+        index = expand.get(cp)
+        if index is None:
+            result.append(cp)
+        else:
+            start, stop = table.expand_splits[index], table.expand_splits[index + 1]
+            result.extend(table.expand_values[start:stop].tolist())
+    return result
+
+
+class TextNormalizer(tf.Module):
+    """In-graph text normalisation with core TF ops (no tf-text, no custom ops).
+
+    Example:
+
+    >>> normalizer = TextNormalizer()
+    >>> normalizer(tf.constant(["ÉCOLE"]), max_length=6).numpy().tolist()
+    [[233, 99, 111, 108, 101, 0]]
+    """
+
+    def __init__(self, name: str | None = None) -> None:
+        super().__init__(name=name)
+        table = load_table()
+        self._compose = tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(
+                tf.constant(table.compose_keys), tf.constant(table.compose_values)
+            ),
+            default_value=-1,
+        )
+        self._expand = tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(
+                tf.constant(table.expand_keys),
+                tf.range(len(table.expand_keys), dtype=tf.int64),
+            ),
+            default_value=-1,
+        )
+        self._splits = tf.constant(table.expand_splits)
+        self._values = tf.constant(table.expand_values)
+
+    def __call__(self, texts: tf.Tensor, max_length: int) -> tf.Tensor:
+        """Normalises a batch of strings into padded code points.
+
+        Args:
+            texts: string ``[batch]``.
+            max_length: Static number of code points to keep.
+
+        Returns:
+            int32 ``[batch, max_length]``, padded with :data:`PAD`.
+        """
+        texts = tf.convert_to_tensor(texts, dtype=tf.string)
+        points = tf.strings.unicode_decode(
+            texts, "UTF-8", errors="replace", replacement_char=0xFFFD
+        )
+        points = tf.cast(points, tf.int64)
+        for _ in range(_COMPOSE_PASSES):
+            points = self._compose_pairs(points)
+        points = self._expand_points(points)
+        batch = tf.shape(texts)[0]
+        points = points.to_tensor(default_value=PAD, shape=[None, max_length])
+        return tf.reshape(tf.cast(points, tf.int32), [batch, max_length])
+
+    def _compose_pairs(self, points: tf.RaggedTensor) -> tf.RaggedTensor:
+        flat = points.flat_values
+        rows = points.value_rowids()
+        nxt = tf.concat([flat[1:], [-1]], axis=0)
+        same_row = tf.concat([tf.equal(rows[1:], rows[:-1]), [False]], axis=0)
+        composed = self._compose.lookup(flat * (MAX_CODE_POINT + 1) + nxt)
+        hit = tf.logical_and(composed >= 0, same_row)
+        previous_hit = tf.concat([[False], hit[:-1]], axis=0)
+        starts = tf.logical_and(hit, tf.logical_not(previous_hit))
+        consumed = tf.concat([[False], starts[:-1]], axis=0)
+        flat = tf.where(starts, composed, flat)
+        return tf.ragged.boolean_mask(
+            points.with_flat_values(flat), tf.logical_not(
+                points.with_flat_values(consumed)
+            )
+        )
+
+    def _expand_points(self, points: tf.RaggedTensor) -> tf.RaggedTensor:
+        flat = points.flat_values
+        index = self._expand.lookup(flat)
+        mapped = index >= 0
+        safe = tf.maximum(index, 0)
+        size = tf.shape(self._values, out_type=tf.int64)[0]
+        position = tf.range(tf.shape(flat, out_type=tf.int64)[0])
+        starts = tf.where(mapped, tf.gather(self._splits, safe), size + position)
+        lengths = tf.where(
+            mapped,
+            tf.gather(self._splits, safe + 1) - tf.gather(self._splits, safe),
+            tf.ones_like(flat),
+        )
+        pool = tf.concat([tf.cast(self._values, tf.int64), flat], axis=0)
+        gathered = tf.gather(pool, tf.ragged.range(starts, starts + lengths).flat_values)
+        row_lengths = tf.math.unsorted_segment_sum(
+            lengths, points.value_rowids(), points.nrows()
+        )
+        return tf.RaggedTensor.from_row_lengths(gathered, row_lengths)
