@@ -1,0 +1,152 @@
+"""Feature specs: what a column is, and how a tower turns it into a vector.
+
+A spec is a small dataclass that round-trips through JSON (``to_config`` /
+``feature_from_config``); it is what ``export.json`` records and what the
+serving signatures are named after.
+
+>>> spec = TextFeature("query", num_buckets=30000, embedding_dim=300)
+>>> feature_from_config(spec.to_config()) == spec
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import tensorflow as tf
+
+from tfdssm import layers
+from tfdssm.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class TextFeature:
+    """Free text, hashed in-graph into letter trigrams.
+
+    Attributes:
+        name: Column name, also the serving input name.
+        num_buckets: Trigram hash buckets (paper: 30,000).
+        embedding_dim: Size of the trigram bag embedding.
+        max_length: Code points kept per text.
+        combiner: ``sum`` (paper), ``mean`` or ``sqrtn``.
+    """
+
+    name: str
+    num_buckets: int = 30000
+    embedding_dim: int = 64
+    max_length: int = 256
+    combiner: str = "sqrtn"
+    kind: ClassVar[str] = "text"
+    dtype: ClassVar[tf.DType] = tf.string
+
+    def make_layer(self) -> tf.keras.layers.Layer:
+        return layers.TextEmbedding(
+            self.num_buckets, self.embedding_dim, self.max_length, self.combiner,
+            name=f"{self.name}_text",
+        )
+
+    def to_config(self) -> dict[str, Any]:
+        return {"kind": self.kind, **dataclasses.asdict(self)}
+
+
+@dataclasses.dataclass(frozen=True)
+class CategoricalFeature:
+    """One id per row (user id, occupation, year) from a fixed vocabulary."""
+
+    name: str
+    vocabulary: tuple[str, ...]
+    embedding_dim: int = 32
+    kind: ClassVar[str] = "categorical"
+    dtype: ClassVar[tf.DType] = tf.string
+
+    def make_layer(self) -> tf.keras.layers.Layer:
+        return layers.CategoricalEmbedding(
+            list(self.vocabulary), self.embedding_dim, name=f"{self.name}_categorical"
+        )
+
+    def to_config(self) -> dict[str, Any]:
+        return {"kind": self.kind, **dataclasses.asdict(self),
+                "vocabulary": list(self.vocabulary)}
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiValuedFeature:
+    """Several tokens in one string, joined by ``separator`` (genres, tags)."""
+
+    name: str
+    vocabulary: tuple[str, ...]
+    embedding_dim: int = 16
+    separator: str = "|"
+    combiner: str = "mean"
+    kind: ClassVar[str] = "multi_valued"
+    dtype: ClassVar[tf.DType] = tf.string
+
+    def make_layer(self) -> tf.keras.layers.Layer:
+        return layers.MultiValuedEmbedding(
+            list(self.vocabulary), self.embedding_dim, self.separator, self.combiner,
+            name=f"{self.name}_multi",
+        )
+
+    def to_config(self) -> dict[str, Any]:
+        return {"kind": self.kind, **dataclasses.asdict(self),
+                "vocabulary": list(self.vocabulary)}
+
+
+@dataclasses.dataclass(frozen=True)
+class NumericFeature:
+    """A float column, standardised by ``mean`` and ``std`` from training data."""
+
+    name: str
+    mean: float = 0.0
+    std: float = 1.0
+    kind: ClassVar[str] = "numeric"
+    dtype: ClassVar[tf.DType] = tf.float32
+
+    def make_layer(self) -> tf.keras.layers.Layer:
+        return layers.NumericInput(self.mean, self.std, name=f"{self.name}_numeric")
+
+    def to_config(self) -> dict[str, Any]:
+        return {"kind": self.kind, **dataclasses.asdict(self)}
+
+
+Feature = TextFeature | CategoricalFeature | MultiValuedFeature | NumericFeature
+_KINDS: dict[str, type] = {
+    cls.kind: cls
+    for cls in (TextFeature, CategoricalFeature, MultiValuedFeature, NumericFeature)
+}
+
+
+def feature_from_config(config: dict[str, Any]) -> Feature:
+    """Rebuilds a spec from :meth:`to_config` output.
+
+    Raises:
+        ConfigError: for an unknown ``kind`` or unknown fields.
+    """
+    config = dict(config)
+    kind = config.pop("kind", None)
+    if kind not in _KINDS:
+        raise ConfigError(
+            f"unknown feature kind {kind!r}; expected one of {sorted(_KINDS)}."
+        )
+    if "vocabulary" in config:
+        config["vocabulary"] = tuple(config["vocabulary"])
+    try:
+        return _KINDS[kind](**config)
+    except TypeError as error:
+        raise ConfigError(f"bad {kind} feature config {config}: {error}") from None
+
+
+def vocabulary_of(values: Iterable[Any], separator: str | None = None) -> tuple[str, ...]:
+    """Sorted distinct values of a column (split by ``separator`` if given).
+
+    >>> vocabulary_of(["b|a", "a", ""], separator="|")
+    ('a', 'b')
+    """
+    seen: set[str] = set()
+    for value in values:
+        text = str(value)
+        parts = text.split(separator) if separator else [text]
+        seen.update(p for p in parts if p)
+    return tuple(sorted(seen))

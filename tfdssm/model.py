@@ -1,0 +1,193 @@
+"""``tfdssm.DSSM``: two towers trained by a TFRS retrieval task.
+
+The default loss is TFRS's in-batch softmax (every other candidate in the batch is
+a negative) with a temperature, optional removal of accidental hits, logQ
+correction, extra sampled negatives and hard-negative mining. ``loss="paper"`` is
+the 2013 DSSM objective for comparison: a softmax over ``gamma`` times the cosine
+of the clicked document and 4 random other documents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+
+from tfdssm.errors import ConfigError
+from tfdssm.sampling import NegativeSampler
+from tfdssm.towers import SharedTower, Tower
+
+LOSSES = ("in_batch", "paper")
+
+
+@tf.keras.utils.register_keras_serializable(package="tfdssm")
+class DSSM(tfrs.Model):
+    """A two-tower retrieval model trained with ``model.fit``.
+
+    Args:
+        query_tower: Tower over query features.
+        candidate_tower: Tower over candidate features (may be a
+            :class:`tfdssm.towers.SharedTower` of the query tower).
+        candidate_id: Column identifying a candidate; enables accidental-hit
+            removal, logQ correction and evaluation by id.
+        loss: ``in_batch`` (TFRS in-batch softmax) or ``paper``.
+        temperature: Softmax temperature (scores are divided by it). Default 0.05
+            for L2-normalised towers, 1.0 otherwise.
+        remove_accidental_hits: Mask in-batch negatives that share the positive's
+            candidate id (needs ``candidate_id``).
+        candidate_probabilities: Candidate id -> frequency in the training data,
+            for logQ correction of the popularity bias of in-batch negatives.
+        negative_sampler: Extra negatives drawn from the corpus each step.
+        num_hard_negatives: Keep only the top-scoring negatives per query.
+        gamma: Smoothing factor of the paper loss (cosine times gamma).
+        num_paper_negatives: Random negatives per query for the paper loss.
+
+    Call args:
+        features: mapping of column name -> ``[batch]`` tensor.
+
+    Returns:
+        ``{"query": [batch, dim], "candidate": [batch, dim]}`` for the towers whose
+        features are present.
+    """
+
+    def __init__(
+        self,
+        query_tower: Tower,
+        candidate_tower: tf.keras.layers.Layer,
+        candidate_id: str | None = None,
+        loss: str = "in_batch",
+        temperature: float | None = None,
+        remove_accidental_hits: bool = False,
+        candidate_probabilities: Mapping[str, float] | None = None,
+        negative_sampler: NegativeSampler | None = None,
+        num_hard_negatives: int | None = None,
+        gamma: float = 10.0,
+        num_paper_negatives: int = 4,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if loss not in LOSSES:
+            raise ConfigError(f"loss must be one of {LOSSES}, received {loss!r}.")
+        needs_id = remove_accidental_hits or candidate_probabilities is not None
+        if needs_id and not candidate_id:
+            raise ConfigError(
+                "remove_accidental_hits and candidate_probabilities need "
+                "candidate_id, the column that identifies a candidate."
+            )
+        if loss == "paper" and (negative_sampler or num_hard_negatives):
+            raise ConfigError(
+                "loss='paper' draws its own 4 random negatives; do not combine it "
+                "with negative_sampler or num_hard_negatives."
+            )
+        self.query_tower = query_tower
+        self.candidate_tower = candidate_tower
+        self.candidate_id = candidate_id
+        self.loss_name = loss
+        normalized = getattr(query_tower, "normalize", False)
+        self.temperature = float(
+            temperature if temperature is not None else (0.05 if normalized else 1.0)
+        )
+        self.remove_accidental_hits = bool(remove_accidental_hits)
+        self.gamma = float(gamma)
+        self.num_paper_negatives = int(num_paper_negatives)
+        self.negative_sampler = negative_sampler
+        self.num_hard_negatives = num_hard_negatives
+        self.task = tfrs.tasks.Retrieval(
+            temperature=self.temperature,
+            num_hard_negatives=num_hard_negatives,
+            remove_accidental_hits=self.remove_accidental_hits,
+        )
+        self._probabilities = None
+        if candidate_probabilities is not None:
+            keys = np.asarray([str(k) for k in candidate_probabilities], dtype=object)
+            values = np.asarray(list(candidate_probabilities.values()), np.float32)
+            if (values <= 0).any():
+                raise ConfigError("candidate_probabilities must all be > 0.")
+            self._probabilities = tf.lookup.StaticHashTable(
+                tf.lookup.KeyValueTensorInitializer(
+                    tf.constant(keys, tf.string), tf.constant(values)
+                ),
+                default_value=float(values.min()),
+            )
+
+    def call(self, features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        out = {}
+        if all(n in features for n in self.query_tower.feature_names):
+            out["query"] = self.query_tower(features)
+        if all(n in features for n in self.candidate_tower.feature_names):
+            out["candidate"] = self.candidate_tower(features)
+        return out
+
+    def compute_loss(
+        self, features: Mapping[str, tf.Tensor], training: bool = False
+    ) -> tf.Tensor:
+        queries = self.query_tower(features)
+        candidates = self.candidate_tower(features)
+        if self.loss_name == "paper":
+            return self._paper_loss(queries, candidates)
+        ids = features[self.candidate_id] if self.candidate_id else None
+        batch = tf.cast(tf.shape(candidates)[0], tf.float32)
+        expected = None
+        if self._probabilities is not None:
+            expected = batch * self._probabilities.lookup(tf.reshape(ids, [-1]))
+        if self.negative_sampler is not None and training:
+            extra, probability = self.negative_sampler.sample()
+            candidates = tf.concat([candidates, self.candidate_tower(extra)], axis=0)
+            draws = float(self.negative_sampler.num_negatives)
+            if ids is not None:
+                ids = tf.concat([tf.reshape(ids, [-1]), extra[self.candidate_id]], 0)
+            if expected is not None:
+                expected = tf.concat([expected, draws * probability], axis=0)
+        return self.task(
+            queries,
+            candidates,
+            candidate_sampling_probability=expected,
+            candidate_ids=ids if self.remove_accidental_hits else None,
+            compute_metrics=False,
+            compute_batch_metrics=False,
+        )
+
+    def _paper_loss(self, queries: tf.Tensor, candidates: tf.Tensor) -> tf.Tensor:
+        """Softmax over gamma * cosine of 1 positive and N shifted negatives."""
+        batch = tf.shape(candidates)[0]
+        shifts = tf.random.uniform(
+            [self.num_paper_negatives], 1, tf.maximum(batch, 2), dtype=tf.int32
+        )
+        index = tf.math.floormod(
+            tf.range(batch)[:, None] + tf.concat([[0], shifts], 0)[None, :], batch
+        )
+        queries = tf.math.l2_normalize(queries, axis=1)
+        docs = tf.gather(tf.math.l2_normalize(candidates, axis=1), index)
+        logits = self.gamma * tf.einsum("bd,bkd->bk", queries, docs)
+        labels = tf.zeros([batch], tf.int32)
+        return tf.reduce_mean(
+            tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+        )
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "query_tower": tf.keras.layers.serialize(self.query_tower),
+            "candidate_tower": tf.keras.layers.serialize(self.candidate_tower),
+            "candidate_id": self.candidate_id,
+            "loss": self.loss_name,
+            "temperature": self.temperature,
+            "remove_accidental_hits": self.remove_accidental_hits,
+            "num_hard_negatives": self.num_hard_negatives,
+            "gamma": self.gamma,
+            "num_paper_negatives": self.num_paper_negatives,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> DSSM:
+        config = dict(config)
+        query = tf.keras.layers.deserialize(config["query_tower"])
+        candidate = config["candidate_tower"]
+        if candidate.get("class_name", "").endswith("SharedTower"):
+            candidate = SharedTower(query, candidate["config"]["rename"])
+        else:
+            candidate = tf.keras.layers.deserialize(candidate)
+        config["query_tower"], config["candidate_tower"] = query, candidate
+        return cls(**config)

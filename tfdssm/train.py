@@ -1,0 +1,209 @@
+"""One training run: fit a prepared pipeline, evaluate it, export it.
+
+Pipelines (:mod:`tfdssm.pipelines`) turn a data source into a :class:`Prepared`
+(model, feature columns, train/test split, candidate corpus); this module runs it
+the same way for all of them, from the CLI or a notebook.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from tfdssm import data, evaluate, export
+from tfdssm.errors import ConfigError, DataError
+from tfdssm.features import Feature
+from tfdssm.model import DSSM
+
+
+@dataclasses.dataclass
+class Prepared:
+    """Everything a training run needs, built by a pipeline.
+
+    Attributes:
+        model: The (untrained) model.
+        features: Specs of every column the model reads.
+        train: Training rows (one interaction each).
+        test: Held-out rows for evaluation.
+        corpus: One row per candidate (the candidate tower's columns + id).
+        candidate_id: Column identifying a candidate in all three tables.
+        query_key: Column grouping rows of the same query (e.g. ``user_id``) to
+            exclude a query's training candidates at evaluation, or ``None``.
+        info: Pipeline name and parameters, recorded in ``export.json``.
+    """
+
+    model: DSSM
+    features: list[Feature]
+    train: pd.DataFrame
+    test: pd.DataFrame
+    corpus: pd.DataFrame
+    candidate_id: str
+    query_key: str | None = None
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def split_frame(
+    frame: pd.DataFrame, test_fraction: float, seed: int = 42
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Random row split (TFRS protocol: shuffle with seed 42, then cut).
+
+    Tiny tables (< 10 rows) are evaluated on their training rows, with a warning.
+    """
+    if not 0.0 <= test_fraction < 1.0:
+        raise ConfigError(f"test_fraction must be in [0, 1), received {test_fraction}.")
+    order = np.random.default_rng(seed).permutation(len(frame))
+    num_test = int(round(len(frame) * test_fraction))
+    if len(frame) < 10 or num_test == 0:
+        print("tfdssm: warning: too few rows to hold out a test split; evaluating "
+              "on the training rows.", file=sys.stderr)
+        return frame, frame
+    test = frame.iloc[order[:num_test]].reset_index(drop=True)
+    train = frame.iloc[order[num_test:]].reset_index(drop=True)
+    return train, test
+
+
+def corpus_of(frame: pd.DataFrame, candidate_id: str, columns: Sequence[str]) -> pd.DataFrame:
+    """Distinct candidates (first row per id) with the given columns.
+
+    Raises:
+        DataError: the same id appears with different feature values.
+    """
+    columns = list(dict.fromkeys([candidate_id, *columns]))
+    data.check_columns(frame, columns)
+    rows = frame[columns].astype({c: str for c in columns if frame[c].dtype == object})
+    distinct = rows.drop_duplicates()
+    clashes = distinct[candidate_id].duplicated(keep=False)
+    if clashes.any():
+        example = distinct.loc[clashes, candidate_id].iloc[0]
+        raise DataError(
+            f"candidate id {example!r} in column {candidate_id!r} appears with "
+            f"different values of {columns[1:]}; ids must identify one candidate. "
+            "Fix the data or pass a different --candidate-id-column."
+        )
+    return distinct.reset_index(drop=True)
+
+
+def evaluate_frame(
+    query_tower: Any,
+    candidate_tower: Any,
+    test: pd.DataFrame,
+    corpus: pd.DataFrame,
+    candidate_id: str,
+    query_features: Sequence[Feature],
+    candidate_features: Sequence[Feature],
+    train: pd.DataFrame | None = None,
+    query_key: str | None = None,
+    ks: Sequence[int] = evaluate.DEFAULT_KS,
+) -> dict[str, float]:
+    """Embeds the test queries and the corpus, and computes rank metrics.
+
+    With ``train`` and ``query_key``, each query's training candidates are ignored
+    (metrics named ``*_excl``, alongside the plain ones).
+    """
+    index = {cid: i for i, cid in enumerate(corpus[candidate_id].astype(str))}
+    ids = test[candidate_id].astype(str)
+    unknown = ~ids.isin(index.keys())
+    if unknown.any():
+        raise DataError(
+            f"{int(unknown.sum())} test row(s) have a {candidate_id!r} that is not in "
+            f"the candidate corpus, e.g. {ids[unknown].iloc[0]!r}."
+        )
+    positives = ids.map(index).to_numpy()
+    queries = evaluate.embed(query_tower, data.to_feature_arrays(test, query_features))
+    candidates = evaluate.embed(
+        candidate_tower, data.to_feature_arrays(corpus, candidate_features)
+    )
+    metrics = evaluate.rank_metrics(queries, positives, candidates, ks=ks)
+    if train is not None and query_key is not None:
+        seen: dict[str, list[int]] = {}
+        for key, cid in zip(train[query_key].astype(str), train[candidate_id].astype(str)):
+            if cid in index:
+                seen.setdefault(key, []).append(index[cid])
+        exclude = [seen.get(k, []) for k in test[query_key].astype(str)]
+        excluded = evaluate.rank_metrics(
+            queries, positives, candidates, exclude=exclude, ks=ks, auc_negatives=0
+        )
+        metrics.update(
+            {f"{k}_excl": v for k, v in excluded.items() if not k.startswith("num_")}
+        )
+    return metrics
+
+
+def run(
+    prepared: Prepared,
+    export_dir: str | os.PathLike | None,
+    epochs: int = 3,
+    batch_size: int = 1024,
+    learning_rate: float = 0.003,
+    tensorboard_dir: str | None = None,
+    callbacks: Sequence[tf.keras.callbacks.Callback] = (),
+    verbose: int = 1,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Fits, evaluates and (optionally) exports a prepared pipeline.
+
+    Args:
+        prepared: Output of a pipeline's ``prepare``.
+        export_dir: Where to export; ``None`` to skip the export.
+        epochs: Passes over the training rows.
+        batch_size: Rows per step (also the number of in-batch negatives).
+        learning_rate: Adam learning rate.
+        tensorboard_dir: Write TensorBoard logs there.
+        callbacks: Extra Keras callbacks.
+        verbose: Keras progress output (0 silent, 1 progress bar, 2 one line).
+        seed: Seed for weights and shuffling.
+
+    Returns:
+        ``{"metrics": ..., "history": ..., "export": export.json content or None}``.
+    """
+    if epochs < 1:
+        raise ConfigError(f"epochs must be >= 1, received {epochs}.")
+    tf.keras.utils.set_random_seed(seed)
+    model = prepared.model
+    model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate))
+    dataset = data.make_dataset(prepared.train, prepared.features, batch_size, seed=seed)
+    all_callbacks = list(callbacks)
+    if tensorboard_dir:
+        all_callbacks.append(tf.keras.callbacks.TensorBoard(log_dir=tensorboard_dir))
+    start = time.perf_counter()
+    history = model.fit(dataset, epochs=epochs, verbose=verbose, callbacks=all_callbacks)
+    seconds = time.perf_counter() - start
+    if verbose:
+        rate = len(prepared.train) * epochs / max(seconds, 1e-9)
+        print(f"tfdssm: trained {epochs} epoch(s) on {len(prepared.train)} rows in "
+              f"{seconds:.1f}s ({rate:,.0f} rows/s)", file=sys.stderr)
+    metrics = evaluate_frame(
+        model.query_tower, model.candidate_tower, prepared.test, prepared.corpus,
+        prepared.candidate_id, _tower_features(model.query_tower, prepared.features),
+        _tower_features(model.candidate_tower, prepared.features),
+        train=prepared.train, query_key=prepared.query_key,
+    )
+    info = None
+    if export_dir is not None:
+        training = {
+            **prepared.info, "epochs": epochs, "batch_size": batch_size,
+            "learning_rate": learning_rate, "train_rows": len(prepared.train),
+            "test_rows": len(prepared.test), "train_seconds": round(seconds, 2),
+        }
+        info = export.export_model(
+            model, export_dir, corpus=prepared.corpus, metrics=metrics,
+            training=training,
+        )
+    return {
+        "metrics": metrics,
+        "history": {k: [float(x) for x in v] for k, v in history.history.items()},
+        "export": info,
+    }
+
+
+def _tower_features(tower: Any, features: Sequence[Feature]) -> list[Feature]:
+    by_name: Mapping[str, Feature] = {f.name: f for f in features}
+    return [by_name[name] for name in tower.feature_names]
