@@ -1,0 +1,224 @@
+"""The ``tfdssm`` command line: parses arguments and calls the library.
+
+Exit codes: 0 success, 2 a user error (message on stderr, no traceback), 1 an
+unexpected failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+PIPELINE_DEFAULTS = {
+    "movielens": {"epochs": 6, "batch_size": 1024, "learning_rate": 0.003,
+                  "hidden": "128", "dim": 64, "buckets": 10000, "activation": "relu"},
+    "pairs": {"epochs": 5, "batch_size": 256, "learning_rate": 0.003,
+              "hidden": "300,300", "dim": 128, "buckets": 30000, "activation": "tanh"},
+}
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers like 300,300, received {text!r}"
+        ) from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be positive, received {text!r}")
+    return sizes
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, received {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, received {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tfdssm", description="Train, evaluate and query DSSM two-tower models."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a pipeline and export it")
+    train.add_argument("--pipeline", choices=["movielens", "pairs"], required=True)
+    train.add_argument("--data", help="pairs: CSV/TSV/Parquet file; movielens: an "
+                       "extracted ml-100k directory (default: fetched and cached)")
+    train.add_argument("--export-dir", required=True)
+    train.add_argument("--query-column", default="query")
+    train.add_argument("--candidate-column", default="doc")
+    train.add_argument("--candidate-id-column")
+    train.add_argument("--epochs", type=_positive)
+    train.add_argument("--batch-size", type=_positive)
+    train.add_argument("--learning-rate", type=float)
+    train.add_argument("--hidden", type=_sizes, help="e.g. 300,300")
+    train.add_argument("--dim", type=_positive)
+    train.add_argument("--buckets", type=_positive, help="trigram hash buckets")
+    train.add_argument("--activation", choices=["tanh", "relu", "gelu", "swish"])
+    train.add_argument("--max-length", type=_positive, default=256,
+                       help="code points kept per text (pairs)")
+    train.add_argument("--loss", choices=["in_batch", "paper"], default="in_batch")
+    train.add_argument("--temperature", type=float)
+    train.add_argument("--shared-towers", action="store_true")
+    train.add_argument("--senet", action="store_true", help="movielens: SENet block")
+    train.add_argument("--test-fraction", type=float)
+    train.add_argument("--tensorboard-dir")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--quiet", action="store_true")
+
+    ev = sub.add_parser("evaluate", help="Recall/NDCG/MRR@K of an export on a table")
+    ev.add_argument("--export-dir", required=True)
+    ev.add_argument("--data", required=True, help="CSV/TSV/Parquet with the query "
+                    "columns and the candidate id column")
+    ev.add_argument("--k", type=_sizes, default=[10, 50, 100])
+    ev.add_argument("--json", action="store_true", help="print JSON")
+
+    query = sub.add_parser("query", help="top-k candidates for a query")
+    query.add_argument("--export-dir", required=True)
+    query.add_argument("--k", type=_positive, default=10)
+    query.add_argument("--feature", action="append", default=[], metavar="NAME=VALUE",
+                       help="a query feature (repeat for several)")
+    query.add_argument("text", nargs="*", help="query texts (single text feature)")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from tfdssm import train as training  # noqa: PLC0415 - imports TensorFlow
+
+    defaults = PIPELINE_DEFAULTS[args.pipeline]
+    hidden = args.hidden or _sizes(defaults["hidden"])
+    dim = args.dim or defaults["dim"]
+    buckets = args.buckets or defaults["buckets"]
+    if args.pipeline == "pairs":
+        from tfdssm.errors import ConfigError  # noqa: PLC0415
+        from tfdssm.pipelines import pairs  # noqa: PLC0415
+
+        if not args.data:
+            raise ConfigError("--pipeline pairs needs --data FILE.csv.")
+        prepared = pairs.prepare(
+            args.data, args.query_column, args.candidate_column,
+            args.candidate_id_column, num_buckets=buckets, hidden=hidden, dim=dim,
+            activation=args.activation or defaults["activation"],
+            max_length=args.max_length, shared_towers=args.shared_towers,
+            loss=args.loss, temperature=args.temperature,
+            test_fraction=0.1 if args.test_fraction is None else args.test_fraction,
+        )
+    else:
+        from tfdssm.pipelines import movielens  # noqa: PLC0415
+
+        prepared = movielens.prepare(
+            args.data, hidden=hidden, dim=dim, num_buckets=buckets,
+            temperature=0.05 if args.temperature is None else args.temperature,
+            senet=args.senet,
+            test_fraction=0.2 if args.test_fraction is None else args.test_fraction,
+        )
+    result = training.run(
+        prepared, args.export_dir, epochs=args.epochs or defaults["epochs"],
+        batch_size=args.batch_size or defaults["batch_size"],
+        learning_rate=args.learning_rate or defaults["learning_rate"],
+        tensorboard_dir=args.tensorboard_dir, verbose=0 if args.quiet else 2,
+        seed=args.seed,
+    )
+    from tfdssm.evaluate import format_metrics  # noqa: PLC0415
+
+    print(f"evaluation on {len(prepared.test)} held-out rows, "
+          f"{len(prepared.corpus)} candidates:")
+    print(format_metrics(result["metrics"]))
+    print(f"exported to {args.export_dir} (towers version "
+          f"{result['export']['towers']['version']})")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import pandas as pd  # noqa: PLC0415
+
+    from tfdssm import data, export, train  # noqa: PLC0415
+    from tfdssm.evaluate import format_metrics  # noqa: PLC0415
+    from tfdssm.retrieve import tower_features  # noqa: PLC0415
+
+    info = export.read_export(args.export_dir)
+    towers = export.load_towers(args.export_dir)
+    frame = data.read_table(args.data)
+    candidate_id = info["candidate_id"]
+    query_features = tower_features(info, "query")
+    candidate_features = tower_features(info, "candidate")
+    data.check_columns(frame, [f.name for f in query_features] + [candidate_id],
+                       "the evaluation data")
+    corpus = pd.read_parquet(f"{args.export_dir}/{export.CORPUS_FILE}")
+    names = [candidate_id] + [f.name for f in candidate_features]
+    names = list(dict.fromkeys(names))
+    if all(n in frame.columns for n in names):
+        extra = train.corpus_of(frame, candidate_id, names[1:])
+        corpus = pd.concat([corpus.astype({candidate_id: str}), extra])
+        corpus = corpus.drop_duplicates(candidate_id, ignore_index=True)
+    metrics = train.evaluate_frame(
+        towers.signatures["query"], towers.signatures["candidate"], frame, corpus,
+        candidate_id, query_features, candidate_features, ks=args.k,
+    )
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print(f"evaluation on {len(frame)} rows, {len(corpus)} candidates:")
+        print(format_metrics(metrics))
+    return 0
+
+
+def _query(args: argparse.Namespace) -> int:
+    from tfdssm.errors import DataError  # noqa: PLC0415
+    from tfdssm.retrieve import LocalRetriever, parse_feature_args  # noqa: PLC0415
+
+    retriever = LocalRetriever(args.export_dir)
+    features = parse_feature_args(args.feature)
+    if args.text:
+        text = [f.name for f in retriever.query_features if f.kind == "text"]
+        if len(text) != 1:
+            raise DataError(
+                "positional query text needs a query tower with exactly one text "
+                f"feature; this one reads {retriever.query_names}. Use --feature."
+            )
+        features[text[0]] = list(args.text)
+    missing = [n for n in retriever.query_names if n not in features]
+    if missing:
+        raise DataError(f"missing query feature(s) {missing}; pass --feature NAME=VALUE.")
+    sizes = {len(v) for v in features.values()}
+    if len(sizes) != 1:
+        raise DataError("give every query feature the same number of values.")
+    ids, scores = retriever.top_k(features, k=args.k)
+    for row in range(len(ids)):
+        label = ", ".join(f"{n}={features[n][row]}" for n in retriever.query_names)
+        print(f"# {label}")
+        for rank, (cid, score, text) in enumerate(
+            zip(ids[row], scores[row], retriever.describe(ids[row])), start=1
+        ):
+            print(f"{rank:>3}. {cid:<12} {score:8.4f}  {text}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``tfdssm`` console script."""
+    args = build_parser().parse_args(argv)
+    import tfdssm  # noqa: PLC0415 - sets Keras 2 before TensorFlow loads
+    from tfdssm.errors import TfdssmError  # noqa: PLC0415
+
+    handlers = {"train": _train, "evaluate": _evaluate, "query": _query}
+    try:
+        return handlers[args.command](args)
+    except TfdssmError as error:
+        print(f"tfdssm: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tfdssm: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        del tfdssm
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Top-k retrieval from an export directory, in process (exact, brute force).
+
+Loads ``towers/<newest>`` and ``corpus.parquet``, embeds the corpus once with the
+``candidate`` signature, and scores queries from the ``query`` signature.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from tfdssm import data, evaluate, export
+from tfdssm.errors import ConfigError, DataError, ExportError
+from tfdssm.features import Feature, feature_from_config
+
+
+def tower_features(info: Mapping[str, Any], side: str) -> list[Feature]:
+    """Feature specs of one side (``query``/``candidate``) from ``export.json``.
+
+    Vocabularies are not needed to feed a SavedModel, only names and dtypes.
+    """
+    out = []
+    for config in info[side]["features"]:
+        config = {k: v for k, v in config.items() if k != "vocabulary_size"}
+        if config["kind"] in ("categorical", "multi_valued"):
+            config.setdefault("vocabulary", ())
+        out.append(feature_from_config(config))
+    return out
+
+
+class LocalRetriever:
+    """Exact top-k over an export's corpus.
+
+    Args:
+        export_dir: A directory written by ``tfdssm train``.
+
+    >>> retriever = LocalRetriever("saved_models/movielens")  # doctest: +SKIP
+    >>> ids, scores = retriever.top_k({"user_id": ["42"], ...}, k=10)  # doctest: +SKIP
+    """
+
+    def __init__(self, export_dir: str | os.PathLike) -> None:
+        self.info = export.read_export(export_dir)
+        corpus_path = pathlib.Path(export_dir) / export.CORPUS_FILE
+        if not corpus_path.is_file():
+            raise ExportError(f"{str(corpus_path)!r} is missing; re-run the export.")
+        self.towers = export.load_towers(export_dir)
+        self.corpus = pd.read_parquet(corpus_path)
+        self.query_features = tower_features(self.info, "query")
+        self.candidate_features = tower_features(self.info, "candidate")
+        self.candidate_id = self.info["candidate_id"]
+        self.ids = self.corpus[self.candidate_id].astype(str).to_numpy()
+        self.embeddings = evaluate.embed(
+            self.towers.signatures["candidate"],
+            data.to_feature_arrays(self.corpus, self.candidate_features, "corpus"),
+        )
+
+    @property
+    def query_names(self) -> list[str]:
+        return [f.name for f in self.query_features]
+
+    def embed_queries(self, features: Mapping[str, Sequence[Any]]) -> np.ndarray:
+        """Embeds raw query features (column -> list of values) with the SavedModel."""
+        frame = pd.DataFrame({k: list(v) for k, v in features.items()})
+        arrays = data.to_feature_arrays(frame, self.query_features, "the query")
+        return evaluate.embed(self.towers.signatures["query"], arrays)
+
+    def top_k(
+        self,
+        features: Mapping[str, Sequence[Any]],
+        k: int = 10,
+        exclude: Sequence[Sequence[str]] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Returns ids ``[batch, k]`` (str) and scores ``[batch, k]`` (float32).
+
+        Raises:
+            ConfigError: ``k`` out of range.
+            DataError: missing query features.
+        """
+        if not 1 <= k <= len(self.ids):
+            raise ConfigError(
+                f"k must be between 1 and the corpus size {len(self.ids)}, received {k}."
+            )
+        scores = self.embed_queries(features) @ self.embeddings.T
+        if exclude is not None:
+            position = {cid: i for i, cid in enumerate(self.ids)}
+            for row, ids in enumerate(exclude):
+                scores[row, [position[i] for i in ids if i in position]] = -np.inf
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return self.ids[top], np.take_along_axis(scores, top, axis=1)
+
+    def describe(self, candidate_ids: Sequence[str], column: str | None = None) -> list[str]:
+        """A display string per candidate id (its first text column)."""
+        if column is None:
+            text = [f.name for f in self.candidate_features if f.kind == "text"]
+            column = text[0] if text else self.candidate_id
+        lookup = dict(zip(self.ids, self.corpus[column].astype(str)))
+        return [lookup.get(str(i), "") for i in candidate_ids]
+
+
+def parse_feature_args(pairs: Sequence[str]) -> dict[str, list[str]]:
+    """Parses ``name=value`` strings into ``{name: [value]}``.
+
+    >>> parse_feature_args(["user_id=42", "age=30"])
+    {'user_id': ['42'], 'age': ['30']}
+    """
+    out: dict[str, list[str]] = {}
+    for item in pairs:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise DataError(f"expected NAME=VALUE, received {item!r}.")
+        out.setdefault(name, []).append(value)
+    return out
+
+
+__all__ = ["LocalRetriever", "parse_feature_args", "tower_features"]
