@@ -1,0 +1,31 @@
+# tfdssm: `make demo` and `make test` each set up .venv first (Python 3.11).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.tfdssm-installed
+EXPORT_DIR ?= saved_models/movielens
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; \
+	  sys.exit(0 if v == (3, 11) else "tfdssm needs Python 3.11 (its TF/ScaNN stack), found %d.%d: run make PYTHON=python3.11" % v)'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/tfdssm train --pipeline movielens --export-dir $(EXPORT_DIR)
+	$(BIN)/python pipelines/movielens.py --export-dir $(EXPORT_DIR) --users 1,42,500
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check tfdssm tests pipelines scripts
+
+clean:
+	rm -rf $(VENV) .pytest_cache
