@@ -70,7 +70,7 @@ def trigram_hash_py(c0: int, c1: int, c2: int, num_buckets: int) -> int:
     """The bucket of one trigram of code points (pure Python reference).
 
     >>> trigram_hash_py(BOUNDARY, ord("a"), BOUNDARY, 30000)
-    7893
+    2715
     """
     h = (c0 * MULTIPLIER) % MODULUS
     h = ((h + c1) * MULTIPLIER) % MODULUS
@@ -143,7 +143,7 @@ def trigram_ids(code_points: tf.Tensor, num_buckets: int) -> tuple[tf.Tensor, tf
 
     >>> ids, valid = trigram_ids(tf.constant([[97, 0, 0]]), 30000)
     >>> ids.numpy().tolist(), valid.numpy().tolist()
-    ([[7893, 0, 0]], [[True, False, False]])
+    ([[2715, 0, 0]], [[True, False, False]])
     """
     boundary = boundary_mask(code_points)
     x = tf.where(boundary, tf.constant(BOUNDARY, tf.int64), tf.cast(code_points, tf.int64))

@@ -40,8 +40,10 @@ class LocalRetriever:
     Args:
         export_dir: A directory written by ``tfdssm train``.
 
-    >>> retriever = LocalRetriever("saved_models/movielens")  # doctest: +SKIP
-    >>> ids, scores = retriever.top_k({"user_id": ["42"], ...}, k=10)  # doctest: +SKIP
+    Example (after ``make demo``)::
+
+        retriever = LocalRetriever("saved_models/movielens")
+        ids, scores = retriever.top_k({"user_id": ["42"], "age": [30], ...}, k=10)
     """
 
     def __init__(self, export_dir: str | os.PathLike) -> None:

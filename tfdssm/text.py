@@ -151,13 +151,14 @@ class TextNormalizer(tf.Module):
     def _compose_pairs(self, points: tf.RaggedTensor) -> tf.RaggedTensor:
         flat = points.flat_values
         rows = points.value_rowids()
-        nxt = tf.concat([flat[1:], [-1]], axis=0)
-        same_row = tf.concat([tf.equal(rows[1:], rows[:-1]), [False]], axis=0)
+        # Shift by appending then slicing, so that empty input stays empty.
+        nxt = tf.concat([flat, [-1]], axis=0)[1:]
+        same_row = tf.equal(tf.concat([rows, [-1]], axis=0)[1:], rows)
         composed = self._compose.lookup(flat * (MAX_CODE_POINT + 1) + nxt)
         hit = tf.logical_and(composed >= 0, same_row)
-        previous_hit = tf.concat([[False], hit[:-1]], axis=0)
+        previous_hit = tf.concat([[False], hit], axis=0)[:-1]
         starts = tf.logical_and(hit, tf.logical_not(previous_hit))
-        consumed = tf.concat([[False], starts[:-1]], axis=0)
+        consumed = tf.concat([[False], starts], axis=0)[:-1]
         flat = tf.where(starts, composed, flat)
         return tf.ragged.boolean_mask(
             points.with_flat_values(flat), tf.logical_not(

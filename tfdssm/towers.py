@@ -204,7 +204,8 @@ def paper_tower(
     Returns:
         A :class:`Tower`.
 
-    >>> paper_tower("query").hidden, paper_tower("query").output_dim
+    >>> tower = paper_tower("query")
+    >>> list(tower.hidden), tower.output_dim
     ([300], 128)
     """
     if not hidden:

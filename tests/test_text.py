@@ -1,0 +1,69 @@
+"""Text normalisation: in-graph tables vs Python's unicodedata."""
+
+import unicodedata
+
+import tfdssm  # noqa: F401
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tfdssm.text import PAD, TextNormalizer, encode_text, normalize_code_points_py
+from tfdssm.unicode_table import build_table_dict, load_table, UNICODE_VERSION
+
+NORMALIZER = TextNormalizer()
+
+CASES = [
+    "лучшие рестораны в Москве", "北京烤鸭", "🙂👨\u200d👩\u200d👧", "Café crème",
+    "Cafe\u0301", "E\u0301COLE", "", "   \t\n ", "ΣΟΦΊΑ ΟΔΟΣ", "Straße ﬁne Ｔｏｋｙｏ",
+    "Vie\u0323\u0302t Nam", "İstanbul", "x" * 300, "½ ㍿ ℃",
+]
+
+
+def graph(texts, length):
+    return NORMALIZER(tf.constant(texts), length).numpy()
+
+
+@pytest.mark.parametrize("text", CASES)
+def test_in_graph_equals_reference_and_unicodedata(text):
+    length = 64
+    row = graph([text], length)[0].tolist()
+    reference = normalize_code_points_py(text)[:length]
+    assert row == reference + [PAD] * (length - len(reference))
+    assert row == encode_text(text, length).tolist()  # what an app computes
+
+
+def test_casefold_not_lower():
+    # casefold is context-free: final sigma folds to sigma, ß to ss.
+    assert graph(["ΟΔΟΣ ß"], 8)[0].tolist() == [ord(c) for c in "οδοσ ss"] + [0]
+
+
+def test_truncation_and_padding_shape():
+    out = graph(["abc", "x" * 300, ""], 5)
+    assert out.shape == (3, 5) and out.dtype == np.int32
+    assert out[0].tolist() == [97, 98, 99, 0, 0]
+    assert out[1].tolist() == [120] * 5
+    assert out[2].tolist() == [0] * 5
+
+
+def test_invalid_utf8_becomes_replacement_character():
+    out = graph([b"ok\xff\xfeok"], 8)[0].tolist()
+    assert out[:2] == [111, 107] and 0xFFFD in out and out[-4:-2] == [111, 107]
+
+
+def test_frozen_table_matches_this_python():
+    # The committed table is Unicode 14.0 (Python 3.11); regenerating must agree.
+    assert unicodedata.unidata_version == UNICODE_VERSION
+    raw = build_table_dict()
+    table = load_table()
+    assert len(raw["expand"]) == len(table.expand_keys)
+    assert len(raw["compose"]) == len(table.compose_keys)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40))
+def test_any_text_normalises_like_the_reference(text):
+    row = graph([text], 64)[0].tolist()
+    reference = normalize_code_points_py(text)[:64]
+    assert row == reference + [PAD] * (64 - len(reference))
