@@ -1,0 +1,55 @@
+"""`import tfdssm` selects Keras 2, and says what to do when it is too late."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run(code: str, **env: str) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    environment.update(env)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=environment,
+        timeout=300,
+    )
+
+
+def test_import_selects_keras2_and_tfrs_loads():
+    result = run(
+        "import tfdssm, tensorflow as tf, tensorflow_recommenders\n"
+        "print(tf.keras.layers.Dense.__module__)"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().startswith("tf_keras")
+
+
+def test_tensorflow_imported_first_is_fine_while_keras_unresolved():
+    result = run(
+        "import tensorflow as tf\nimport tfdssm\nprint(tf.keras.layers.Dense.__module__)"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().startswith("tf_keras")
+
+
+def test_keras3_already_resolved_gives_clear_error():
+    result = run(
+        "import tensorflow as tf\n"
+        "tf.keras.layers.Dense\n"  # resolves tf.keras to Keras 3
+        "try:\n"
+        "    import tfdssm\n"
+        "except Exception as e:\n"
+        "    print(type(e).__name__ + ': ' + str(e))\n"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ConfigError: ")
+    assert "TF_USE_LEGACY_KERAS=1" in result.stdout
+    assert "restart" in result.stdout.lower()
+
+
+@pytest.mark.parametrize("value", ["0", "false"])
+def test_conflicting_environment_variable(value):
+    result = run("import tfdssm", TF_USE_LEGACY_KERAS=value)
+    assert result.returncode != 0
+    assert "TF_USE_LEGACY_KERAS is set to" in result.stderr
