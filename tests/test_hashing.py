@@ -167,3 +167,26 @@ def test_integer_stage_converts_to_tflite_builtins_and_matches():
         valid = want["valid"].numpy()
         np.testing.assert_array_equal(got[-1] * valid, want["ids"].numpy())
         np.testing.assert_array_equal(got[0], valid)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_word_ngrams_in_graph_match_reference(dense):
+    texts = ["new york city", "a", "", "  лучшие рестораны  в Москве ", "北京烤鸭 做法",
+             "x" * 70]
+    points = TextNormalizer()(tf.constant(texts), 64)
+    ids, valid = hashing.word_ngram_ids(points, BUCKETS, (1, 2), dense=dense)
+    for row, got, mask in zip(points.numpy(), ids.numpy(), valid.numpy()):
+        assert got[mask].tolist() == hashing.word_ngram_ids_py(row.tolist(), BUCKETS)
+
+
+def test_word_ngram_golden_ids():
+    points = normalize_code_points_py("New  York")
+    unigrams = hashing.word_ngram_ids_py(points, BUCKETS, (1,))
+    bigrams = hashing.word_ngram_ids_py(points, BUCKETS, (2,))
+    assert unigrams == [10758, 5792]  # new, york (hashing version 1)
+    assert bigrams == [2324]  # new york
+    # A word's id does not depend on its neighbours; word order matters for bigrams.
+    assert hashing.word_ngram_ids_py(normalize_code_points_py("york"), BUCKETS, (1,)) \
+        == [5792]
+    assert hashing.word_ngram_ids_py(normalize_code_points_py("york new"), BUCKETS,
+                                     (2,)) != bigrams

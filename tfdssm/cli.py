@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--activation", choices=["tanh", "relu", "gelu", "swish"])
     train.add_argument("--max-length", type=_positive, default=256,
                        help="code points kept per text (pairs)")
+    train.add_argument("--word-ngrams", type=_sizes, default=[],
+                       help="also hash word unigrams/bigrams, e.g. 1,2 (pairs)")
     train.add_argument("--loss", choices=["in_batch", "paper"], default="in_batch")
     train.add_argument("--temperature", type=float)
     train.add_argument("--shared-towers", action="store_true")
@@ -106,7 +108,8 @@ def _train(args: argparse.Namespace) -> int:
             args.data, args.query_column, args.candidate_column,
             args.candidate_id_column, num_buckets=buckets, hidden=hidden, dim=dim,
             activation=args.activation or defaults["activation"],
-            max_length=args.max_length, shared_towers=args.shared_towers,
+            max_length=args.max_length, word_ngrams=args.word_ngrams,
+            shared_towers=args.shared_towers,
             loss=args.loss, temperature=args.temperature,
             test_fraction=0.1 if args.test_fraction is None else args.test_fraction,
         )

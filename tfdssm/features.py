@@ -31,6 +31,7 @@ class TextFeature:
         embedding_dim: Size of the trigram bag embedding.
         max_length: Code points kept per text.
         combiner: ``sum`` (paper), ``mean`` or ``sqrtn``.
+        word_ngrams: Word unigrams/bigrams to hash as well, e.g. ``(1, 2)``.
     """
 
     name: str
@@ -38,17 +39,19 @@ class TextFeature:
     embedding_dim: int = 64
     max_length: int = 256
     combiner: str = "sqrtn"
+    word_ngrams: tuple[int, ...] = ()
     kind: ClassVar[str] = "text"
     dtype: ClassVar[tf.DType] = tf.string
 
     def make_layer(self) -> tf.keras.layers.Layer:
         return layers.TextEmbedding(
             self.num_buckets, self.embedding_dim, self.max_length, self.combiner,
-            name=f"{self.name}_text",
+            self.word_ngrams, name=f"{self.name}_text",
         )
 
     def to_config(self) -> dict[str, Any]:
-        return {"kind": self.kind, **dataclasses.asdict(self)}
+        return {"kind": self.kind, **dataclasses.asdict(self),
+                "word_ngrams": list(self.word_ngrams)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,8 +133,9 @@ def feature_from_config(config: dict[str, Any]) -> Feature:
         raise ConfigError(
             f"unknown feature kind {kind!r}; expected one of {sorted(_KINDS)}."
         )
-    if "vocabulary" in config:
-        config["vocabulary"] = tuple(config["vocabulary"])
+    for key in ("vocabulary", "word_ngrams"):
+        if key in config:
+            config[key] = tuple(config[key])
     try:
         return _KINDS[kind](**config)
     except TypeError as error:

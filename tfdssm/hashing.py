@@ -24,6 +24,13 @@ points ``x[0..L)`` of normalised text padded with 0:
 
 So a word of ``n`` letters gives ``n`` trigrams (``#a#`` for ``a``), trigrams never
 cross words, and runs of whitespace add nothing.
+
+**Optional word n-grams** (:func:`word_ngram_ids`) use the same arithmetic: a
+word's hash ``W`` is the sum of its trigrams' ``h`` modulo ``P`` (found with a
+cumulative sum, so it also runs in TFLite builtins); a unigram's id is
+``((W + 1) * A mod P) mod num_buckets`` and a bigram's of words ``W, W'`` is
+``((((W * A mod P) + W') * A mod P + 2) * A mod P) mod num_buckets``. They share
+the trigram buckets, as in fastText.
 """
 
 from __future__ import annotations
@@ -96,6 +103,35 @@ def trigrams_py(code_points: list[int]) -> list[tuple[int, int, int]]:
     return out
 
 
+def _h_py(c0: int, c1: int, c2: int) -> int:
+    h = (c0 * MULTIPLIER) % MODULUS
+    h = ((h + c1) * MULTIPLIER) % MODULUS
+    return ((h + c2) * MULTIPLIER) % MODULUS
+
+
+def word_ngram_ids_py(
+    code_points: list[int], num_buckets: int, orders: tuple[int, ...] = (1, 2)
+) -> list[int]:
+    """Word unigram then bigram ids, in text order (pure Python reference).
+
+    >>> len(word_ngram_ids_py([ord(c) for c in "new york"], 1000))
+    3
+    """
+    words: list[int] = []
+    for trigram in trigrams_py(code_points):
+        if trigram[0] == BOUNDARY:  # first letter of a word
+            words.append(0)
+        words[-1] = (words[-1] + _h_py(*trigram)) % MODULUS
+    out = []
+    if 1 in orders:
+        out += [((w + 1) * MULTIPLIER) % MODULUS % num_buckets for w in words]
+    if 2 in orders:
+        for w, nxt in zip(words, words[1:]):
+            g = ((w * MULTIPLIER) % MODULUS + nxt) * MULTIPLIER % MODULUS
+            out.append(((g + 2) * MULTIPLIER) % MODULUS % num_buckets)
+    return out
+
+
 def trigram_ids_py(code_points: list[int], num_buckets: int) -> list[int]:
     """Bucket ids of every trigram, in text order (pure Python reference).
 
@@ -145,6 +181,22 @@ def trigram_ids(code_points: tf.Tensor, num_buckets: int) -> tuple[tf.Tensor, tf
     >>> ids.numpy().tolist(), valid.numpy().tolist()
     ([[2715, 0, 0]], [[True, False, False]])
     """
+    h, valid = trigram_hashes(code_points)
+    ids = tf.math.floormod(h, tf.constant(num_buckets, tf.int64))
+    ids = tf.where(valid, ids, tf.zeros_like(ids))
+    return tf.cast(ids, tf.int32), valid
+
+
+def trigram_hashes(code_points: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Each position's trigram hash ``h`` before ``mod num_buckets``.
+
+    Args:
+        code_points: int32 ``[batch, length]``.
+
+    Returns:
+        ``(h, valid)``: int64 ``[batch, length]`` in ``[0, P)`` and bool
+        ``[batch, length]``.
+    """
     boundary = boundary_mask(code_points)
     x = tf.where(boundary, tf.constant(BOUNDARY, tf.int64), tf.cast(code_points, tf.int64))
     edge = tf.fill([tf.shape(x)[0], 1], tf.constant(BOUNDARY, tf.int64))
@@ -155,7 +207,72 @@ def trigram_ids(code_points: tf.Tensor, num_buckets: int) -> tuple[tf.Tensor, tf
     h = tf.math.floormod(left * a, p)
     h = tf.math.floormod((h + x) * a, p)
     h = tf.math.floormod((h + right) * a, p)
-    ids = tf.math.floormod(h, tf.constant(num_buckets, tf.int64))
-    valid = tf.logical_not(boundary)
-    ids = tf.where(valid, ids, tf.zeros_like(ids))
-    return tf.cast(ids, tf.int32), valid
+    return h, tf.logical_not(boundary)
+
+
+def word_ngram_ids(
+    code_points: tf.Tensor,
+    num_buckets: int,
+    orders: tuple[int, ...] = (1, 2),
+    dense: bool = False,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Word unigram and/or bigram bucket ids (integer ops only).
+
+    Args:
+        code_points: int32 ``[batch, length]``.
+        num_buckets: Number of hash buckets.
+        orders: Which n-grams: ``(1,)``, ``(2,)`` or ``(1, 2)``.
+        dense: Sum per word with a ``[batch, length, length]`` membership mask
+            (static shapes; TFLite builtins) instead of a segment sum.
+
+    Returns:
+        ``(ids, valid)``: int32 ``[batch, length * len(orders)]`` and bool, unigrams
+        first; word ``k`` of a row sits at index ``k`` (bigrams: ``length + k``).
+
+    >>> ids, valid = word_ngram_ids(tf.constant([[110, 101, 119, 32, 121, 0]]), 1000)
+    >>> int(tf.reduce_sum(tf.cast(valid, tf.int32)))
+    3
+    """
+    h, valid = trigram_hashes(code_points)
+    length = tf.shape(h)[1]
+    batch = tf.shape(h)[0]
+    previous = tf.concat([tf.zeros_like(valid[:, :1]), valid[:, :-1]], axis=1)
+    start = tf.logical_and(valid, tf.logical_not(previous))
+    word = tf.cumsum(tf.cast(start, tf.int32), axis=1) - 1
+    h = tf.where(valid, h, tf.zeros_like(h))
+    if dense:
+        member = tf.logical_and(
+            tf.equal(word[:, tf.newaxis, :], tf.range(length)[tf.newaxis, :, tf.newaxis]),
+            valid[:, tf.newaxis, :],
+        )
+        sums = tf.reduce_sum(
+            tf.where(member, h[:, tf.newaxis, :], tf.zeros_like(h)[:, tf.newaxis, :]),
+            axis=2,
+        )
+    else:
+        segment = tf.range(batch)[:, tf.newaxis] * length + tf.maximum(word, 0)
+        sums = tf.math.unsorted_segment_sum(
+            tf.reshape(h, [-1]), tf.reshape(segment, [-1]), batch * length
+        )
+        sums = tf.reshape(sums, [batch, length])
+    a = tf.constant(MULTIPLIER, tf.int64)
+    p = tf.constant(MODULUS, tf.int64)
+    n = tf.constant(num_buckets, tf.int64)
+    words = tf.math.floormod(sums, p)
+    count = tf.reduce_sum(tf.cast(start, tf.int32), axis=1, keepdims=True)
+    exists = tf.range(length)[tf.newaxis, :] < count
+    ids, masks = [], []
+    if 1 in orders:
+        ids.append(tf.math.floormod(tf.math.floormod((words + 1) * a, p), n))
+        masks.append(exists)
+    if 2 in orders:
+        following = tf.concat([words[:, 1:], tf.zeros_like(words[:, :1])], axis=1)
+        g = tf.math.floormod(tf.math.floormod(words * a, p) + following, p)
+        g = tf.math.floormod(tf.math.floormod(g * a, p) + 2, p)
+        ids.append(tf.math.floormod(tf.math.floormod(g * a, p), n))
+        masks.append(tf.range(length)[tf.newaxis, :] < count - 1)
+    if not ids:
+        raise ValueError(f"orders must contain 1 and/or 2, received {orders}.")
+    ids = tf.concat(ids, axis=1)
+    valid = tf.concat(masks, axis=1)
+    return tf.cast(tf.where(valid, ids, tf.zeros_like(ids)), tf.int32), valid

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import tensorflow as tf
 
 from tfdssm.errors import ConfigError
-from tfdssm.hashing import trigram_ids
+from tfdssm.hashing import trigram_ids, word_ngram_ids
 from tfdssm.text import TextNormalizer
 
 COMBINERS = ("sum", "mean", "sqrtn")
@@ -45,6 +45,8 @@ class TextEmbedding(tf.keras.layers.Layer):
         output_dim: Embedding size.
         max_length: Code points kept per text (longer text is truncated).
         combiner: ``sum`` (paper: raw counts), ``mean`` or ``sqrtn``.
+        word_ngrams: Also hash word unigrams (1) and/or bigrams (2) into the
+            same buckets, e.g. ``(1, 2)``.
 
     Call args:
         inputs: string ``[batch]``.
@@ -63,9 +65,16 @@ class TextEmbedding(tf.keras.layers.Layer):
         output_dim: int = 300,
         max_length: int = 256,
         combiner: str = "sum",
+        word_ngrams: Sequence[int] = (),
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        word_ngrams = tuple(sorted(set(int(n) for n in word_ngrams)))
+        if not set(word_ngrams) <= {1, 2}:
+            raise ConfigError(
+                f"word_ngrams may contain 1 and 2 only, received {word_ngrams}."
+            )
+        self.word_ngrams = word_ngrams
         if num_buckets < 1 or output_dim < 1 or max_length < 1:
             raise ConfigError(
                 "num_buckets, output_dim and max_length must be positive, received "
@@ -99,6 +108,12 @@ class TextEmbedding(tf.keras.layers.Layer):
             float32 ``[batch, output_dim]``.
         """
         ids, valid = trigram_ids(code_points, self.num_buckets)
+        if self.word_ngrams:
+            word_ids, word_valid = word_ngram_ids(
+                code_points, self.num_buckets, self.word_ngrams, dense=dense
+            )
+            ids = tf.concat([ids, word_ids], axis=1)
+            valid = tf.concat([valid, word_valid], axis=1)
         count = tf.reduce_sum(tf.cast(valid, tf.float32), axis=1, keepdims=True)
         if dense:
             vectors = tf.gather(self.embeddings, ids)
@@ -119,6 +134,7 @@ class TextEmbedding(tf.keras.layers.Layer):
             output_dim=self.output_dim,
             max_length=self.max_length,
             combiner=self.combiner,
+            word_ngrams=list(self.word_ngrams),
         )
         return config
 

@@ -185,6 +185,7 @@ def paper_tower(
     output_dim: int = 128,
     activation: str = "tanh",
     max_length: int = 256,
+    word_ngrams: Sequence[int] = (),
     **kwargs,
 ) -> Tower:
     """The DSSM paper's text tower: buckets -> hidden[0] -> ... -> output_dim.
@@ -200,6 +201,7 @@ def paper_tower(
         output_dim: Semantic vector size.
         activation: Activation everywhere (paper: tanh).
         max_length: Code points kept per text.
+        word_ngrams: Also hash word unigrams/bigrams, e.g. ``(1, 2)``.
 
     Returns:
         A :class:`Tower`.
@@ -212,7 +214,7 @@ def paper_tower(
         raise ConfigError("hidden needs at least one size (the bag embedding).")
     feature = TextFeature(
         column, num_buckets=num_buckets, embedding_dim=int(hidden[0]),
-        max_length=max_length, combiner="sum",
+        max_length=max_length, combiner="sum", word_ngrams=tuple(word_ngrams),
     )
     return Tower(
         [feature], hidden=hidden[1:], output_dim=output_dim, activation=activation,

@@ -29,6 +29,7 @@ def prepare(
     dim: int = 128,
     activation: str = "tanh",
     max_length: int = 256,
+    word_ngrams: Sequence[int] = (),
     shared_towers: bool = False,
     loss: str = "in_batch",
     temperature: float | None = None,
@@ -47,6 +48,7 @@ def prepare(
         dim: Output embedding size (paper: 128).
         activation: Activation of every layer (paper: tanh).
         max_length: Code points kept per text.
+        word_ngrams: Also hash word unigrams/bigrams, e.g. ``(1, 2)``.
         shared_towers: One tower (same weights) for queries and documents.
         loss: ``in_batch`` or ``paper``.
         temperature: Softmax temperature (default: 0.05, cosine towers).
@@ -72,12 +74,11 @@ def prepare(
     for column in needed:
         frame[column] = frame[column].fillna("").astype(str)
     candidate_id = candidate_id_column or candidate_column
-    query_feature = TextFeature(query_column, num_buckets, int(hidden[0]) if hidden else 0,
-                                max_length, "sum")
-    doc_feature = TextFeature(candidate_column, num_buckets,
-                              int(hidden[0]) if hidden else 0, max_length, "sum")
+    query_feature = TextFeature(query_column)  # names and dtypes for tf.data
+    doc_feature = TextFeature(candidate_column)
     kwargs = dict(num_buckets=num_buckets, hidden=hidden, output_dim=dim,
-                  activation=activation, max_length=max_length)
+                  activation=activation, max_length=max_length,
+                  word_ngrams=tuple(word_ngrams))
     query_tower = paper_tower(query_column, name="query_tower", **kwargs)
     if shared_towers:
         candidate_tower = SharedTower(
@@ -101,5 +102,6 @@ def prepare(
               "candidate_column": candidate_column,
               "candidate_id_column": candidate_id_column,
               "num_buckets": num_buckets, "hidden": list(hidden), "dim": dim,
-              "activation": activation, "shared_towers": shared_towers},
+              "activation": activation, "shared_towers": shared_towers,
+              "word_ngrams": list(word_ngrams), "max_length": max_length},
     )
