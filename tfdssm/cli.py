@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--k", type=_sizes, default=[10, 50, 100])
     ev.add_argument("--json", action="store_true", help="print JSON")
 
+    lite = sub.add_parser("tflite", help="(re)build query_tower.tflite, print size "
+                          "and parity with the SavedModel")
+    lite.add_argument("--export-dir", required=True)
+    lite.add_argument("--quantize", choices=["none", "dynamic", "float16"],
+                      default="none", help="none writes query_tower.tflite; the "
+                      "others write query_tower.<mode>.tflite beside it")
+
     query = sub.add_parser("query", help="top-k candidates for a query")
     query.add_argument("--export-dir", required=True)
     query.add_argument("--k", type=_positive, default=10)
@@ -204,13 +211,31 @@ def _query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tflite(args: argparse.Namespace) -> int:
+    from tfdssm import export, tflite  # noqa: PLC0415
+
+    export.read_export(args.export_dir)  # a clear error if this is not an export
+    tower = tflite.load_query_tower(args.export_dir)
+    written = tflite.write_tflite(tower, args.export_dir, args.quantize)
+    check = tflite.parity(args.export_dir, tflite.sample_queries(tower),
+                          written["path"])
+    print(f"wrote {written['path']}: {written['bytes']:,} bytes, "
+          f"{args.quantize} quantization")
+    print(f"ops (TFLite builtins only): {', '.join(written['ops'])}")
+    print(f"parity vs towers/ query signature over {check['queries']} queries: "
+          f"max |diff| {check['max_abs_diff']:.2e}, min cosine "
+          f"{check['min_cosine']:.6f}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tfdssm`` console script."""
     args = build_parser().parse_args(argv)
     import tfdssm  # noqa: PLC0415 - sets Keras 2 before TensorFlow loads
     from tfdssm.errors import TfdssmError  # noqa: PLC0415
 
-    handlers = {"train": _train, "evaluate": _evaluate, "query": _query}
+    handlers = {"train": _train, "evaluate": _evaluate, "query": _query,
+                "tflite": _tflite}
     try:
         return handlers[args.command](args)
     except TfdssmError as error:

@@ -197,11 +197,37 @@ def run(
             model, export_dir, corpus=prepared.corpus, metrics=metrics,
             training=training,
         )
+        info = add_tflite(model, export_dir, info, verbose=bool(verbose))
     return {
         "metrics": metrics,
         "history": {k: [float(x) for x in v] for k, v in history.history.items()},
         "export": info,
     }
+
+
+def add_tflite(
+    model: DSSM, export_dir: str | os.PathLike, info: dict[str, Any],
+    verbose: bool = True, quantization: str = "none",
+) -> dict[str, Any]:
+    """Writes ``query_tower.tflite`` (+ tower weights to rebuild it), checks its
+    parity with the exported ``query`` signature and records both in
+    ``export.json``.
+    """
+    from tfdssm import tflite  # noqa: PLC0415
+
+    tflite.save_keras_towers(model, export_dir)
+    written = tflite.write_tflite(model.query_tower, export_dir, quantization)
+    check = tflite.parity(export_dir, tflite.sample_queries(model.query_tower),
+                          written["path"])
+    entry = {"file": os.path.basename(written["path"]), "bytes": written["bytes"],
+             "ops": written["ops"], "quantization": quantization, "parity": check}
+    info = {**info, "tflite": entry}
+    export.write_json_atomic(os.path.join(export_dir, export.EXPORT_JSON), info)
+    if verbose:
+        print(f"tfdssm: wrote {written['path']} ({written['bytes']:,} bytes, builtin "
+              f"ops only); max |TFLite - SavedModel| = {check['max_abs_diff']:.2e} "
+              f"over {check['queries']} queries", file=sys.stderr)
+    return info
 
 
 def _tower_features(tower: Any, features: Sequence[Feature]) -> list[Feature]:
