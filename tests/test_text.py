@@ -67,3 +67,18 @@ def test_any_text_normalises_like_the_reference(text):
     row = graph([text], 64)[0].tolist()
     reference = normalize_code_points_py(text)[:64]
     assert row == reference + [PAD] * (64 - len(reference))
+
+
+# The vectors README.md gives app developers to check their own encoders.
+README_VECTORS = {
+    "Straße": [115, 116, 114, 97, 115, 115, 101, 0],
+    "ÉCOLE": [233, 99, 111, 108, 101, 0, 0, 0],
+    "Ｔｏｋｙｏ": [116, 111, 107, 121, 111, 0, 0, 0],
+    "ΟΔΟΣ": [959, 948, 959, 963, 0, 0, 0, 0],
+}
+
+
+@pytest.mark.parametrize("text", list(README_VECTORS))
+def test_readme_encoder_vectors(text):
+    assert encode_text(text, 8).tolist() == README_VECTORS[text]
+    assert graph([text], 8)[0].tolist() == README_VECTORS[text]
