@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_text as tf_text
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tfdssm import hashing
 from tfdssm.hashing import BOUNDARY, trigram_ids, trigram_ids_py, trigrams_py
-from tfdssm.text import TextNormalizer, normalize_code_points_py
+from tfdssm.text import TextNormalizer, normalize_code_points_py, to_valid_unicode
 
 BUCKETS = 30000
 
@@ -190,3 +192,28 @@ def test_word_ngram_golden_ids():
         == [5792]
     assert hashing.word_ngram_ids_py(normalize_code_points_py("york new"), BUCKETS,
                                      (2,)) != bigrams
+
+
+ANY_TEXT = st.text(alphabet=st.characters(), max_size=60)  # includes Cs and Cc
+
+
+@settings(max_examples=150, deadline=None)
+@given(ANY_TEXT)
+def test_any_unicode_hashes_deterministically_in_range(text):
+    # Lone surrogates, controls, anything: no error, same ids twice, in range,
+    # equal to the pure-Python reference.
+    clean = to_valid_unicode(text)
+    first = in_graph_ids([clean], max_length=64, buckets=1009)
+    assert first == in_graph_ids([clean], max_length=64, buckets=1009)
+    ids = first[0]
+    assert all(0 <= i < 1009 for i in ids)
+    assert ids == trigram_ids_py(normalize_code_points_py(text)[:64], 1009)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(max_size=40))
+def test_any_bytes_hash_like_the_reference(raw):
+    points = TextNormalizer()(tf.constant([raw]), 48)
+    ids, valid = trigram_ids(points, 1009)
+    got = ids.numpy()[0][valid.numpy()[0]].tolist()
+    assert got == trigram_ids_py(normalize_code_points_py(raw)[:48], 1009)

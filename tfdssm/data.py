@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from tfdssm.errors import DataError
 from tfdssm.features import Feature
+from tfdssm.text import to_valid_unicode
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq")
 
@@ -79,7 +80,8 @@ def to_feature_arrays(
     """Converts the columns the features need into numpy arrays for ``tf.data``.
 
     Text-like columns become ``str`` (missing cells become ``""``, counted in a
-    warning); numeric columns become float32 and must not be missing.
+    warning; lone surrogates become U+FFFD); numeric columns become float32 and
+    must not be missing.
 
     Raises:
         DataError: missing columns, non-numeric or missing numeric values.
@@ -97,8 +99,9 @@ def to_feature_arrays(
                     "missing cell(s); they are used as empty text.",
                     file=sys.stderr,
                 )
+            values = column.fillna("").astype(str).to_numpy()
             arrays[feature.name] = np.asarray(
-                column.fillna("").astype(str).to_numpy(), dtype=object
+                [to_valid_unicode(v) for v in values], dtype=object
             )
         else:
             values = pd.to_numeric(column, errors="coerce")

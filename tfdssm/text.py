@@ -51,22 +51,41 @@ def encode_text(text: str, max_length: int) -> np.ndarray:
     return out
 
 
-def normalize_code_points_py(text: str) -> list[int]:
+def to_valid_unicode(text: str) -> str:
+    """Replaces lone surrogates (which UTF-8 cannot encode) with U+FFFD.
+
+    Python strings can hold lone surrogates (from ``surrogateescape`` decoding or
+    JSON ``"\\ud800"`` escapes); TensorFlow cannot encode them. Valid text is
+    returned unchanged.
+
+    >>> to_valid_unicode("a\\ud800b") == "a\\ufffdb"
+    True
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
+
+
+def normalize_code_points_py(text: str | bytes) -> list[int]:
     """Pure-Python twin of the in-graph normalisation (same table, same rules).
 
     Unlike :func:`encode_text` this applies tfdssm's frozen table exactly as the
     graph does, so it is the reference that in-graph tests compare against.
 
     Args:
-        text: Any Python string (lone surrogates become U+FFFD, as UTF-8 would).
+        text: Any Python string (lone surrogates become U+FFFD), or raw bytes
+            (invalid UTF-8 becomes U+FFFD exactly as ``UnicodeDecode`` does).
 
     Returns:
         The normalised code points, not truncated.
     """
     table = load_table()
-    data = text.encode("utf-8", errors="surrogatepass").decode(
-        "utf-8", errors="replace"
-    )
+    if isinstance(text, bytes):
+        data = text.decode("utf-8", errors="replace")
+    else:
+        data = to_valid_unicode(text)
     points = [ord(c) for c in data]
     compose = dict(zip(table.compose_keys.tolist(), table.compose_values.tolist()))
     for _ in range(_COMPOSE_PASSES):
