@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.tfdssm-installed
 EXPORT_DIR ?= saved_models/movielens
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test bench lint clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Long benchmarks (not CI): `make bench`, or one suite: `make bench SUITES="--suite quality"`.
+bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
+	$(BIN)/python -m benchmarks.run $(SUITES) $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check tfdssm tests pipelines scripts

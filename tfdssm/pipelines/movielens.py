@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import pandas as pd
 
 from tfdssm.datasets import load_movielens_100k
+from tfdssm.errors import ConfigError, DataError
 from tfdssm.features import (
     CategoricalFeature,
     MultiValuedFeature,
@@ -39,6 +40,7 @@ def prepare(
     senet: bool = False,
     test_fraction: float = 0.2,
     seed: int = 42,
+    split: str = "random",
     interactions: pd.DataFrame | None = None,
     verbose: bool = True,
 ) -> Prepared:
@@ -55,6 +57,8 @@ def prepare(
         senet: SENet feature reweighting in both towers.
         test_fraction: Share of ratings held out.
         seed: Split seed (42 as in TFRS).
+        split: ``random`` (``test_fraction`` of all ratings, TFRS protocol) or
+            ``leave_last_out`` (each user's latest rating is the test row).
         interactions: Use this table instead of loading (tests; same columns as
             :meth:`tfdssm.datasets.MovieLens.interactions`).
         verbose: Print progress while fetching the data.
@@ -69,7 +73,14 @@ def prepare(
         if column != "age":
             frame[column] = frame[column].astype(str)
     frame["age"] = frame["age"].astype("float32")
-    train, test = split_frame(frame, test_fraction, seed)
+    if split == "random":
+        train, test = split_frame(frame, test_fraction, seed)
+    elif split == "leave_last_out":
+        train, test = leave_last_out(interactions, frame)
+    else:
+        raise ConfigError(
+            f"split must be 'random' or 'leave_last_out', received {split!r}."
+        )
     user_features = [
         CategoricalFeature("user_id", vocabulary_of(train["user_id"]), 32),
         NumericFeature("age", float(train["age"].mean()), float(train["age"].std() or 1)),
@@ -104,6 +115,31 @@ def prepare(
         test=test, corpus=corpus, candidate_id="movie_id", query_key="user_id",
         info={"pipeline": "movielens", "hidden": list(hidden), "dim": dim,
               "num_buckets": num_buckets, "temperature": temperature, "logq": logq,
-              "senet": senet, "split": f"random {1 - test_fraction:.0%}/"
-              f"{test_fraction:.0%}, seed {seed}"},
+              "senet": senet, "split": split if split != "random" else
+              f"random {1 - test_fraction:.0%}/{test_fraction:.0%}, seed {seed}"},
     )
+
+
+def leave_last_out(
+    interactions: pd.DataFrame, frame: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Each user's latest rating (by timestamp, ties by row order) is the test row.
+
+    Args:
+        interactions: The source rows, with ``user_id`` and ``timestamp``.
+        frame: The same rows (same order) as the pipeline's feature table.
+
+    Returns:
+        ``(train, test)`` with one test row per user who has >= 2 ratings.
+    """
+    if "timestamp" not in interactions.columns:
+        raise DataError("leave_last_out needs a timestamp column in the interactions.")
+    order = interactions.reset_index(drop=True)
+    position = order.sort_values("timestamp", kind="stable").groupby(
+        "user_id", sort=False).tail(1).index
+    counts = order["user_id"].value_counts()
+    position = [i for i in position if counts[order.loc[i, "user_id"]] >= 2]
+    is_test = order.index.isin(position)
+    frame = frame.reset_index(drop=True)
+    return (frame[~is_test].reset_index(drop=True),
+            frame[is_test].reset_index(drop=True))
