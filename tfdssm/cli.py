@@ -41,6 +41,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, received {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, received {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tfdssm", description="Train, evaluate and query DSSM two-tower models."
@@ -57,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--candidate-id-column")
     train.add_argument("--epochs", type=_positive)
     train.add_argument("--batch-size", type=_positive)
-    train.add_argument("--learning-rate", type=float)
+    train.add_argument("--learning-rate", type=_positive_float)
     train.add_argument("--hidden", type=_sizes, help="e.g. 300,300")
     train.add_argument("--dim", type=_positive)
     train.add_argument("--buckets", type=_positive, help="trigram hash buckets")
@@ -132,7 +142,8 @@ def _train(args: argparse.Namespace) -> int:
     result = training.run(
         prepared, args.export_dir, epochs=args.epochs or defaults["epochs"],
         batch_size=args.batch_size or defaults["batch_size"],
-        learning_rate=args.learning_rate or defaults["learning_rate"],
+        learning_rate=(defaults["learning_rate"] if args.learning_rate is None
+                       else args.learning_rate),
         tensorboard_dir=args.tensorboard_dir, verbose=0 if args.quiet else 2,
         seed=args.seed,
     )
@@ -147,9 +158,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    import pathlib  # noqa: PLC0415
+
     import pandas as pd  # noqa: PLC0415
 
     from tfdssm import data, export, train  # noqa: PLC0415
+    from tfdssm.errors import ExportError  # noqa: PLC0415
     from tfdssm.evaluate import format_metrics  # noqa: PLC0415
     from tfdssm.retrieve import tower_features  # noqa: PLC0415
 
@@ -161,7 +175,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     candidate_features = tower_features(info, "candidate")
     data.check_columns(frame, [f.name for f in query_features] + [candidate_id],
                        "the evaluation data")
-    corpus = pd.read_parquet(f"{args.export_dir}/{export.CORPUS_FILE}")
+    corpus_path = pathlib.Path(args.export_dir) / export.CORPUS_FILE
+    if not corpus_path.is_file():
+        raise ExportError(f"{str(corpus_path)!r} is missing; re-run the export.")
+    corpus = pd.read_parquet(corpus_path)
     names = [candidate_id] + [f.name for f in candidate_features]
     names = list(dict.fromkeys(names))
     if all(n in frame.columns for n in names):

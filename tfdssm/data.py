@@ -60,7 +60,8 @@ def read_table(source: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:
             f"{str(path)!r} is not valid UTF-8 (byte {error.start}): re-save it as "
             "UTF-8, e.g. `iconv -f latin1 -t utf-8`."
         ) from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError) as error:
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError,
+            ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
         raise DataError(f"cannot parse {str(path)!r}: {error}") from None
 
 
@@ -92,26 +93,26 @@ def to_feature_arrays(
     for feature in {f.name: f for f in features}.values():
         column = frame[feature.name]
         if feature.dtype == tf.string:
-            missing = int(column.isna().sum())
+            missing = int((column.isna() | column.eq("")).sum())
             if missing:
                 print(
                     f"tfdssm: warning: {what} column {feature.name!r} has {missing} "
-                    "missing cell(s); they are used as empty text.",
+                    "missing or empty cell(s); they are used as empty text.",
                     file=sys.stderr,
                 )
-            values = column.fillna("").astype(str).to_numpy()
+            values = column.astype(object).fillna("").astype(str).to_numpy()
             arrays[feature.name] = np.asarray(
                 [to_valid_unicode(v) for v in values], dtype=object
             )
         else:
             values = pd.to_numeric(column, errors="coerce")
-            bad = values.isna()
+            bad = values.isna() | ~np.isfinite(values.fillna(0).to_numpy(np.float64))
             if bad.any():
                 row = int(np.flatnonzero(bad.to_numpy())[0])
                 raise DataError(
-                    f"{what} column {feature.name!r} must be numeric; row {row} holds "
-                    f"{column.iloc[row]!r} ({int(bad.sum())} bad cell(s) in all). "
-                    "Fill or drop them first."
+                    f"{what} column {feature.name!r} must hold finite numbers; data "
+                    f"row {row + 1} holds {column.iloc[row]!r} ({int(bad.sum())} bad "
+                    "cell(s) in all). Fill or drop them first."
                 )
             arrays[feature.name] = values.to_numpy(dtype=np.float32)
     return arrays

@@ -25,6 +25,17 @@ def _check_combiner(combiner: str) -> None:
         )
 
 
+def _check_vocabulary(vocabulary: Sequence[str], output_dim: int) -> list[str]:
+    values = [str(v) for v in vocabulary]
+    if not values:
+        raise ConfigError("vocabulary is empty; pass at least one value.")
+    if len(set(values)) != len(values):
+        raise ConfigError("vocabulary has duplicate values; pass unique values.")
+    if int(output_dim) < 1:
+        raise ConfigError(f"output_dim must be positive, received {output_dim}.")
+    return values
+
+
 def _combine(total: tf.Tensor, count: tf.Tensor, combiner: str) -> tf.Tensor:
     """Scales a bag sum ``[batch, dim]`` by ``count`` ``[batch, 1]``."""
     if combiner == "sum":
@@ -159,12 +170,10 @@ class CategoricalEmbedding(tf.keras.layers.Layer):
 
     def __init__(self, vocabulary: Sequence[str], output_dim: int = 32, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.vocabulary = [str(v) for v in vocabulary]
-        if len(set(self.vocabulary)) != len(self.vocabulary):
-            raise ConfigError("vocabulary has duplicate values; pass unique values.")
+        self.vocabulary = _check_vocabulary(vocabulary, output_dim)
         self.output_dim = int(output_dim)
         self.lookup = tf.keras.layers.StringLookup(
-            vocabulary=self.vocabulary or None, num_oov_indices=1
+            vocabulary=self.vocabulary, num_oov_indices=1
         )
         self.embedding = tf.keras.layers.Embedding(
             len(self.vocabulary) + 1, self.output_dim
@@ -208,12 +217,12 @@ class MultiValuedEmbedding(tf.keras.layers.Layer):
         _check_combiner(combiner)
         if not separator:
             raise ConfigError("separator must be a non-empty string.")
-        self.vocabulary = [str(v) for v in vocabulary]
+        self.vocabulary = _check_vocabulary(vocabulary, output_dim)
         self.output_dim = int(output_dim)
         self.separator = separator
         self.combiner = combiner
         self.lookup = tf.keras.layers.StringLookup(
-            vocabulary=self.vocabulary or None, num_oov_indices=1
+            vocabulary=self.vocabulary, num_oov_indices=1
         )
         self.embedding = tf.keras.layers.Embedding(
             len(self.vocabulary) + 1, self.output_dim

@@ -82,6 +82,12 @@ class DSSM(tfrs.Model):
                 "loss='paper' draws its own 4 random negatives; do not combine it "
                 "with negative_sampler or num_hard_negatives."
             )
+        if temperature is not None and not temperature > 0:
+            raise ConfigError(f"temperature must be > 0, received {temperature}.")
+        if num_paper_negatives < 1:
+            raise ConfigError(
+                f"num_paper_negatives must be >= 1, received {num_paper_negatives}."
+            )
         self.query_tower = query_tower
         self.candidate_tower = candidate_tower
         self.candidate_id = candidate_id
@@ -104,6 +110,8 @@ class DSSM(tfrs.Model):
         if candidate_probabilities is not None:
             keys = np.asarray([str(k) for k in candidate_probabilities], dtype=object)
             values = np.asarray(list(candidate_probabilities.values()), np.float32)
+            if not len(values):
+                raise ConfigError("candidate_probabilities is empty.")
             if (values <= 0).any():
                 raise ConfigError("candidate_probabilities must all be > 0.")
             self._probabilities = tf.lookup.StaticHashTable(
@@ -141,6 +149,11 @@ class DSSM(tfrs.Model):
                 ids = tf.concat([tf.reshape(ids, [-1]), extra[self.candidate_id]], 0)
             if expected is not None:
                 expected = tf.concat([expected, draws * probability], axis=0)
+        if expected is not None:
+            # TFRS clips sampling probabilities to [1e-6, 1], but these are
+            # expected counts (often > 1). One common scale cancels in every
+            # row's softmax, so bring the largest down to 1 instead.
+            expected = expected / tf.reduce_max(expected)
         return self.task(
             queries,
             candidates,

@@ -59,7 +59,15 @@ class NegativeSampler(tf.Module):
                 raise ConfigError(
                     "popularity sampling needs counts with one value per candidate."
                 )
-            weights = np.asarray(counts, dtype=np.float64) ** alpha
+            counts = np.asarray(counts, dtype=np.float64)
+            if not np.isfinite(counts).all() or (counts < 0).any():
+                raise ConfigError("counts must be finite and non-negative.")
+            weights = counts**alpha
+            if not np.isfinite(weights).all() or weights.sum() <= 0:
+                raise ConfigError(
+                    f"counts ** alpha (alpha={alpha}) must be finite with a positive "
+                    "sum; give at least one candidate a positive count."
+                )
         else:
             raise ConfigError(
                 "distribution must be 'uniform' or 'popularity', received "

@@ -259,4 +259,4 @@ class SharedTower(tf.keras.layers.Layer):
                            for n in self.tower.feature_names})
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "rename": self.rename}
+        return {**super().get_config(), "rename": dict(self.rename)}

@@ -64,15 +64,15 @@ def prepare(
             "they must name two different columns."
         )
     frame = data.read_table(source)
-    needed = [query_column, candidate_column] + (
+    needed = list(dict.fromkeys([query_column, candidate_column] + (
         [candidate_id_column] if candidate_id_column else []
-    )
+    )))
     data.check_columns(frame, needed, "the pairs data")
     if len(frame) == 0:
         raise DataError("the pairs data has a header but no rows.")
     frame = frame[needed].copy()
     for column in needed:
-        frame[column] = frame[column].fillna("").astype(str)
+        frame[column] = frame[column].astype(object).fillna("").astype(str)
     candidate_id = candidate_id_column or candidate_column
     query_feature = TextFeature(query_column)  # names and dtypes for tf.data
     doc_feature = TextFeature(candidate_column)
@@ -87,7 +87,7 @@ def prepare(
     else:
         candidate_tower = paper_tower(candidate_column, name="candidate_tower", **kwargs)
     features = [query_feature, doc_feature]
-    if candidate_id_column:
+    if candidate_id_column not in (None, query_column, candidate_column):
         features.append(TextFeature(candidate_id_column))  # fed as a raw string
     model = DSSM(
         query_tower, candidate_tower, candidate_id=candidate_id, loss=loss,

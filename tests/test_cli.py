@@ -1,0 +1,306 @@
+"""Tests for the ``tfdssm`` command line (in process, plus the real console script)."""
+
+from __future__ import annotations
+
+import tfdssm  # noqa: F401  - selects Keras 2; must precede tensorflow
+
+# isort: split
+import contextlib
+import io
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
+
+from tfdssm import cli
+
+TINY = ["--hidden", "16,16", "--dim", "8", "--buckets", "500", "--epochs", "1",
+        "--batch-size", "16", "--quiet"]
+CONSOLE_SCRIPT = pathlib.Path(sys.executable).parent / "tfdssm"
+
+
+def _run_main(argv) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def _signature_inputs(version_dir: pathlib.Path) -> dict[str, list[str]]:
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString((version_dir / "saved_model.pb").read_bytes())
+    return {k: list(v.inputs) for k, v in proto.meta_graphs[0].signature_def.items()}
+
+
+def _assert_user_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("tfdssm: error: ")
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_csv(tmp_path_factory, pairs_frame):
+    path = tmp_path_factory.mktemp("cli_data") / "tiny.csv"
+    pairs_frame(60).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_csv, tmp_path_factory):
+    """``tfdssm train --pipeline pairs`` on tiny.csv: (export_dir, code, out, err)."""
+    export_dir = tmp_path_factory.mktemp("cli_export") / "D"
+    code, out, err = _run_main(
+        ["train", "--pipeline", "pairs", "--data", tiny_csv, "--query-column", "query",
+         "--candidate-column", "doc", "--export-dir", export_dir, *TINY])
+    return export_dir, code, out, err
+
+
+# --------------------------------------------------------------------------- #
+# train
+# --------------------------------------------------------------------------- #
+
+
+def test_train_pairs_exports_towers_and_prints_metrics(trained):
+    export_dir, code, out, err = trained
+    assert code == 0, err
+    assert "Traceback" not in err
+    assert (export_dir / "towers" / "1" / "saved_model.pb").is_file()
+    inputs = _signature_inputs(export_dir / "towers" / "1")
+    assert inputs["query"] == ["query"] and inputs["candidate"] == ["doc"]
+    assert inputs["serving_default"] == ["query"]
+    info = json.loads((export_dir / "export.json").read_text())
+    assert info["candidate_id"] == "doc"  # no --candidate-id-column: the text is the id
+    assert info["training"]["epochs"] == 1
+    assert info["query"]["output_dim"] == 8
+    assert info["query"]["features"][0]["num_buckets"] == 500
+    assert info["query"]["hidden"] == [16]  # hidden[0] is the bag, the rest is the MLP
+    assert re.search(r"recall@10\s+\d\.\d{4}", out)
+    assert "mrr@10" in out and "ndcg@10" in out
+    assert f"exported to {export_dir} (towers version 1)" in out
+    assert [p.name for p in (export_dir / "towers").iterdir()] == ["1"]
+    assert not [p for p in export_dir.rglob("*") if ".tmp" in p.name]
+    # 60 rows, 10% held out; 10 distinct documents in the corpus.
+    assert "evaluation on 6 held-out rows, 10 candidates" in out
+
+
+def test_train_custom_columns_and_candidate_id_column(tmp_path, pairs_frame):
+    frame = pairs_frame(40).rename(columns={"query": "q", "doc": "d", "doc_id": "id"})
+    data = tmp_path / "qd.tsv"
+    frame.to_csv(data, sep="\t", index=False)
+    export_dir = tmp_path / "qd_export"
+    code, out, err = _run_main(
+        ["train", "--pipeline", "pairs", "--data", data, "--query-column", "q",
+         "--candidate-column", "d", "--candidate-id-column", "id",
+         "--export-dir", export_dir, "--shared-towers", *TINY])
+    assert code == 0, err
+    inputs = _signature_inputs(export_dir / "towers" / "1")
+    assert inputs["query"] == ["q"] and inputs["candidate"] == ["d"]
+    info = json.loads((export_dir / "export.json").read_text())
+    assert info["candidate_id"] == "id"
+    assert info["candidate"]["shared_with_query"] is True
+    assert info["training"]["candidate_id_column"] == "id"
+    assert [f["name"] for f in info["candidate"]["features"]] == ["d"]
+    towers = tf.saved_model.load(str(export_dir / "towers" / "1"))
+    texts = tf.constant(["same words", "Café 北京"])
+    np.testing.assert_allclose(  # shared weights: same text, same vector on both sides
+        towers.signatures["query"](q=texts)["embedding"],
+        towers.signatures["candidate"](d=texts)["embedding"], atol=1e-6)
+    code, out, err = _run_main(["query", "--export-dir", export_dir, "--k", "10",
+                                "apple recipe"])
+    assert code == 0, err
+    ranked = re.findall(r"^\s*\d+\. (\S+)", out, flags=re.M)
+    assert sorted(ranked) == [f"D{i}" for i in range(10)]  # ids, every document once
+
+
+# --------------------------------------------------------------------------- #
+# evaluate and query
+# --------------------------------------------------------------------------- #
+
+
+def test_evaluate_prints_recall(trained, tiny_csv):
+    export_dir = trained[0]
+    code, out, err = _run_main(["evaluate", "--export-dir", export_dir,
+                                "--data", tiny_csv])
+    assert code == 0, err
+    assert "evaluation on 60 rows, 10 candidates" in out
+    assert re.search(r"recall@10\s+1\.0000", out)  # 10 candidates: always in the top 10
+
+
+def test_evaluate_json(trained, tiny_csv):
+    export_dir = trained[0]
+    code, out, err = _run_main(["evaluate", "--export-dir", export_dir,
+                                "--data", tiny_csv, "--k", "1,5", "--json"])
+    assert code == 0, err
+    metrics = json.loads(out)
+    assert set(metrics) >= {"recall@1", "recall@5", "ndcg@5", "mrr@5", "auc"}
+    assert "recall@10" not in metrics
+    assert metrics["num_queries"] == 60 and metrics["num_candidates"] == 10
+    assert 0.0 <= metrics["recall@1"] <= metrics["recall@5"] <= 1.0
+
+
+def test_query_prints_ranked_ids(trained):
+    export_dir = trained[0]
+    code, out, err = _run_main(["query", "--export-dir", export_dir, "--k", "4",
+                                "apple recipe 1", "Café 北京"])
+    assert code == 0, err
+    blocks = out.split("# ")[1:]
+    assert [b.splitlines()[0] for b in blocks] == ["query=apple recipe 1",
+                                                  "query=Café 北京"]
+    for block in blocks:
+        rows = re.findall(r"^\s*(\d+)\. (.+?)\s+(-?\d+\.\d{4})  ", block, flags=re.M)
+        assert [int(r[0]) for r in rows] == [1, 2, 3, 4]
+        assert all(r[1].startswith("all about ") for r in rows)  # ids are the doc texts
+        scores = [float(r[2]) for r in rows]
+        assert scores == sorted(scores, reverse=True)
+        assert all(-1.0001 <= s <= 1.0001 for s in scores)  # cosine towers
+
+
+def test_console_script_evaluate_matches_in_process(trained, tiny_csv, tmp_path):
+    export_dir = trained[0]
+    assert CONSOLE_SCRIPT.is_file()
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    proc = subprocess.run(
+        [str(CONSOLE_SCRIPT), "evaluate", "--export-dir", str(export_dir), "--data",
+         str(tiny_csv), "--json"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from_script = json.loads(proc.stdout)
+    code, out, _ = _run_main(["evaluate", "--export-dir", export_dir, "--data",
+                              tiny_csv, "--json"])
+    assert code == 0
+    assert from_script == pytest.approx(json.loads(out), abs=1e-6)
+
+
+def test_console_script_user_error_exits_2_without_traceback(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    proc = subprocess.run(
+        [str(CONSOLE_SCRIPT), "train", "--pipeline", "pairs", "--data",
+         str(tmp_path / "missing.csv"), "--export-dir", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    _assert_user_error(proc.returncode, proc.stderr, "missing.csv", "does not exist")
+    assert proc.stdout == ""
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- #
+# User errors: exit 2, one line, no traceback
+# --------------------------------------------------------------------------- #
+
+
+def _train_argv(data, tmp_path, *extra):
+    return ["train", "--pipeline", "pairs", "--data", data, "--export-dir",
+            tmp_path / "out", *TINY, *extra]
+
+
+def test_train_missing_file(tmp_path):
+    code, _, err = _run_main(_train_argv(tmp_path / "nope.csv", tmp_path))
+    _assert_user_error(code, err, "nope.csv", "does not exist")
+
+
+def test_train_missing_column_names_it(tiny_csv, tmp_path):
+    code, _, err = _run_main(_train_argv(tiny_csv, tmp_path, "--query-column", "qury"))
+    _assert_user_error(code, err, "'qury'", "available columns", "'query'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_missing_candidate_id_column(tiny_csv, tmp_path):
+    code, _, err = _run_main(_train_argv(tiny_csv, tmp_path,
+                                         "--candidate-id-column", "docid"))
+    _assert_user_error(code, err, "'docid'", "'doc_id'")
+
+
+def test_train_same_query_and_candidate_column(tiny_csv, tmp_path):
+    code, _, err = _run_main(_train_argv(tiny_csv, tmp_path, "--query-column", "doc",
+                                         "--candidate-column", "doc"))
+    _assert_user_error(code, err, "--query-column and --candidate-column", "'doc'")
+
+
+def test_train_non_utf8_file(tmp_path):
+    data = tmp_path / "latin.csv"
+    data.write_bytes("query,doc\ncaf\xe9,d\n".encode("latin-1"))
+    code, _, err = _run_main(_train_argv(data, tmp_path))
+    _assert_user_error(code, err, "latin.csv", "UTF-8")
+
+
+def test_train_pairs_without_data(tmp_path):
+    code, _, err = _run_main(["train", "--pipeline", "pairs", "--export-dir",
+                              tmp_path / "out", *TINY])
+    _assert_user_error(code, err, "--data")
+
+
+@pytest.mark.parametrize("flag, value", [("--hidden", "abc"), ("--hidden", "16,-1"),
+                                         ("--epochs", "0"), ("--dim", "x")])
+def test_train_bad_numbers_are_argparse_errors(tiny_csv, tmp_path, capsys, flag, value):
+    argv = ["train", "--pipeline", "pairs", "--data", str(tiny_csv), "--export-dir",
+            str(tmp_path / "out"), flag, value]
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main(argv)
+    assert excinfo.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_on_a_directory_that_is_not_an_export(tiny_csv, tmp_path):
+    code, _, err = _run_main(["evaluate", "--export-dir", tmp_path, "--data", tiny_csv])
+    _assert_user_error(code, err, "is not a tfdssm export")
+
+
+def test_evaluate_data_missing_a_column(trained, tmp_path):
+    data = tmp_path / "no_query.csv"
+    data.write_text("question,doc\nx,all about kiwi\n")
+    code, _, err = _run_main(["evaluate", "--export-dir", trained[0], "--data", data])
+    _assert_user_error(code, err, "['query']", "available columns")
+
+
+def test_query_without_text_for_a_text_tower(trained):
+    code, out, err = _run_main(["query", "--export-dir", trained[0]])
+    _assert_user_error(code, err, "missing query feature(s) ['query']", "--feature")
+    assert out == ""
+
+
+def test_query_k_larger_than_corpus(trained):
+    code, _, err = _run_main(["query", "--export-dir", trained[0], "--k", "11", "kiwi"])
+    _assert_user_error(code, err, "corpus size 10", "11")
+
+
+def test_query_on_a_directory_that_is_not_an_export(tmp_path):
+    code, _, err = _run_main(["query", "--export-dir", tmp_path, "kiwi"])
+    _assert_user_error(code, err, "is not a tfdssm export")
+
+
+def test_train_corrupt_parquet_is_a_user_error(tmp_path):
+    data = tmp_path / "pairs.parquet"
+    data.write_bytes(b"PAR1 but not really")
+    code, _, err = _run_main(_train_argv(data, tmp_path))
+    _assert_user_error(code, err, "pairs.parquet")
+
+
+def test_evaluate_export_without_corpus_is_a_user_error(trained, tiny_csv, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(trained[0], copy)
+    (copy / "corpus.parquet").unlink()
+    code, _, err = _run_main(["evaluate", "--export-dir", copy, "--data", tiny_csv])
+    _assert_user_error(code, err, "corpus.parquet")
+
+
+def test_learning_rate_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--pipeline", "pairs", "--data", "x.csv",
+                  "--export-dir", "d", "--learning-rate", "0"])
+    assert exit_info.value.code == 2
+    assert "must be > 0" in capsys.readouterr().err
