@@ -1,17 +1,17 @@
-# tfdssm: `make demo` and `make test` each set up .venv first (Python 3.11).
+# tfdssm: `make demo` and `make test` each set up .venv first (Python 3.11-3.13).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tfdssm-installed
 EXPORT_DIR ?= saved_models/movielens
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo serve test bench lint clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; \
-	  sys.exit(0 if v == (3, 11) else "tfdssm needs Python 3.11 (its TF/ScaNN stack), found %d.%d: run make PYTHON=python3.11" % v)'
+	  sys.exit(0 if (3, 11) <= v <= (3, 13) else "tfdssm needs Python 3.11-3.13 (its TF/ScaNN wheels), found %d.%d: run make PYTHON=python3.11" % v)'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[test]"
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/tfdssm train --pipeline movielens --export-dir $(EXPORT_DIR)
 	$(BIN)/python pipelines/movielens.py --export-dir $(EXPORT_DIR) --users 1,42,500
+
+# After `make demo`: TF Serving's gRPC (8500) and REST (8501) APIs on loopback.
+serve: $(STAMP)
+	$(BIN)/tfdssm serve --export-dir $(EXPORT_DIR)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -52,13 +52,15 @@ def test_invalid_utf8_becomes_replacement_character():
     assert out[:2] == [111, 107] and 0xFFFD in out and out[-4:-2] == [111, 107]
 
 
-def test_frozen_table_matches_this_python():
-    # The committed table is Unicode 14.0 (Python 3.11); regenerating must agree.
-    assert unicodedata.unidata_version == UNICODE_VERSION
-    raw = build_table_dict()
+def test_frozen_table_is_unicode_14_and_regenerates_on_python_311():
+    # Ids depend on this table, not on the running Python's Unicode version.
     table = load_table()
-    assert len(raw["expand"]) == len(table.expand_keys)
-    assert len(raw["compose"]) == len(table.compose_keys)
+    assert UNICODE_VERSION == "14.0.0"
+    assert (len(table.expand_keys), len(table.compose_keys)) == (6278, 941)
+    if unicodedata.unidata_version == UNICODE_VERSION:  # Python 3.11
+        raw = build_table_dict()
+        assert [cp for cp, _ in raw["expand"]] == table.expand_keys.tolist()
+        assert len(raw["compose"]) == len(table.compose_keys)
 
 
 @settings(max_examples=200, deadline=None)

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 PIPELINE_DEFAULTS = {
     "movielens": {"epochs": 6, "batch_size": 1024, "learning_rate": 0.003,
@@ -84,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--tensorboard-dir")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--quiet", action="store_true")
+    train.add_argument("--max-k", type=_positive, default=100,
+                       help="largest k the retrieval models accept per request")
+    train.add_argument("--strategy", choices=["default", "mirrored", "multi_worker"],
+                       default="default", help="tf.distribute strategy: mirrored "
+                       "(local GPUs) or multi_worker (the cluster in TF_CONFIG; "
+                       "every worker runs this command, the chief exports)")
 
     ev = sub.add_parser("evaluate", help="Recall/NDCG/MRR@K of an export on a table")
     ev.add_argument("--export-dir", required=True)
@@ -100,18 +107,82 @@ def build_parser() -> argparse.ArgumentParser:
                       "others write query_tower.<mode>.tflite beside it")
 
     query = sub.add_parser("query", help="top-k candidates for a query")
-    query.add_argument("--export-dir", required=True)
+    where = query.add_mutually_exclusive_group(required=True)
+    where.add_argument("--export-dir", help="retrieve in process from an export")
+    where.add_argument("--server", metavar="HOST:PORT", help="ask a running model "
+                       "server (tfdssm serve / TF Serving) over gRPC")
+    query.add_argument("--model", choices=["retrieval", "retrieval_brute_force"],
+                       default="retrieval", help="with --server: the retrieval model")
     query.add_argument("--k", type=_positive, default=10)
+    query.add_argument("--exclude", action="append", default=[], metavar="ID",
+                       help="a candidate id to leave out (repeat for several)")
+    query.add_argument("--timeout", type=float, default=10.0,
+                       help="with --server: seconds per request")
     query.add_argument("--feature", action="append", default=[], metavar="NAME=VALUE",
                        help="a query feature (repeat for several)")
     query.add_argument("text", nargs="*", help="query texts (single text feature)")
+
+    serve = sub.add_parser("serve", help="serve an export over TF Serving's gRPC "
+                           "and REST APIs (newest versions, reloaded live)")
+    serve.add_argument("--export-dir", required=True)
+    serve.add_argument("--grpc-port", type=_port, default=8500, help="0: any free port")
+    serve.add_argument("--rest-port", type=_port, default=8501, help="0: any free port")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default: loopback only)")
+    serve.add_argument("--poll-seconds", type=float, default=1.0,
+                       help="how often to look for new versions")
+    serve.add_argument("--max-request-bytes", type=_positive, default=64 * 1024 * 1024,
+                       help="largest gRPC message / REST body accepted")
+    serve.add_argument("--model-config-file", help="TF Serving model config "
+                       "(default EXPORT_DIR/models.config)")
     return parser
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a port number, received {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"ports are 0-65535, received {value}")
+    return value
+
+
 def _train(args: argparse.Namespace) -> int:
-    from tfdssm import train as training  # noqa: PLC0415 - imports TensorFlow
+    from tfdssm import distribute  # noqa: PLC0415 - imports TensorFlow
+    from tfdssm import train as training  # noqa: PLC0415
 
     defaults = PIPELINE_DEFAULTS[args.pipeline]
+    # First, before TensorFlow runs any op (MultiWorkerMirroredStrategy needs
+    # that); the model is built in its scope so that its variables are mirrored.
+    strategy = distribute.make_strategy(args.strategy)
+    with strategy.scope():
+        prepared = _prepare(args, defaults)
+    result = training.run(
+        prepared, args.export_dir, epochs=args.epochs or defaults["epochs"],
+        batch_size=args.batch_size or defaults["batch_size"],
+        learning_rate=(defaults["learning_rate"] if args.learning_rate is None
+                       else args.learning_rate),
+        tensorboard_dir=args.tensorboard_dir, verbose=0 if args.quiet else 2,
+        seed=args.seed, strategy=strategy, max_k=args.max_k,
+    )
+    from tfdssm.evaluate import format_metrics  # noqa: PLC0415
+
+    print(f"evaluation on {len(prepared.test)} held-out rows, "
+          f"{len(prepared.corpus)} candidates:")
+    print(format_metrics(result["metrics"]))
+    if result["export"] is None:
+        print("not the chief worker: the chief writes the export")
+    else:
+        print(f"exported to {args.export_dir} (towers version "
+              f"{result['export']['towers']['version']})")
+    return 0
+
+
+def _prepare(args: argparse.Namespace, defaults: dict) -> Any:
+    """The pipeline's model and data from the ``train`` arguments (a
+    :class:`tfdssm.train.Prepared`); call it inside the strategy's scope."""
     hidden = args.hidden or _sizes(defaults["hidden"])
     dim = args.dim or defaults["dim"]
     buckets = args.buckets or defaults["buckets"]
@@ -139,22 +210,7 @@ def _train(args: argparse.Namespace) -> int:
             senet=args.senet,
             test_fraction=0.2 if args.test_fraction is None else args.test_fraction,
         )
-    result = training.run(
-        prepared, args.export_dir, epochs=args.epochs or defaults["epochs"],
-        batch_size=args.batch_size or defaults["batch_size"],
-        learning_rate=(defaults["learning_rate"] if args.learning_rate is None
-                       else args.learning_rate),
-        tensorboard_dir=args.tensorboard_dir, verbose=0 if args.quiet else 2,
-        seed=args.seed,
-    )
-    from tfdssm.evaluate import format_metrics  # noqa: PLC0415
-
-    print(f"evaluation on {len(prepared.test)} held-out rows, "
-          f"{len(prepared.corpus)} candidates:")
-    print(format_metrics(result["metrics"]))
-    print(f"exported to {args.export_dir} (towers version "
-          f"{result['export']['towers']['version']})")
-    return 0
+    return prepared
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -198,6 +254,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _query(args: argparse.Namespace) -> int:
+    if args.server:
+        return _query_server(args)
     from tfdssm.errors import DataError  # noqa: PLC0415
     from tfdssm.retrieve import LocalRetriever, parse_feature_args  # noqa: PLC0415
 
@@ -217,7 +275,9 @@ def _query(args: argparse.Namespace) -> int:
     sizes = {len(v) for v in features.values()}
     if len(sizes) != 1:
         raise DataError("give every query feature the same number of values.")
-    ids, scores = retriever.top_k(features, k=args.k)
+    rows = len(next(iter(features.values())))
+    exclude = [args.exclude] * rows if args.exclude else None
+    ids, scores = retriever.top_k(features, k=args.k, exclude=exclude)
     for row in range(len(ids)):
         label = ", ".join(f"{n}={features[n][row]}" for n in retriever.query_names)
         print(f"# {label}")
@@ -226,6 +286,35 @@ def _query(args: argparse.Namespace) -> int:
         ):
             print(f"{rank:>3}. {cid:<12} {score:8.4f}  {text}")
     return 0
+
+
+def _query_server(args: argparse.Namespace) -> int:
+    from tfdssm.client import Client  # noqa: PLC0415
+    from tfdssm.retrieve import parse_feature_args  # noqa: PLC0415
+
+    with Client(args.server, timeout=args.timeout) as client:
+        features = client.query_features(parse_feature_args(args.feature), args.text,
+                                         args.model)
+        ids, scores = client.top_k(features, k=args.k, exclude=args.exclude or None,
+                                   model=args.model)
+    for row in range(len(ids)):
+        print("# " + ", ".join(f"{n}={v[row]}" for n, v in features.items()))
+        ranked = zip(ids[row], scores[row], strict=True)
+        for rank, (cid, score) in enumerate(ranked, start=1):
+            if cid:
+                print(f"{rank:>3}. {cid:<12} {score:8.4f}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from tfdssm.serving.server import serve  # noqa: PLC0415
+
+    return serve(
+        args.export_dir, grpc_port=args.grpc_port, rest_port=args.rest_port,
+        host=args.host, poll_seconds=args.poll_seconds,
+        max_request_bytes=args.max_request_bytes,
+        model_config_file=args.model_config_file,
+    )
 
 
 def _tflite(args: argparse.Namespace) -> int:
@@ -252,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tfdssm.errors import TfdssmError  # noqa: PLC0415
 
     handlers = {"train": _train, "evaluate": _evaluate, "query": _query,
-                "tflite": _tflite}
+                "tflite": _tflite, "serve": _serve}
     try:
         return handlers[args.command](args)
     except TfdssmError as error:

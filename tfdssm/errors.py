@@ -20,3 +20,16 @@ class ConfigError(TfdssmError, ValueError):
 
 class ExportError(TfdssmError):
     """An export directory is missing, incomplete, or not a tfdssm export."""
+
+
+class ServingError(TfdssmError):
+    """A model server rejected or failed a request (or could not start).
+
+    Attributes:
+        code: The gRPC status code name (``INVALID_ARGUMENT``, ``NOT_FOUND``,
+            ``FAILED_PRECONDITION``, ``UNAVAILABLE``, ...), as TF Serving uses them.
+    """
+
+    def __init__(self, message: str, code: str = "INVALID_ARGUMENT") -> None:
+        super().__init__(message)
+        self.code = code

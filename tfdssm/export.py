@@ -6,6 +6,21 @@
 TensorFlow ops only, so stock TF Serving and a process that imports only
 ``tensorflow`` can load it.
 
+With a candidate corpus, the export also holds (see :mod:`tfdssm.index`):
+
+* ``retrieval/<version>/``: query features -> ``ids``, ``scores`` through a ScaNN
+  index over the corpus (signatures ``serving_default``, ``top_k``,
+  ``top_k_exclude``; needs ScaNN's ops: ``tfdssm serve`` or a ScaNN-enabled TF
+  Serving build);
+* ``retrieval_brute_force/<version>/``: the same signatures, stock ops only;
+* ``candidates.npy`` (float32 ``[N, dim]``) + ``candidate_ids.txt`` (one id per
+  line) for other ANN systems (:mod:`tfdssm.candidates`);
+* ``models.config`` (all models) and ``models.stock.config`` (no ScaNN) for TF
+  Serving (:mod:`tfdssm.serving.config`).
+
+Every SavedModel carries TF Serving warm-up requests in
+``assets.extra/tf_serving_warmup_requests`` (:mod:`tfdssm.warmup`).
+
 Versions are integer directories. A version is written under a hidden temporary
 name and renamed into place, so a server never sees a half-written one, and an
 existing version is never overwritten.
@@ -17,6 +32,7 @@ import json
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -25,9 +41,10 @@ from typing import Any
 import pandas as pd
 import tensorflow as tf
 
-from tfdssm import hashing, unicode_table
+from tfdssm import candidates, data, evaluate, hashing, index, unicode_table, warmup
 from tfdssm.errors import ExportError
 from tfdssm.model import DSSM
+from tfdssm.serving import config as serving_config
 
 EXPORT_JSON = "export.json"
 CORPUS_FILE = "corpus.parquet"
@@ -86,12 +103,18 @@ def _atomic_save(base: pathlib.Path, save) -> pathlib.Path:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_towers(model: DSSM, export_dir: str | os.PathLike) -> pathlib.Path:
+def save_towers(
+    model: DSSM,
+    export_dir: str | os.PathLike,
+    candidate_row: Mapping[str, Any] | None = None,
+) -> pathlib.Path:
     """Exports the two towers as ``export_dir/towers/<next version>``.
 
     Args:
         model: A trained :class:`tfdssm.model.DSSM`.
         export_dir: The export directory.
+        candidate_row: A real candidate for the warm-up requests (default:
+            example values).
 
     Returns:
         The new version directory.
@@ -107,10 +130,109 @@ def save_towers(model: DSSM, export_dir: str | os.PathLike) -> pathlib.Path:
         return {"embedding": module.candidate_tower(features)}
 
     signatures = {"query": query, "candidate": candidate, "serving_default": query}
-    return _atomic_save(
-        pathlib.Path(export_dir) / "towers",
-        lambda tmp: tf.saved_model.save(module, str(tmp), signatures=signatures),
-    )
+    requests = warmup.towers_requests(model, candidate_row)
+
+    def save(tmp: pathlib.Path) -> None:
+        tf.saved_model.save(module, str(tmp), signatures=signatures)
+        warmup.write_warmup(tmp, requests)
+
+    return _atomic_save(pathlib.Path(export_dir) / "towers", save)
+
+
+def save_retrieval(
+    module: index.RetrievalModule,
+    export_dir: str | os.PathLike,
+    name: str,
+    query_row: Mapping[str, Any],
+) -> pathlib.Path:
+    """Saves a retrieval module as ``export_dir/<name>/<next version>``.
+
+    Args:
+        module: A :class:`tfdssm.index.BruteForceRetrieval` or
+            :class:`tfdssm.index.ScannRetrieval`.
+        export_dir: The export directory.
+        name: ``retrieval`` or ``retrieval_brute_force`` (the served model name).
+        query_row: Example query features for the warm-up requests.
+
+    Returns:
+        The new version directory.
+    """
+    first_id = module.ids[0].numpy().decode("utf-8")
+    requests = warmup.retrieval_requests(query_row, first_id, module.max_k, name)
+
+    def save(tmp: pathlib.Path) -> None:
+        module.save(tmp)
+        warmup.write_warmup(tmp, requests)
+
+    return _atomic_save(pathlib.Path(export_dir) / name, save)
+
+
+def export_retrieval(
+    model: DSSM,
+    export_dir: str | os.PathLike,
+    corpus: pd.DataFrame,
+    candidate_id: str,
+    max_k: int = index.DEFAULT_MAX_K,
+    scann_options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Embeds the corpus and writes both retrieval models and the candidate files.
+
+    Args:
+        model: The trained model.
+        export_dir: The export directory.
+        corpus: One row per candidate: the candidate tower's columns and
+            ``candidate_id``.
+        candidate_id: Column holding the ids the retrieval models return.
+        max_k: Largest ``k`` a request may ask for (capped at the corpus size).
+        scann_options: ScaNN parameters (default :func:`tfdssm.index.scann_options`).
+
+    Returns:
+        ``export.json`` entries: ``retrieval``, ``retrieval_brute_force``,
+        ``candidate_embeddings`` (none when no candidate has an id).
+    """
+    tower = model.candidate_tower
+    if candidate_id not in corpus.columns:
+        raise ExportError(f"the corpus has no candidate id column {candidate_id!r}; "
+                          f"its columns are {list(corpus.columns)}.")
+    named = corpus[candidate_id].fillna("").astype(str) != ""
+    if not named.all():
+        print(f"tfdssm: warning: {int((~named).sum())} candidate(s) with an empty "
+              f"{candidate_id!r} are left out of the retrieval models.",
+              file=sys.stderr)
+        corpus = corpus[named]
+    if not len(corpus):
+        return {}
+    arrays = data.to_feature_arrays(corpus, _input_features(tower), "the corpus")
+    ids = corpus[candidate_id].astype(str).tolist()
+    embeddings = evaluate.embed(tower, arrays)
+    spec = signature_spec(model.query_tower)
+    query_row = warmup.example_row(model.query_tower)
+    out: dict[str, Any] = {}
+    for name, cls, kwargs in (
+        ("retrieval_brute_force", index.BruteForceRetrieval, {}),
+        ("retrieval", index.ScannRetrieval, {"options": scann_options}),
+    ):
+        module = cls(model.query_tower, spec, embeddings, ids, max_k, **kwargs)
+        version_dir = save_retrieval(module, export_dir, name, query_row)
+        out[name] = {"version": int(version_dir.name),
+                     "path": f"{name}/{version_dir.name}", **module.describe()}
+    out["candidate_embeddings"] = candidates.write_candidates(export_dir, embeddings,
+                                                              ids)
+    return out
+
+
+def _input_features(tower: tf.keras.layers.Layer) -> list[Any]:
+    """Name/dtype stand-ins of a tower's inputs (for :func:`data.to_feature_arrays`)."""
+    from tfdssm.features import NumericFeature, TextFeature  # noqa: PLC0415
+
+    return [NumericFeature(n) if s.dtype == tf.float32 else TextFeature(n)
+            for n, s in signature_spec(tower).items()]
+
+
+def _first_row(corpus: pd.DataFrame, tower: tf.keras.layers.Layer) -> dict[str, Any]:
+    arrays = data.to_feature_arrays(corpus.head(1), _input_features(tower),
+                                    "the corpus")
+    return {name: values[0] for name, values in arrays.items()}
 
 
 def hashing_info() -> dict[str, Any]:
@@ -158,16 +280,25 @@ def export_model(
     corpus: pd.DataFrame | None = None,
     metrics: Mapping[str, Any] | None = None,
     training: Mapping[str, Any] | None = None,
+    max_k: int = index.DEFAULT_MAX_K,
+    scann_options: Mapping[str, Any] | None = None,
+    candidate_id: str | None = None,
 ) -> dict[str, Any]:
-    """Exports towers, the candidate corpus and ``export.json``.
+    """Exports towers, retrieval models, the candidate corpus and ``export.json``.
 
     Args:
         model: The trained model.
         export_dir: Target directory (created if needed).
         corpus: One row per candidate with the candidate tower's columns (and the
-            candidate id); written as ``corpus.parquet`` for evaluation/indexing.
+            candidate id); written as ``corpus.parquet`` for evaluation/indexing,
+            embedded for the retrieval models and ``candidates.npy``.
         metrics: Evaluation results to record.
         training: Training parameters to record (pipeline, epochs, ...).
+        max_k: Largest ``k`` the retrieval models accept (capped at the corpus).
+        scann_options: ScaNN index parameters (default: chosen for the corpus
+            size by :func:`tfdssm.index.scann_options`).
+        candidate_id: Corpus column with the ids retrieval returns (default: the
+            model's ``candidate_id``, else the candidate tower's first column).
 
     Returns:
         The ``export.json`` content.
@@ -176,11 +307,22 @@ def export_model(
     if export_dir.exists() and not export_dir.is_dir():
         raise ExportError(f"export dir {str(export_dir)!r} exists and is not a directory.")
     export_dir.mkdir(parents=True, exist_ok=True)
-    tower_dir = save_towers(model, export_dir)
+    candidate_row = None
+    if corpus is not None and len(corpus):
+        candidate_row = _first_row(corpus, model.candidate_tower)
+    tower_dir = save_towers(model, export_dir, candidate_row)
+    served = {"towers": {"version": int(tower_dir.name),
+                         "path": f"towers/{tower_dir.name}"}}
     if corpus is not None:
         tmp = export_dir / f".{CORPUS_FILE}.tmp-{os.getpid()}"
         corpus.to_parquet(tmp, index=False)
         os.replace(tmp, export_dir / CORPUS_FILE)
+        id_column = (candidate_id or model.candidate_id
+                     or model.candidate_tower.feature_names[0])
+        served.update(export_retrieval(model, export_dir, corpus, id_column, max_k,
+                                       scann_options))
+    names = [n for n in ("towers", "retrieval", "retrieval_brute_force") if n in served]
+    model_config = serving_config.write_model_configs(export_dir, names)
     info = {
         "format_version": FORMAT_VERSION,
         "tfdssm_version": _package_version(),
@@ -197,6 +339,9 @@ def export_model(
         "num_candidates": None if corpus is None else len(corpus),
         "training": dict(training or {}),
         "metrics": dict(metrics or {}),
+        **{k: v for k, v in served.items() if k != "towers"},
+        "model_config": model_config,
+        "warmup": f"<model>/<version>/{warmup.WARMUP_DIR}/{warmup.WARMUP_FILE}",
     }
     write_json_atomic(export_dir / EXPORT_JSON, info)
     return info

@@ -106,6 +106,13 @@ class DSSM(tfrs.Model):
             num_hard_negatives=num_hard_negatives,
             remove_accidental_hits=self.remove_accidental_hits,
         )
+        # Epoch means of the loss (TFRS's train_step logs the last batch's). Set
+        # past Keras attribute tracking: listed by `metrics` (so Keras resets
+        # them), but not part of `weights` or checkpoints.
+        object.__setattr__(self, "_trackers", tuple(
+            tf.keras.metrics.Mean(name=name)
+            for name in ("loss", "regularization_loss", "total_loss")
+        ))
         self._probabilities = None
         if candidate_probabilities is not None:
             keys = np.asarray([str(k) for k in candidate_probabilities], dtype=object)
@@ -176,9 +183,63 @@ class DSSM(tfrs.Model):
         docs = tf.gather(tf.math.l2_normalize(candidates, axis=1), index)
         logits = self.gamma * tf.einsum("bd,bkd->bk", queries, docs)
         labels = tf.zeros([batch], tf.int32)
+        # A per-replica mean: scaled so that the replicas' gradients, which the
+        # optimizer sums, add up to the gradient of the global-batch mean.
         return tf.reduce_mean(
             tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+        ) / _replicas()
+
+    @property
+    def metrics(self) -> list[tf.keras.metrics.Metric]:
+        return [*super().metrics, *self._trackers]
+
+    def train_step(self, inputs: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """One optimizer step on a batch of raw features.
+
+        As ``tfrs.Model.train_step``, with two differences that matter under a
+        ``tf.distribute`` strategy and for Keras callbacks: regularization losses
+        are divided by the number of replicas (the optimizer sums the replicas'
+        gradients), and the logs are running means over the epoch of the loss of
+        the global batch (what one device would report), not the last batch's.
+
+        Args:
+            inputs: Column name -> ``[batch]`` tensor (this replica's share).
+
+        Returns:
+            ``{"loss", "regularization_loss", "total_loss"}`` epoch means.
+        """
+        with tf.GradientTape() as tape:
+            loss = self.compute_loss(inputs, training=True)
+            regularization = self._regularization_loss()
+            total = loss + regularization
+        gradients = tape.gradient(total, self.trainable_variables)
+        self.optimizer.apply_gradients(
+            zip(gradients, self.trainable_variables, strict=True)
         )
+        return self._track(loss, regularization)
+
+    def test_step(self, inputs: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """Loss of one batch; ``evaluate`` returns the means over all batches."""
+        loss = self.compute_loss(inputs, training=False)
+        return self._track(loss, self._regularization_loss())
+
+    def _regularization_loss(self) -> tf.Tensor:
+        if not self.losses:
+            return tf.constant(0.0)
+        return tf.add_n([tf.reduce_sum(x) for x in self.losses]) / _replicas()
+
+    def _track(
+        self, loss: tf.Tensor, regularization: tf.Tensor
+    ) -> dict[str, tf.Tensor]:
+        # Each replica holds its share of the global loss; the trackers average
+        # over replicas and steps, so scale by the replica count to get the
+        # global-batch loss per step.
+        replicas = float(_replicas())
+        for tracker, value in zip(
+            self._trackers, (loss, regularization, loss + regularization), strict=True
+        ):
+            tracker.update_state(value * replicas)
+        return {m.name: m.result() for m in self.metrics}
 
     def get_config(self) -> dict[str, Any]:
         return {
@@ -204,3 +265,8 @@ class DSSM(tfrs.Model):
             candidate = tf.keras.layers.deserialize(candidate)
         config["query_tower"], config["candidate_tower"] = query, candidate
         return cls(**config)
+
+
+def _replicas() -> int:
+    """Replicas of the current ``tf.distribute`` strategy (1 without one)."""
+    return tf.distribute.get_strategy().num_replicas_in_sync

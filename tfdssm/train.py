@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from tfdssm import data, evaluate, export
+from tfdssm import data, distribute, evaluate, export
 from tfdssm.errors import ConfigError, DataError
 from tfdssm.features import Feature
 from tfdssm.model import DSSM
@@ -147,6 +147,8 @@ def run(
     callbacks: Sequence[tf.keras.callbacks.Callback] = (),
     verbose: int = 1,
     seed: int = 0,
+    max_k: int = 100,
+    strategy: tf.distribute.Strategy | None = None,
 ) -> dict[str, Any]:
     """Fits, evaluates and (optionally) exports a prepared pipeline.
 
@@ -160,16 +162,30 @@ def run(
         callbacks: Extra Keras callbacks.
         verbose: Keras progress output (0 silent, 1 progress bar, 2 one line).
         seed: Seed for weights and shuffling.
+        max_k: Largest ``k`` the exported retrieval models accept per request.
+        strategy: A ``tf.distribute`` strategy (:mod:`tfdssm.distribute`); the
+            model must have been built inside its ``scope()``. Default: the
+            current one. With several replicas ``batch_size`` is the global
+            batch (each replica's in-batch negatives are its share of it), the
+            last partial batch is dropped and the input is sharded by data; only
+            the chief exports.
 
     Returns:
-        ``{"metrics": ..., "history": ..., "export": export.json content or None}``.
+        ``{"metrics": ..., "history": ..., "export": export.json content or None}``
+        (``export`` is ``None`` on non-chief workers).
     """
     if epochs < 1:
         raise ConfigError(f"epochs must be >= 1, received {epochs}.")
     tf.keras.utils.set_random_seed(seed)
     model = prepared.model
-    model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate))
-    dataset = data.make_dataset(prepared.train, prepared.features, batch_size, seed=seed)
+    strategy = strategy or tf.distribute.get_strategy()
+    replicas = _check_strategy(model, strategy, batch_size, len(prepared.train))
+    with strategy.scope():
+        model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate))
+    dataset = data.make_dataset(prepared.train, prepared.features, batch_size,
+                                seed=seed, drop_remainder=replicas > 1)
+    if replicas > 1:
+        dataset = distribute.shard_by_data(dataset)
     all_callbacks = list(callbacks)
     if tensorboard_dir:
         all_callbacks.append(tf.keras.callbacks.TensorBoard(log_dir=tensorboard_dir))
@@ -192,12 +208,18 @@ def run(
             **prepared.info, "epochs": epochs, "batch_size": batch_size,
             "learning_rate": learning_rate, "train_rows": len(prepared.train),
             "test_rows": len(prepared.test), "train_seconds": round(seconds, 2),
+            "strategy": type(strategy).__name__, "replicas": replicas,
+            "workers": distribute.num_workers(strategy),
+            "loss_history": [float(x) for x in history.history.get("loss", [])],
         }
-        info = export.export_model(
-            model, export_dir, corpus=prepared.corpus, metrics=metrics,
-            training=training,
-        )
-        info = add_tflite(model, export_dir, info, verbose=bool(verbose))
+        with distribute.write_dir(export_dir, strategy) as target:
+            info = export.export_model(
+                model, target, corpus=prepared.corpus, metrics=metrics,
+                training=training, max_k=max_k,
+            )
+            info = add_tflite(model, target, info, verbose=bool(verbose))
+        if not distribute.is_chief(strategy):
+            info = None
     return {
         "metrics": metrics,
         "history": {k: [float(x) for x in v] for k, v in history.history.items()},
@@ -228,6 +250,33 @@ def add_tflite(
               f"ops only); max |TFLite - SavedModel| = {check['max_abs_diff']:.2e} "
               f"over {check['queries']} queries", file=sys.stderr)
     return info
+
+
+def _check_strategy(
+    model: DSSM, strategy: tf.distribute.Strategy, batch_size: int, rows: int
+) -> int:
+    """Checks the model belongs to ``strategy`` and the batches fill every
+    replica; returns the number of replicas."""
+    built_under = getattr(model, "_distribution_strategy", None)
+    default = (not tf.distribute.has_strategy()
+               and strategy is tf.distribute.get_strategy())
+    if built_under is not strategy and not (built_under is None and default):
+        where = type(built_under).__name__ if built_under else "no strategy"
+        raise ConfigError(
+            f"the model was built under {where} but is trained with "
+            f"{type(strategy).__name__}. Build it inside the strategy's scope: "
+            "`with strategy.scope(): prepared = pairs.prepare(...)`, then "
+            "`train.run(prepared, ..., strategy=strategy)`."
+        )
+    replicas = int(strategy.num_replicas_in_sync)
+    if replicas > 1 and not replicas <= batch_size <= rows:
+        raise ConfigError(
+            f"with {replicas} replicas the global batch size must be at least "
+            f"{replicas} and at most the {rows} training rows (partial batches are "
+            f"dropped so that every worker runs the same steps); received "
+            f"batch_size={batch_size}. Pass a batch size in that range."
+        )
+    return replicas
 
 
 def _tower_features(tower: Any, features: Sequence[Feature]) -> list[Feature]:

@@ -1,0 +1,218 @@
+"""TF Serving's REST JSON formats <-> tensors.
+
+Request bodies (``POST .../models/NAME[/versions/V]:predict``)::
+
+    {"signature_name": "top_k",                       # optional
+     "instances": [{"query": "cheap flights", "k": 5}, ...]}   # row format
+    {"signature_name": "top_k",
+     "inputs": {"query": ["cheap flights"], "k": [5]}}          # columnar format
+
+In the row format each instance is an object with every input; a signature with
+a single input also takes bare values (``"instances": ["a", "b"]``). In the
+columnar format ``inputs`` is an object of batch-major lists (or a bare list for
+a single-input signature). Values are converted to the signature's dtypes: JSON
+strings for ``DT_STRING`` (``{"b64": "..."}`` for binary), numbers for floats,
+integers for ints. Responses: ``{"predictions": [...]}`` for rows (per row, the
+value of the single output or an object of all outputs) and ``{"outputs": ...}``
+for columns (the single output's value or an object of outputs). Non-finite
+floats are written as ``NaN``, ``Infinity``, ``-Infinity``, as TF Serving does.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from tfdssm.errors import ServingError
+from tfdssm.serving.predict import InputSpec
+
+ROW, COLUMNAR = "row", "columnar"
+
+
+def parse_body(body: bytes) -> dict[str, Any]:
+    """The request object, with clear errors for bad JSON or a missing key."""
+    try:
+        request = json.loads(body.decode("utf-8") or "null")
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ServingError(f"the request body is not valid JSON: {error}.") from None
+    if not isinstance(request, dict):
+        raise ServingError('the request body must be a JSON object like {"instances": '
+                           f"[...]}}, received {type(request).__name__}.")
+    if ("instances" in request) == ("inputs" in request):
+        raise ServingError('the request needs exactly one of "instances" (row format) '
+                           'or "inputs" (columnar format).')
+    unknown = sorted(set(request) - {"instances", "inputs", "signature_name"})
+    if unknown:
+        raise ServingError(f"unknown key(s) {unknown} in the request; expected "
+                           '"signature_name" and "instances" or "inputs".')
+    name = request.get("signature_name", "")
+    if not isinstance(name, str):
+        raise ServingError(f'"signature_name" must be a string, received {name!r}.')
+    return request
+
+
+def request_inputs(
+    request: Mapping[str, Any], specs: Mapping[str, InputSpec]
+) -> tuple[dict[str, tf.Tensor], str]:
+    """Typed input tensors from a parsed request, and its format (row/columnar)."""
+    if "instances" in request:
+        instances = request["instances"]
+        if not isinstance(instances, list):
+            raise ServingError('"instances" must be a list with one entry per row.')
+        if not instances:
+            raise ServingError('empty batch: "instances" is an empty list; send at '
+                               "least one row.")
+        if len(specs) == 1 and not isinstance(instances[0], dict):
+            (name,) = specs
+            columns = {name: instances}
+        else:
+            columns = _columns_of(instances, specs)
+        return {n: to_tensor(v, specs[n], n) for n, v in columns.items()}, ROW
+    inputs = request["inputs"]
+    if not isinstance(inputs, dict):
+        if len(specs) != 1:
+            raise ServingError('"inputs" must be an object of input name -> values, '
+                               f"with the inputs {sorted(specs)}.")
+        inputs = {next(iter(specs)): inputs}
+    return {n: to_tensor(v, specs[n], n) if n in specs else _untyped(v, n)
+            for n, v in inputs.items()}, COLUMNAR
+
+
+def _columns_of(instances: list, specs: Mapping[str, InputSpec]) -> dict[str, list]:
+    columns: dict[str, list] = {name: [] for name in specs}
+    for row, instance in enumerate(instances):
+        if not isinstance(instance, dict):
+            raise ServingError(
+                f"instance {row} must be an object with the inputs {sorted(specs)}, "
+                f"received {json.dumps(instance)[:80]}.")
+        missing = sorted(set(specs) - set(instance))
+        extra = sorted(set(instance) - set(specs))
+        if missing or extra:
+            raise ServingError(
+                f"instance {row} does not match the signature inputs {sorted(specs)}: "
+                f"missing {missing}, unexpected {extra}.")
+        for name in specs:
+            columns[name].append(instance[name])
+    return columns
+
+
+def to_tensor(value: Any, spec: InputSpec, name: str) -> tf.Tensor:
+    """Converts a (nested) JSON value to a tensor of ``spec.dtype``.
+
+    >>> spec = InputSpec("k", tf.int32, (None,))
+    >>> to_tensor([3, 5], spec, "k").numpy().tolist()
+    [3, 5]
+    """
+    shape = _shape(value, name)
+    flat = list(_flatten(value))
+    dtype = spec.dtype
+    converted = [_convert(v, dtype, name) for v in flat]
+    if dtype == tf.string:
+        array = np.empty(len(converted), dtype=object)
+        array[:] = converted
+    else:
+        array = np.asarray(converted, dtype=dtype.as_numpy_dtype)
+    return tf.constant(array.reshape(shape), dtype=dtype)
+
+
+def _untyped(value: Any, name: str) -> tf.Tensor:
+    """An input the signature does not have (reported by the input check)."""
+    return tf.constant(np.zeros(_shape(value, name), np.float32))
+
+
+def _shape(value: Any, name: str) -> tuple[int, ...]:
+    if not isinstance(value, list):
+        return ()
+    shapes = {_shape(v, name) for v in value}
+    if len(shapes) > 1:
+        raise ServingError(f'input "{name}" is ragged: its rows have different '
+                           f"lengths {sorted(shapes)}; pad them to the same length "
+                           '(retrieval "exclude" rows: pad with "").')
+    return (len(value), *(shapes.pop() if shapes else ()))
+
+
+def _flatten(value: Any):
+    if isinstance(value, list):
+        for item in value:
+            yield from _flatten(item)
+    else:
+        yield value
+
+
+def _convert(value: Any, dtype: tf.DType, name: str) -> Any:
+    if dtype == tf.string:
+        if isinstance(value, str):
+            return value.encode("utf-8")
+        if isinstance(value, dict) and set(value) == {"b64"}:
+            try:
+                return base64.b64decode(value["b64"], validate=True)
+            except (binascii.Error, TypeError):
+                raise ServingError(f'input "{name}" has invalid base64 in '
+                                   f"{value!r}.") from None
+        raise ServingError(f'input "{name}" expects strings (DT_STRING), received '
+                           f"{json.dumps(value)}; quote it, e.g. \"{value}\".")
+    if isinstance(value, bool) and dtype != tf.bool:
+        raise ServingError(f'input "{name}" expects {dtype.name} numbers, received '
+                           f"{json.dumps(value)}.")
+    if dtype.is_integer:
+        if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+            return int(value)
+        raise ServingError(f'input "{name}" expects integers ({dtype.name}), received '
+                           f"{json.dumps(value)}.")
+    if dtype.is_floating:
+        if isinstance(value, int | float):
+            return value
+        raise ServingError(f'input "{name}" expects numbers ({dtype.name}), received '
+                           f"{json.dumps(value)}.")
+    if dtype == tf.bool and isinstance(value, bool):
+        return value
+    raise ServingError(f'input "{name}" has dtype {dtype.name}, which the REST API '
+                       f"cannot fill from {json.dumps(value)}; use gRPC.")
+
+
+def to_json_value(array: np.ndarray) -> Any:
+    """Nested lists; bytes as UTF-8 strings (``{"b64": ...}`` if not UTF-8)."""
+    if array.dtype == object:
+        return np.vectorize(_text, otypes=[object])(array).tolist() if array.size else (
+            array.tolist())
+    if array.dtype == np.float32 and array.size:
+        # Shortest decimal that round-trips the float32 (0.1, not 0.10000000149).
+        shortest = np.empty(array.size, dtype=object)
+        shortest[:] = [float(str(v)) for v in array.ravel()]
+        return shortest.reshape(array.shape).tolist()
+    return array.tolist()
+
+
+def _text(value: Any) -> Any:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return {"b64": base64.b64encode(value).decode("ascii")}
+    return value
+
+
+def response_body(outputs: Mapping[str, np.ndarray], fmt: str) -> dict[str, Any]:
+    """``{"predictions": ...}`` (row) or ``{"outputs": ...}`` (columnar)."""
+    values = {name: to_json_value(np.asarray(a)) for name, a in outputs.items()}
+    if fmt == COLUMNAR:
+        return {"outputs": next(iter(values.values())) if len(values) == 1 else values}
+    sizes = {name: np.asarray(a).shape[:1] for name, a in outputs.items()}
+    if len(set(sizes.values())) > 1 or () in sizes.values():
+        raise ServingError(f"the outputs have different batch sizes {sizes}; use the "
+                           '"inputs" (columnar) format.', "INVALID_ARGUMENT")
+    if len(values) == 1:
+        return {"predictions": next(iter(values.values()))}
+    rows = len(next(iter(values.values())))
+    return {"predictions": [{n: v[i] for n, v in values.items()} for i in range(rows)]}
+
+
+def dumps(data: Any) -> bytes:
+    """JSON bytes (non-finite floats as ``NaN`` / ``Infinity`` like TF Serving)."""
+    return json.dumps(data, ensure_ascii=False).encode("utf-8")

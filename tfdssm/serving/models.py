@@ -1,0 +1,268 @@
+"""Loaded models, their versions, and the watcher that picks up new versions.
+
+Like TF Serving's default version policy, each model serves its newest version.
+A background thread polls every model's base path (every ``poll_seconds``);
+when a newer integer version directory appears, it is loaded and warmed up
+(its ``assets.extra/tf_serving_warmup_requests`` replayed) *before* it replaces
+the old one, then the old one is dropped: requests already running on it
+finish, new requests go to the new version. A version that fails to load is
+reported in the model status and retried at most :data:`MAX_LOAD_ATTEMPTS`
+times; the previous version keeps serving.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import tensorflow as tf
+from google.protobuf.message import DecodeError
+from tensorflow.core.protobuf import saved_model_pb2
+
+from tfdssm import warmup
+from tfdssm.errors import ServingError
+from tfdssm.export import versions
+from tfdssm.serving import predict
+
+LOG = logging.getLogger("tfdssm.serving")
+MAX_LOAD_ATTEMPTS = 3
+
+# tensorflow.serving.ModelVersionStatus.State
+START, LOADING, AVAILABLE, UNLOADING, END = 10, 20, 30, 40, 50
+
+
+@dataclasses.dataclass
+class Servable:
+    """One loaded version of a model.
+
+    Attributes:
+        name: Model name (from ``models.config``).
+        version: Integer version.
+        path: The version directory.
+        loaded: ``tf.saved_model.load`` result.
+        signature_defs: ``{key: SignatureDef}`` as in ``saved_model.pb``.
+    """
+
+    name: str
+    version: int
+    path: pathlib.Path
+    loaded: Any
+    signature_defs: dict[str, Any]
+
+    def predict(
+        self,
+        signature_name: str,
+        inputs: dict[str, tf.Tensor],
+        output_filter: Sequence[str] = (),
+    ) -> dict[str, Any]:
+        """Validates and runs one request (see :func:`tfdssm.serving.predict.run`)."""
+        key = signature_name or predict.DEFAULT_SIGNATURE
+        signature_def = predict.find_signature(self.signature_defs, key, self.name)
+        function = self.loaded.signatures.get(key)
+        if function is None:
+            raise ServingError(
+                f'signature "{key}" of model "{self.name}" is not callable (only '
+                "Predict signatures are).", "FAILED_PRECONDITION")
+        where = f'signature "{key}" of model "{self.name}" (version {self.version})'
+        return predict.run(function, signature_def, inputs, where, output_filter)
+
+
+def load_servable(name: str, version: int, path: pathlib.Path) -> Servable:
+    """Loads a SavedModel version and replays its warm-up requests.
+
+    Raises:
+        ServingError: unreadable SavedModel, missing ScaNN ops, failed warm-up.
+    """
+    proto = saved_model_pb2.SavedModel()
+    try:
+        proto.ParseFromString((path / "saved_model.pb").read_bytes())
+    except (OSError, ValueError, DecodeError) as error:
+        raise ServingError(f"{path} is not a SavedModel: {error}",
+                           "NOT_FOUND") from None
+    if _uses_scann(proto):
+        try:
+            import scann  # noqa: F401, PLC0415 - registers the Scann>* TF ops
+        except ImportError as error:
+            raise ServingError(
+                f"model {name!r} uses ScaNN ops, which need `pip install "
+                f"'scann[tf]==1.4.2'` ({error}).", "FAILED_PRECONDITION") from None
+    try:
+        loaded = tf.saved_model.load(str(path))
+    except (tf.errors.OpError, ValueError, OSError) as error:
+        raise ServingError(f"cannot load {path}: {error}",
+                           "FAILED_PRECONDITION") from None
+    servable = Servable(name, version, path, loaded,
+                        dict(proto.meta_graphs[0].signature_def))
+    for request in warmup.read_warmup(path):
+        inputs = {k: predict.tensor_from_proto(k, v) for k, v in request.inputs.items()}
+        try:
+            servable.predict(request.model_spec.signature_name, inputs)
+        except ServingError as error:
+            raise ServingError(f"warm-up request failed on {path}: {error}",
+                               "FAILED_PRECONDITION") from None
+    return servable
+
+
+def _uses_scann(proto: saved_model_pb2.SavedModel) -> bool:
+    graph = proto.meta_graphs[0].graph_def
+    nodes = list(graph.node)
+    for function in graph.library.function:
+        nodes.extend(function.node_def)
+    return any(node.op.startswith("Scann>") for node in nodes)
+
+
+@dataclasses.dataclass
+class _Model:
+    name: str
+    base_path: pathlib.Path
+    current: Servable | None = None
+    states: dict[int, tuple[int, str]] = dataclasses.field(default_factory=dict)
+    failures: dict[int, int] = dataclasses.field(default_factory=dict)
+
+
+class ModelManager:
+    """Serves the newest version of each model and watches for new ones.
+
+    Args:
+        models: ``[(name, base path)]``, e.g. from
+            :func:`tfdssm.serving.config.read_model_config`.
+        poll_seconds: How often to look for new versions.
+    """
+
+    def __init__(self, models: Sequence[tuple[str, pathlib.Path]],
+                 poll_seconds: float = 1.0) -> None:
+        self._models = {name: _Model(name, pathlib.Path(path)) for name, path in models}
+        self._lock = threading.Lock()
+        self._refresh_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.poll_seconds = float(poll_seconds)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._models)
+
+    def load_all(self) -> None:
+        """Loads the newest version of every model (blocking; errors are logged)."""
+        for name in self._models:
+            self.refresh(name)
+
+    def start(self) -> None:
+        """Starts the polling thread."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._poll, name="tfdssm-watcher",
+                                            daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stops polling and drops every loaded version."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+        with self._lock:
+            for model in self._models.values():
+                model.current = None
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            for name in self._models:
+                if self._stop.is_set():
+                    return
+                try:
+                    self.refresh(name)
+                except Exception:  # noqa: BLE001 - the watcher must survive
+                    LOG.exception("tfdssm serve: error while refreshing %s", name)
+
+    def refresh(self, name: str) -> bool:
+        """Loads the newest version of ``name`` if it is not the one served.
+
+        Returns:
+            Whether a new version was swapped in.
+        """
+        with self._refresh_lock:
+            return self._refresh(self._models[name])
+
+    def _refresh(self, model: _Model) -> bool:
+        name = model.name
+        found = versions(model.base_path)
+        if not found:
+            if model.current is None and not model.states:
+                LOG.warning("tfdssm serve: no versions of model %r under %s yet",
+                            name, model.base_path)
+                model.states[0] = (START, "")
+            return False
+        newest = found[-1]
+        current = model.current
+        if current is not None and current.version == newest:
+            return False
+        if model.failures.get(newest, 0) >= MAX_LOAD_ATTEMPTS:
+            return False
+        model.states.pop(0, None)
+        model.states[newest] = (LOADING, "")
+        start = time.perf_counter()
+        try:
+            servable = load_servable(name, newest, model.base_path / str(newest))
+        except Exception as error:  # noqa: BLE001 - any failure: keep the old one
+            model.failures[newest] = model.failures.get(newest, 0) + 1
+            model.states[newest] = (END, str(error))
+            LOG.error("tfdssm serve: model %r version %d failed to load (attempt "
+                      "%d): %s", name, newest, model.failures[newest], error)
+            return False
+        with self._lock:
+            old, model.current = model.current, servable
+            model.states[newest] = (AVAILABLE, "")
+            if old is not None:
+                model.states[old.version] = (END, "")
+        LOG.info("tfdssm serve: model %r version %d loaded in %.1fs%s", name, newest,
+                 time.perf_counter() - start,
+                 f"; version {old.version} unloaded" if old is not None else "")
+        return True
+
+    def get(self, name: str, version: int | None = None) -> Servable:
+        """The served version of ``name`` (``version``: must be that one).
+
+        Raises:
+            ServingError: ``NOT_FOUND`` for an unknown model or version.
+        """
+        model = self._models.get(name)
+        if model is None:
+            raise ServingError(
+                f"Servable not found for request: Latest({name}). This server has "
+                f"the models {sorted(self._models)}.", "NOT_FOUND")
+        with self._lock:
+            current = model.current
+        if current is None:
+            raise ServingError(
+                f"Servable not found for request: Latest({name}): no version of "
+                f"{name!r} is loaded (looked in {model.base_path}).", "NOT_FOUND")
+        if version is not None and version != current.version:
+            raise ServingError(
+                f"Servable not found for request: Specific({name}, {version}). "
+                f"Model {name!r} serves version {current.version}.", "NOT_FOUND")
+        return current
+
+    def status(
+        self, name: str, version: int | None = None
+    ) -> list[tuple[int, int, str]]:
+        """``[(version, state, error message)]``, newest first (TF Serving states).
+
+        Raises:
+            ServingError: ``NOT_FOUND`` for an unknown model or version.
+        """
+        model = self._models.get(name)
+        if model is None:
+            raise ServingError(f"Could not find any versions of model {name}; this "
+                               f"server has {sorted(self._models)}.", "NOT_FOUND")
+        with self._lock:
+            states = sorted(model.states.items(), reverse=True)
+        if version is not None:
+            states = [s for s in states if s[0] == version]
+            if not states:
+                raise ServingError(f"Could not find version {version} of model {name}.",
+                                   "NOT_FOUND")
+        return [(v, state, error) for v, (state, error) in states]

@@ -1,0 +1,236 @@
+"""Runs one Predict call on a loaded SavedModel, with TF Serving's checks.
+
+Validation happens before the graph runs, in TF Serving's order, and every
+failure is a :class:`tfdssm.errors.ServingError` whose ``code`` is the gRPC
+status TF Serving uses:
+
+* unknown signature: ``FAILED_PRECONDITION`` (``Serving signature key "x" not
+  found.``, as TF Serving's ``predict_util.cc``), plus the available keys;
+* missing or unexpected inputs, wrong dtype, wrong rank, inputs with different
+  batch sizes, an empty batch, an unknown ``output_filter`` name:
+  ``INVALID_ARGUMENT``;
+* errors raised inside the graph (e.g. the retrieval models' ``k`` range check)
+  keep TensorFlow's code (``INVALID_ARGUMENT`` for ``tf.debugging.Assert``) with
+  the message stripped of graph/traceback noise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2
+
+from tfdssm.errors import ServingError
+
+DEFAULT_SIGNATURE = "serving_default"
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """One signature input: dtype and shape (``None`` = unknown rank/dim)."""
+
+    name: str
+    dtype: tf.DType
+    shape: tuple[int | None, ...] | None
+
+    def describe(self) -> str:
+        """E.g. ``string [batch]`` or ``int32 [batch, n]``."""
+        if self.shape is None:
+            return f"{self.dtype.name} (any shape)"
+        dims = ["batch" if i == 0 and d is None else ("n" if d is None else str(d))
+                for i, d in enumerate(self.shape)]
+        return f"{self.dtype.name} [{', '.join(dims)}]"
+
+
+def input_specs(signature_def: Any) -> dict[str, InputSpec]:
+    """``{input name: InputSpec}`` of a ``SignatureDef`` proto."""
+    out = {}
+    for name, info in signature_def.inputs.items():
+        shape = None
+        if info.HasField("tensor_shape") and not info.tensor_shape.unknown_rank:
+            shape = tuple(None if d.size < 0 else int(d.size)
+                          for d in info.tensor_shape.dim)
+        out[name] = InputSpec(name, tf.as_dtype(info.dtype), shape)
+    return out
+
+
+def find_signature(signature_defs: Mapping[str, Any], name: str, model: str) -> Any:
+    """The ``SignatureDef`` called ``name`` (``""`` = ``serving_default``)."""
+    key = name or DEFAULT_SIGNATURE
+    if key not in signature_defs:
+        available = ", ".join(
+            sorted(k for k in signature_defs if not k.startswith("__")))
+        raise ServingError(
+            f'Serving signature key "{key}" not found. Model "{model}" has the '
+            f"signatures: {available}. Set model_spec.signature_name (REST: "
+            '"signature_name") to one of them.', "FAILED_PRECONDITION")
+    return signature_defs[key]
+
+
+def check_inputs(
+    specs: Mapping[str, InputSpec],
+    inputs: Mapping[str, tf.Tensor],
+    where: str,
+) -> None:
+    """Checks names, dtypes, ranks and batch sizes (see the module docstring).
+
+    Args:
+        specs: The signature's inputs.
+        inputs: Received tensors by name.
+        where: ``signature "x" of model "y"``, for messages.
+
+    Raises:
+        ServingError: ``INVALID_ARGUMENT`` naming what was wrong.
+    """
+    missing = sorted(set(specs) - set(inputs))
+    extra = sorted(set(inputs) - set(specs))
+    if missing or extra:
+        expected = ", ".join(f"{n}: {specs[n].describe()}" for n in sorted(specs))
+        raise ServingError(
+            f"input size does not match {where}: it needs {{{expected}}}. "
+            f"Missing but required: {{{', '.join(missing)}}}. "
+            f"Sent extra: {{{', '.join(extra)}}}.")
+    batch: dict[str, int] = {}
+    for name, spec in specs.items():
+        tensor = inputs[name]
+        if tensor.dtype != spec.dtype:
+            raise ServingError(
+                f'input "{name}" of {where} must be {spec.dtype.name}, received '
+                f"{tensor.dtype.name}. Expected {spec.describe()}.")
+        shape = tuple(tensor.shape)
+        if spec.shape is not None:
+            fits = len(shape) == len(spec.shape) and all(
+                want is None or want == got
+                for want, got in zip(spec.shape, shape, strict=True))
+            if not fits:
+                raise ServingError(
+                    f'input "{name}" of {where} must have shape {spec.describe()}, '
+                    f"received shape {list(shape)}.")
+        if shape:
+            batch[name] = shape[0]
+    if len(set(batch.values())) > 1:
+        sizes = ", ".join(f"{n}: {b}" for n, b in sorted(batch.items()))
+        raise ServingError(
+            f"inputs of {where} must have the same batch size (first dimension); "
+            f"received {sizes}.")
+    if batch and not next(iter(batch.values())):
+        raise ServingError(
+            f"empty batch: the inputs of {where} have 0 rows; send at least one.")
+
+
+def run(
+    function: Any,
+    signature_def: Any,
+    inputs: Mapping[str, tf.Tensor],
+    where: str,
+    output_filter: Sequence[str] = (),
+) -> dict[str, np.ndarray]:
+    """Validates ``inputs`` and calls a loaded signature function.
+
+    Args:
+        function: ``loaded.signatures[name]``.
+        signature_def: Its ``SignatureDef`` proto.
+        inputs: Received tensors by name.
+        where: ``signature "x" of model "y"``, for messages.
+        output_filter: Output names to return (default: all).
+
+    Returns:
+        Output name -> numpy array.
+    """
+    check_inputs(input_specs(signature_def), inputs, where)
+    outputs = list(signature_def.outputs)
+    for name in output_filter:
+        if name not in outputs:
+            raise ServingError(
+                f"output tensor alias not found in {where}: {name}. Outputs "
+                f"expected to be in the set {{{', '.join(sorted(outputs))}}}.")
+    if len(set(output_filter)) != len(output_filter):
+        raise ServingError(f"duplicate output tensor alias in {list(output_filter)}.")
+    try:
+        result = function(**inputs)
+    except tf.errors.OpError as error:
+        code = _GRPC_CODES.get(type(error).__name__, "INTERNAL")
+        raise ServingError(clean_tf_message(error.message), code) from None
+    wanted = list(output_filter) or outputs
+    return {name: result[name].numpy() for name in wanted}
+
+
+def clean_tf_message(message: str) -> str:
+    """A TensorFlow error message without graph locations and Python frames.
+
+    >>> clean_tf_message("Graph execution error:\\n\\nDetected at node x defined at"
+    ...     " (most recent call last):\\n  File a.py\\n\\nassertion failed: "
+    ...     "[k must be <= 10; received k =] [50 3]\\n\\t [[{{node x}}]]")
+    'k must be <= 10; received k = 50 3'
+    """
+    found = re.search(r"assertion failed: (.*?)(?:\n|\s*\[\[|$)", message, re.S)
+    if found:
+        text = found.group(1).strip()
+        text = re.sub(r"\]\s+\[", " ", text)
+        return text.removeprefix("[").removesuffix("]")
+    lines = []
+    for line in message.splitlines():
+        stripped = line.strip()
+        if (not stripped or stripped.startswith(("File ", "Detected at node", "[[{{"))
+                or stripped == "Graph execution error:"):
+            continue
+        lines.append(stripped)
+    return " ".join(lines).split(" [[")[0] or message
+
+
+_GRPC_CODES = {
+    "InvalidArgumentError": "INVALID_ARGUMENT",
+    "NotFoundError": "NOT_FOUND",
+    "FailedPreconditionError": "FAILED_PRECONDITION",
+    "OutOfRangeError": "OUT_OF_RANGE",
+    "ResourceExhaustedError": "RESOURCE_EXHAUSTED",
+    "UnimplementedError": "UNIMPLEMENTED",
+    "UnavailableError": "UNAVAILABLE",
+    "DeadlineExceededError": "DEADLINE_EXCEEDED",
+    "CancelledError": "CANCELLED",
+}
+
+
+def tensor_from_proto(name: str, proto: tensor_pb2.TensorProto) -> tf.Tensor:
+    """An eager tensor from a request ``TensorProto`` (bad protos: INVALID_ARGUMENT)."""
+    try:
+        dtype = tf.as_dtype(proto.dtype)
+        return tf.constant(tf.make_ndarray(proto), dtype=dtype)
+    except (TypeError, ValueError) as error:
+        raise ServingError(
+            f'input "{name}" is not a valid TensorProto: {error}') from None
+
+
+def tensor_to_proto(array: np.ndarray) -> tensor_pb2.TensorProto:
+    """A ``TensorProto`` with typed value fields (``float_val``, ``string_val``...).
+
+    TF Serving answers with typed fields rather than ``tensor_content``, and
+    clients that read ``response.outputs["scores"].float_val`` rely on it.
+
+    >>> tensor_to_proto(np.array([[1.5]], np.float32)).float_val
+    [1.5]
+    """
+    array = np.asarray(array)
+    proto = tensor_pb2.TensorProto()
+    proto.tensor_shape.CopyFrom(tensor_shape_pb2.TensorShapeProto(
+        dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=int(d)) for d in array.shape]))
+    flat = array.ravel()
+    if array.dtype == object or array.dtype.kind in "SU":
+        proto.dtype = tf.string.as_datatype_enum
+        proto.string_val.extend(v if isinstance(v, bytes) else str(v).encode("utf-8")
+                                for v in flat)
+        return proto
+    dtype = tf.as_dtype(array.dtype)
+    proto.dtype = dtype.as_datatype_enum
+    field = {tf.float32: "float_val", tf.float64: "double_val", tf.int32: "int_val",
+             tf.int16: "int_val", tf.int8: "int_val", tf.uint8: "int_val",
+             tf.int64: "int64_val", tf.bool: "bool_val"}.get(dtype)
+    if field is None:
+        return tf.make_tensor_proto(array)
+    getattr(proto, field).extend(flat.tolist())
+    return proto

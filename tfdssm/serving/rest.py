@@ -1,0 +1,202 @@
+"""TF Serving's REST API over a :class:`~tfdssm.serving.models.ModelManager`.
+
+Endpoints (paths case-insensitive, as TF Serving's):
+
+* ``GET  /v1/models/NAME[/versions/V]``: model status, e.g.
+  ``{"model_version_status": [{"version": "1", "state": "AVAILABLE",
+  "status": {"error_code": "OK", "error_message": ""}}]}``;
+* ``GET  /v1/models/NAME[/versions/V]/metadata``: ``{"model_spec": ...,
+  "metadata": {"signature_def": {"signature_def": {...}}}}``;
+* ``POST /v1/models/NAME[/versions/V]:predict``: see
+  :mod:`tfdssm.serving.json_codec`.
+
+Errors are ``{"error": "..."}`` with TF Serving's HTTP codes (400 for
+``INVALID_ARGUMENT`` and ``FAILED_PRECONDITION``, 404 ``NOT_FOUND``, 413 for a
+body over the size limit, 501 ``UNIMPLEMENTED``, 503 ``UNAVAILABLE``). Each
+connection serves one request (HTTP/1.0 style), so shutting down drains cleanly.
+"""
+
+from __future__ import annotations
+
+import http.server
+import logging
+import re
+import socket
+import threading
+from typing import Any
+
+from google.protobuf import json_format
+
+from tfdssm.errors import ServingError
+from tfdssm.serving import grpc_server, json_codec, predict
+from tfdssm.serving.models import ModelManager
+
+LOG = logging.getLogger("tfdssm.serving")
+HTTP_CODES = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "OUT_OF_RANGE": 400,
+              "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429, "UNIMPLEMENTED": 501,
+              "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "CANCELLED": 499,
+              "REQUEST_TOO_LARGE": 413}
+_MODEL = r"/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+))?"
+_LABEL = re.compile(r"(?i)/v1/models/[^/:]+/labels/")
+_STATUS = re.compile(rf"(?i){_MODEL}/?")
+_METADATA = re.compile(rf"(?i){_MODEL}/metadata")
+_METHOD = re.compile(rf"(?i){_MODEL}:(?P<method>predict|classify|regress)")
+
+
+class RestServer(http.server.ThreadingHTTPServer):
+    """A threaded HTTP server that joins its handler threads on close."""
+
+    daemon_threads = False
+    block_on_close = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], manager: ModelManager,
+                 max_body_bytes: int) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self.manager = manager
+        self.max_body_bytes = int(max_body_bytes)
+        super().__init__(address, _Handler)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: RestServer
+    server_version = "tfdssm-serve"
+    timeout = 30  # seconds a client may take to send a request
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._dispatch(self._get)
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._dispatch(self._post)
+
+    def _dispatch(self, handler: Any) -> None:
+        path = self.path.split("?", 1)[0]
+        try:
+            status, body = handler(path)
+        except ServingError as error:
+            status, body = HTTP_CODES.get(error.code, 500), {"error": str(error)}
+        except Exception as error:  # noqa: BLE001 - answer, log, keep serving
+            LOG.exception("tfdssm serve: internal error on %s %s", self.command, path)
+            status, body = 500, {"error": f"internal error: {error}"}
+        self._send(status, body)
+
+    def _get(self, path: str) -> tuple[int, Any]:
+        manager = self.server.manager
+        if _LABEL.match(path):
+            raise ServingError("tfdssm serve has no version labels; use "
+                               "/versions/<number> or no version (the newest).")
+        match = _METADATA.fullmatch(path)
+        if match:
+            servable = manager.get(match["name"], _version(match["version"]))
+            response = grpc_server.metadata_response(servable)
+            return 200, metadata_json(response)
+        match = _STATUS.fullmatch(path)
+        if match:
+            response = grpc_server.status_response(
+                manager, match["name"], _version(match["version"]))
+            return 200, json_format.MessageToDict(
+                response, preserving_proto_field_name=True,
+                always_print_fields_with_no_presence=True)
+        raise _malformed(self.command, path)
+
+    def _post(self, path: str) -> tuple[int, Any]:
+        if _LABEL.match(path):
+            raise ServingError("tfdssm serve has no version labels; use "
+                               "/versions/<number> or no version (the newest).")
+        match = _METHOD.fullmatch(path)
+        if not match:
+            raise _malformed(self.command, path)
+        if match["method"].lower() != "predict":
+            raise ServingError(f"tfdssm serve implements :predict only, not "
+                               f":{match['method']}.", "UNIMPLEMENTED")
+        request = json_codec.parse_body(self._read_body())
+        servable = self.server.manager.get(match["name"], _version(match["version"]))
+        signature = request.get("signature_name") or predict.DEFAULT_SIGNATURE
+        signature_def = predict.find_signature(servable.signature_defs, signature,
+                                               servable.name)
+        inputs, fmt = json_codec.request_inputs(request,
+                                                predict.input_specs(signature_def))
+        outputs = servable.predict(signature, inputs)
+        return 200, json_codec.response_body(outputs, fmt)
+
+    def _read_body(self) -> bytes:
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise ServingError("the request has no Content-Length header; send the "
+                               "JSON body with a length.", "INVALID_ARGUMENT")
+        try:
+            size = int(length)
+        except ValueError:
+            raise ServingError(f"bad Content-Length {length!r}.") from None
+        if size > self.server.max_body_bytes:
+            raise ServingError(
+                f"the request body is {size} bytes; this server accepts at most "
+                f"{self.server.max_body_bytes} (tfdssm serve --max-request-bytes). "
+                "Send smaller batches.", "REQUEST_TOO_LARGE")
+        return self.rfile.read(size)
+
+    def _send(self, status: int, body: Any) -> None:
+        payload = json_codec.dumps(body)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(payload)
+        self.close_connection = True
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        LOG.debug("tfdssm serve REST: " + format, *args)
+
+
+def _version(text: str | None) -> int | None:
+    if text is None:
+        return None
+    if not text.isdigit():
+        raise ServingError(f"Failed to convert version: {text} to numeric.")
+    return int(text)
+
+
+def _malformed(method: str, path: str) -> ServingError:
+    return ServingError(
+        f"Malformed request: {method} {path}. Use GET /v1/models/NAME[/metadata] or "
+        "POST /v1/models/NAME[/versions/V]:predict.",
+        "INVALID_ARGUMENT" if path.lower().startswith("/v1/") else "NOT_FOUND")
+
+
+def metadata_json(response: Any) -> dict[str, Any]:
+    """A ``GetModelMetadataResponse`` as TF Serving's REST metadata JSON."""
+    from tensorflow_serving.apis import get_model_metadata_pb2  # noqa: PLC0415
+
+    signatures = get_model_metadata_pb2.SignatureDefMap()
+    response.metadata["signature_def"].Unpack(signatures)
+    spec = response.model_spec
+    return {
+        "model_spec": {"name": spec.name, "signature_name": "",
+                       "version": str(spec.version.value)},
+        "metadata": {"signature_def": json_format.MessageToDict(
+            signatures, preserving_proto_field_name=True)},
+    }
+
+
+def start_rest(
+    manager: ModelManager, host: str = "127.0.0.1", port: int = 8501,
+    max_body_bytes: int = 64 * 1024 * 1024,
+) -> tuple[RestServer, threading.Thread, int]:
+    """Starts the REST server in a thread; returns it, the thread and the port.
+
+    Raises:
+        ServingError: the address cannot be bound.
+    """
+    try:
+        server = RestServer((host, port), manager, max_body_bytes)
+    except OSError as error:
+        raise ServingError(f"cannot listen for REST on {host}:{port} ({error}); choose "
+                           "another --rest-port or stop the process using it.",
+                           "UNAVAILABLE") from None
+    thread = threading.Thread(target=server.serve_forever,
+                              kwargs={"poll_interval": 0.2}, name="tfdssm-rest",
+                              daemon=True)
+    thread.start()
+    return server, thread, server.server_address[1]

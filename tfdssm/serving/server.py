@@ -1,0 +1,168 @@
+"""``tfdssm serve``: gRPC + REST over every model of an export directory.
+
+In a test or a notebook::
+
+    with Server("saved_models/movielens", grpc_port=0, rest_port=0) as server:
+        client = tfdssm.client.Client(f"127.0.0.1:{server.grpc_port}")
+
+:func:`serve` runs until SIGTERM or SIGINT, then stops accepting requests, lets
+in-flight ones finish (up to ``grace_seconds``) and exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tfdssm.errors import ConfigError
+from tfdssm.serving import config, grpc_server, rest
+from tfdssm.serving.models import AVAILABLE, ModelManager
+
+LOG = logging.getLogger("tfdssm.serving")
+DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+
+
+class Server:
+    """The model server (start with :meth:`start`, stop with :meth:`stop`).
+
+    Args:
+        export_dir: An export directory (``models.config`` names the models;
+            without it every ``<model>/<version>`` subdirectory is served).
+        grpc_port: gRPC port (0: any free port; see :attr:`grpc_port`).
+        rest_port: REST port (0: any free port), ``None`` for no REST.
+        host: Address to bind (default loopback only).
+        poll_seconds: How often to look for new versions.
+        max_request_bytes: Largest gRPC message / REST body accepted.
+        model_config_file: A TF Serving model config to use instead of
+            ``export_dir/models.config``.
+        workers: gRPC worker threads.
+    """
+
+    def __init__(
+        self,
+        export_dir: str | os.PathLike,
+        grpc_port: int = 8500,
+        rest_port: int | None = 8501,
+        host: str = "127.0.0.1",
+        poll_seconds: float = 1.0,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        model_config_file: str | os.PathLike | None = None,
+        workers: int = 8,
+    ) -> None:
+        for label, port in (("--grpc-port", grpc_port), ("--rest-port", rest_port)):
+            if port is not None and not 0 <= int(port) <= 65535:
+                raise ConfigError(
+                    f"{label} must be between 0 and 65535, received {port}.")
+        if max_request_bytes < 1024:
+            raise ConfigError(f"--max-request-bytes must be >= 1024, received "
+                              f"{max_request_bytes}.")
+        if poll_seconds <= 0:
+            raise ConfigError(f"poll interval must be > 0 s, received {poll_seconds}.")
+        self.models = config.read_model_config(export_dir, model_config_file)
+        self.manager = ModelManager(self.models, poll_seconds)
+        self.host, self.workers = host, workers
+        self.max_request_bytes = int(max_request_bytes)
+        self.grpc_port, self.rest_port = grpc_port, rest_port
+        self._grpc: Any = None
+        self._rest: Any = None
+        self._rest_thread: threading.Thread | None = None
+
+    def start(self) -> Server:
+        """Loads every model's newest version, then starts listening and polling."""
+        self.manager.load_all()
+        try:
+            self._grpc, self.grpc_port = grpc_server.start_grpc(
+                self.manager, self.host, self.grpc_port, self.max_request_bytes,
+                self.workers)
+            if self.rest_port is not None:
+                self._rest, self._rest_thread, self.rest_port = rest.start_rest(
+                    self.manager, self.host, self.rest_port, self.max_request_bytes)
+        except Exception:
+            self.stop(grace_seconds=0)
+            raise
+        self.manager.start()
+        return self
+
+    def stop(self, grace_seconds: float = 10.0) -> None:
+        """Stops accepting requests, drains in-flight ones, unloads the models."""
+        if self._rest is not None:
+            self._rest.shutdown()  # stop accepting
+        if self._grpc is not None:
+            self._grpc.stop(grace_seconds).wait(grace_seconds + 1)
+        if self._rest is not None:
+            self._rest.server_close()  # joins running handlers
+            self._rest = None
+        self._grpc = None
+        self.manager.stop()
+
+    def describe(self) -> str:
+        """One line: models, versions and addresses."""
+        loaded = []
+        for name in self.manager.names:
+            states = self.manager.status(name)
+            versions = [str(v) for v, state, _ in states if state == AVAILABLE]
+            loaded.append(f"{name} (version {', '.join(versions) or 'none'})")
+        rest_text = (f", REST on http://{self.host}:{self.rest_port}"
+                     if self.rest_port is not None else "")
+        return (f"serving {', '.join(loaded)}; gRPC on {self.host}:{self.grpc_port}"
+                f"{rest_text}")
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def serve(
+    export_dir: str | os.PathLike,
+    log: Callable[[str], None] = _stderr,
+    grace_seconds: float = 10.0,
+    **kwargs: Any,
+) -> int:
+    """Runs a :class:`Server` until SIGTERM/SIGINT (main thread only).
+
+    Args:
+        export_dir: The export directory.
+        log: Where progress lines go (default stderr); the first says
+            ``... gRPC on HOST:PORT, REST on http://HOST:PORT ...``.
+        grace_seconds: How long in-flight requests may run after a stop signal.
+        **kwargs: :class:`Server` arguments.
+
+    Returns:
+        0 after a clean shutdown.
+    """
+    if not LOG.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        LOG.addHandler(handler)
+        LOG.setLevel(logging.INFO)
+    stop = threading.Event()
+
+    def on_signal(number: int, frame: Any) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server = Server(export_dir, **kwargs).start()
+        log(f"tfdssm serve: {server.describe()}; Ctrl-C or SIGTERM to stop")
+        while not stop.wait(0.5):
+            pass
+        log("tfdssm serve: shutting down (draining in-flight requests)")
+        start = time.perf_counter()
+        server.stop(grace_seconds)
+        log(f"tfdssm serve: stopped in {time.perf_counter() - start:.1f}s")
+        return 0
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
