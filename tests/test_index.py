@@ -74,9 +74,9 @@ def test_scann_options_scale_with_corpus_size():
     assert small["num_leaves_to_search"] == 20  # <= 5000 candidates: every leaf
     assert small["reorder"] == 200
     mid = index.scann_options(100_000)
-    assert (mid["num_leaves"], mid["num_leaves_to_search"]) == (316, 16)
+    assert (mid["num_leaves"], mid["num_leaves_to_search"]) == (316, 79)  # 25 % of the leaves
     big = index.scann_options(1_000_000)
-    assert (big["num_leaves"], big["num_leaves_to_search"]) == (1000, 50)
+    assert (big["num_leaves"], big["num_leaves_to_search"]) == (1000, 250)
     assert big["reorder"] == 500 and big["training_sample_size"] == 100_000
     assert index.scann_options(1_000_000, max_k=300)["reorder"] == 600
 
