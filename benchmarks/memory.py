@@ -28,9 +28,12 @@ BIN = pathlib.Path(sys.executable).parent
 
 
 def _peak(code: str) -> float:
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork + exec, so a child
+    # of a large benchmark process would report its parent's peak.
     script = code + (
-        "\nimport resource\n"
-        "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n")
+        "\nfor line in open('/proc/self/status'):\n"
+        "    if line.startswith('VmHWM:'):\n"
+        "        print('PEAK', int(line.split()[1]) / 1024)\n")
     out = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True,
                          check=True, timeout=1800).stdout
     return float(out.split("PEAK")[-1])
