@@ -74,6 +74,12 @@ def run(quick: bool = False) -> dict[str, Any]:
     q, c, seconds = _ours(last, epochs)
     curves = {}
     runs = {"tfdssm": (q, c)}
+    # Same split, same test rows and corpus order; histories from earlier
+    # training ratings only (tfdssm.pipelines.history).
+    history = movielens.prepare(interactions=interactions, split="leave_last_out",
+                                user_tower="history")
+    q, c, _ = _ours(history, epochs)
+    runs["tfdssm (history tower)"] = (q, c)
     tutorial = baselines.train_tfrs_tutorial(last.train, tfrs_epochs)
     runs["TFRS tutorial"] = baselines.tfrs_embeddings(tutorial, last.test, last.corpus)
     runs["most popular"] = baselines.popularity_embeddings(last.train, last.test,

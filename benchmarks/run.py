@@ -15,7 +15,7 @@ import tfdssm  # noqa: F401  (Keras 2 before TensorFlow)
 
 from benchmarks import common
 
-SUITES = ("quality", "hashing", "training", "tflite", "retrieval", "memory")
+SUITES = ("quality", "hashing", "training", "tflite", "retrieval", "memory", "serving")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
             raise TfdssmError(f"unknown user id(s) {unknown}; ids run from 1 to "
                               f"{len(users)}.")
         rows = users.loc[wanted].reset_index()
+        if "history" in retriever.query_names:  # --user-tower history / youtube
+            from tfdssm.pipelines.history import build_histories  # noqa: PLC0415
+
+            now = rows.assign(timestamp=2**62)  # every rating so far, latest last
+            rows = rows.join(build_histories(now, movielens.ratings, max_length=500))
         features = {name: rows[name].tolist() for name in retriever.query_names}
         rated = movielens.ratings.groupby("user_id")["movie_id"].apply(list)
         ids, scores = retriever.top_k(

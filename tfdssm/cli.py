@@ -77,16 +77,29 @@ def build_parser() -> argparse.ArgumentParser:
                        help="code points kept per text (pairs)")
     train.add_argument("--word-ngrams", type=_sizes, default=[],
                        help="also hash word unigrams/bigrams, e.g. 1,2 (pairs)")
-    train.add_argument("--loss", choices=["in_batch", "paper"], default="in_batch")
+    train.add_argument("--loss", default="in_batch", choices=[
+        "in_batch", "paper", "pair_ce", "triplet", "sigmoid"],
+        help="see tfdssm.losses for when to use which")
     train.add_argument("--temperature", type=float)
     train.add_argument("--shared-towers", action="store_true")
     train.add_argument("--senet", action="store_true", help="movielens: SENet block")
+    train.add_argument("--user-tower", choices=["features", "history", "youtube"],
+                       default="features", help="movielens: user id + demographics, "
+                       "plus the rating history (time-decay pooled), or YoutubeDNN")
+    train.add_argument("--num-heads", type=_positive, default=1,
+                       help="movielens: query vectors per user (multi-interest)")
     train.add_argument("--test-fraction", type=float)
     train.add_argument("--tensorboard-dir")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--quiet", action="store_true")
     train.add_argument("--max-k", type=_positive, default=100,
                        help="largest k the retrieval models accept per request")
+    train.add_argument("--resume", action="store_true",
+                       help="continue a killed run from its last epoch checkpoint "
+                       "(same arguments)")
+    train.add_argument("--checkpoint-dir", help="where training backs up model and "
+                       "optimizer every epoch (default EXPORT_DIR/.checkpoints; "
+                       "removed when training finishes)")
     train.add_argument("--strategy", choices=["default", "mirrored", "multi_worker"],
                        default="default", help="tf.distribute strategy: mirrored "
                        "(local GPUs) or multi_worker (the cluster in TF_CONFIG; "
@@ -133,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how often to look for new versions")
     serve.add_argument("--max-request-bytes", type=_positive, default=64 * 1024 * 1024,
                        help="largest gRPC message / REST body accepted")
+    serve.add_argument("--max-batch-size", type=_positive, default=4096,
+                       help="most rows (queries or candidates) per request")
     serve.add_argument("--model-config-file", help="TF Serving model config "
                        "(default EXPORT_DIR/models.config)")
     return parser
@@ -150,7 +165,7 @@ def _port(text: str) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from tfdssm import distribute  # noqa: PLC0415 - imports TensorFlow
+    from tfdssm import checkpoints, distribute  # noqa: PLC0415 - imports TensorFlow
     from tfdssm import train as training  # noqa: PLC0415
 
     defaults = PIPELINE_DEFAULTS[args.pipeline]
@@ -166,6 +181,8 @@ def _train(args: argparse.Namespace) -> int:
                        else args.learning_rate),
         tensorboard_dir=args.tensorboard_dir, verbose=0 if args.quiet else 2,
         seed=args.seed, strategy=strategy, max_k=args.max_k,
+        checkpoint_dir=args.checkpoint_dir or checkpoints.default_dir(args.export_dir),
+        resume=args.resume,
     )
     from tfdssm.evaluate import format_metrics  # noqa: PLC0415
 
@@ -207,7 +224,8 @@ def _prepare(args: argparse.Namespace, defaults: dict) -> Any:
         prepared = movielens.prepare(
             args.data, hidden=hidden, dim=dim, num_buckets=buckets,
             temperature=0.05 if args.temperature is None else args.temperature,
-            senet=args.senet,
+            senet=args.senet, user_tower=args.user_tower, num_heads=args.num_heads,
+            loss=args.loss,
             test_fraction=0.2 if args.test_fraction is None else args.test_fraction,
         )
     return prepared
@@ -219,18 +237,23 @@ def _evaluate(args: argparse.Namespace) -> int:
     import pandas as pd  # noqa: PLC0415
 
     from tfdssm import data, export, train  # noqa: PLC0415
-    from tfdssm.errors import ExportError  # noqa: PLC0415
+    from tfdssm.errors import DataError, ExportError  # noqa: PLC0415
     from tfdssm.evaluate import format_metrics  # noqa: PLC0415
     from tfdssm.retrieve import tower_features  # noqa: PLC0415
 
     info = export.read_export(args.export_dir)
     towers = export.load_towers(args.export_dir)
     frame = data.read_table(args.data)
+    what = f"the evaluation data {args.data!r}"
+    if not len(frame):
+        raise DataError(f"{what} has a header but no rows.")
     candidate_id = info["candidate_id"]
     query_features = tower_features(info, "query")
     candidate_features = tower_features(info, "candidate")
     data.check_columns(frame, [f.name for f in query_features] + [candidate_id],
-                       "the evaluation data")
+                       what)
+    if candidate_id not in [f.name for f in candidate_features]:
+        data.check_ids(frame, candidate_id, what)  # an id column of its own
     corpus_path = pathlib.Path(args.export_dir) / export.CORPUS_FILE
     if not corpus_path.is_file():
         raise ExportError(f"{str(corpus_path)!r} is missing; re-run the export.")
@@ -238,7 +261,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     names = [candidate_id] + [f.name for f in candidate_features]
     names = list(dict.fromkeys(names))
     if all(n in frame.columns for n in names):
-        extra = train.corpus_of(frame, candidate_id, names[1:])
+        extra = train.corpus_of(frame, candidate_id, names[1:], what)
         corpus = pd.concat([corpus.astype({candidate_id: str}), extra])
         corpus = corpus.drop_duplicates(candidate_id, ignore_index=True)
     metrics = train.evaluate_frame(
@@ -313,7 +336,7 @@ def _serve(args: argparse.Namespace) -> int:
         args.export_dir, grpc_port=args.grpc_port, rest_port=args.rest_port,
         host=args.host, poll_seconds=args.poll_seconds,
         max_request_bytes=args.max_request_bytes,
-        model_config_file=args.model_config_file,
+        max_batch_size=args.max_batch_size, model_config_file=args.model_config_file,
     )
 
 

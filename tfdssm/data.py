@@ -75,6 +75,68 @@ def check_columns(frame: pd.DataFrame, names: Sequence[str], what: str = "data")
         )
 
 
+def check_ids(frame: pd.DataFrame, column: str, what: str = "data") -> None:
+    """Raises a :class:`DataError` if a candidate id cell is missing or empty.
+
+    >>> check_ids(pd.DataFrame({"id": ["a", ""]}), "id")
+    Traceback (most recent call last):
+    ...
+    tfdssm.errors.DataError: data column 'id' (the candidate id) has 1 missing or \
+empty cell(s), first in data row 2; every row needs an id. Fill or drop those rows.
+    """
+    check_columns(frame, [column], what)
+    empty = frame[column].isna().to_numpy() | (
+        frame[column].astype(str).str.strip() == "").to_numpy()
+    if empty.any():
+        raise DataError(
+            f"{what} column {column!r} (the candidate id) has {int(empty.sum())} "
+            f"missing or empty cell(s), first in data row "
+            f"{int(np.flatnonzero(empty)[0]) + 1}; every row needs an id. Fill or "
+            "drop those rows."
+        )
+
+
+def distinct_candidates(
+    frame: pd.DataFrame, id_column: str, columns: Sequence[str], what: str = "data"
+) -> pd.DataFrame:
+    """One row per candidate id: exact duplicate rows are dropped.
+
+    Args:
+        frame: Rows holding ``id_column`` and the candidate features ``columns``.
+        id_column: The candidate id column.
+        columns: The columns that describe a candidate.
+        what: How messages name the table.
+
+    Returns:
+        The distinct rows of ``[id_column, *columns]``, in first-seen order.
+
+    Raises:
+        DataError: a missing column, or an id that appears with different values
+            (rows with an empty id are left for the caller to handle).
+    """
+    columns = list(dict.fromkeys([id_column, *columns]))
+    check_columns(frame, columns, what)
+    rows = frame[columns].astype(
+        {c: str for c in columns if frame[c].dtype == object})
+    distinct = rows.drop_duplicates()
+    named = distinct[id_column].astype(str) != ""
+    clashes = distinct[id_column].duplicated(keep=False) & named
+    if clashes.any():
+        cid = distinct.loc[clashes, id_column].iloc[0]
+        same = distinct[distinct[id_column] == cid]
+        differ = [c for c in columns[1:] if same[c].nunique(dropna=False) > 1]
+        shown = "; ".join(
+            ", ".join(f"{c}={row[c]!r}"[:80] for c in differ)
+            for _, row in same.head(2).iterrows())
+        raise DataError(
+            f"{what}: candidate id {cid!r} in column {id_column!r} appears with "
+            f"different values of {differ} ({shown}); an id must identify one "
+            "candidate. Fix the data (a missing cell?) or pass a different "
+            "--candidate-id-column."
+        )
+    return distinct.reset_index(drop=True)
+
+
 def to_feature_arrays(
     frame: pd.DataFrame, features: Sequence[Feature], what: str = "data"
 ) -> dict[str, np.ndarray]:

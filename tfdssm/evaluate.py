@@ -67,7 +67,8 @@ def rank_metrics(
     """Recall/NDCG/MRR@K and sampled AUC from embeddings.
 
     Args:
-        queries: float32 ``[num_queries, dim]``.
+        queries: float32 ``[num_queries, dim]``, or ``[num_queries, heads, dim]``
+            (multi-head: a candidate's score is its best head's).
         positives: int ``[num_queries]``, index of each query's relevant candidate.
         candidates: float32 ``[num_candidates, dim]``.
         exclude: Per query, candidate indices to ignore when ranking (e.g. the
@@ -99,7 +100,7 @@ def rank_metrics(
     rng = np.random.default_rng(seed)
     auc = []
     for start in range(0, len(queries), chunk):
-        scores = queries[start : start + chunk] @ candidates.T
+        scores = _scores(queries[start : start + chunk], candidates)
         rows = np.arange(len(scores))
         pos = positives[start : start + chunk]
         positive_scores = scores[rows, pos]
@@ -112,8 +113,12 @@ def rank_metrics(
         if auc_negatives > 0 and num_candidates > 1:
             negatives = rng.integers(0, num_candidates - 1, [len(rows), auc_negatives])
             negatives += negatives >= pos[:, None]
-            neg_scores = (queries[start : start + chunk, None, :] *
-                          candidates[negatives]).sum(-1)
+            if queries.ndim == 3:  # multi-head: the best head's score
+                neg_scores = np.einsum("qhd,qnd->qhn", queries[start : start + chunk],
+                                       candidates[negatives]).max(axis=1)
+            else:
+                neg_scores = (queries[start : start + chunk, None, :] *
+                              candidates[negatives]).sum(-1)
             below = (neg_scores < positive_scores[:, None]).mean(axis=1)
             ties = (neg_scores == positive_scores[:, None]).mean(axis=1)
             auc.append(below + 0.5 * ties)
@@ -128,6 +133,13 @@ def rank_metrics(
     result["num_queries"] = len(queries)
     result["num_candidates"] = num_candidates
     return result
+
+
+def _scores(queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """``[n, N]`` dot products; for ``[n, heads, dim]`` queries the max over heads."""
+    if queries.ndim == 3:
+        return np.einsum("qhd,nd->qhn", queries, candidates).max(axis=1)
+    return queries @ candidates.T
 
 
 def format_metrics(metrics: Mapping[str, float]) -> str:

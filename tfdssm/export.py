@@ -31,7 +31,9 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -74,7 +76,9 @@ def signature_spec(tower: tf.keras.layers.Layer) -> dict[str, tf.TensorSpec]:
             tower.rename.get(n, n): tf.TensorSpec([None], s.dtype, name=tower.rename.get(n, n))
             for n, s in inner.items()
         }
-    return {f.name: tf.TensorSpec([None], f.dtype, name=f.name) for f in features}
+    served = tower.feature_names  # no training-only columns (example age)
+    return {f.name: tf.TensorSpec([None], f.dtype, name=f.name) for f in features
+            if f.name in served}
 
 
 class _Towers(tf.Module):
@@ -84,16 +88,31 @@ class _Towers(tf.Module):
         self.candidate_tower = model.candidate_tower
 
 
+_TMP_PREFIX = ".tmp-"
+_TMP_NAME = re.compile(r"^\.tmp-(\d+)-(.*)\.[A-Za-z0-9_]{8}$")
+
+
 def _atomic_save(base: pathlib.Path, save) -> pathlib.Path:
-    """Calls ``save(tmp_dir)`` and renames the result to the next version."""
+    """Calls ``save(tmp_dir)`` and renames the result to the next version.
+
+    The temporary directory is hidden (``.tmp-<pid>-<host>.<random>``: servers
+    and :func:`versions` ignore it) and synced to disk before the rename, so a
+    process killed at any moment, or a machine crash, leaves either no new
+    version or a complete one. Temporaries of dead exporting processes on this
+    host are removed first.
+    """
     base.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=".tmp-", dir=base))
+    _remove_stale_temporaries(base)
+    prefix = f"{_TMP_PREFIX}{os.getpid()}-{socket.gethostname()}."
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=prefix, dir=base))
     try:
         save(tmp)
+        _sync_tree(tmp)
         while True:
             target = base / str(next_version(base))
             try:
                 os.rename(tmp, target)  # fails if target exists: never overwrite.
+                _sync_dir(base)
                 return target
             except OSError:
                 if not target.exists():
@@ -101,6 +120,46 @@ def _atomic_save(base: pathlib.Path, save) -> pathlib.Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_stale_temporaries(base: pathlib.Path) -> list[pathlib.Path]:
+    """Deletes ``.tmp-<pid>-<host>.*`` directories left by killed exports
+    (same host, process gone); returns them."""
+    removed = []
+    host = socket.gethostname()
+    for path in base.iterdir():
+        found = _TMP_NAME.match(path.name)
+        if not found or found[2] != host or not path.is_dir():
+            continue
+        try:
+            os.kill(int(found[1]), 0)
+            continue  # still running (or not ours to signal)
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError, ValueError):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _sync_dir(path: pathlib.Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot sync directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(root: pathlib.Path) -> None:
+    """fsyncs every file and directory under ``root`` (durable before rename)."""
+    for directory, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(directory, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        _sync_dir(pathlib.Path(directory))
 
 
 def save_towers(
@@ -191,9 +250,7 @@ def export_retrieval(
         ``candidate_embeddings`` (none when no candidate has an id).
     """
     tower = model.candidate_tower
-    if candidate_id not in corpus.columns:
-        raise ExportError(f"the corpus has no candidate id column {candidate_id!r}; "
-                          f"its columns are {list(corpus.columns)}.")
+    corpus = unique_candidates(corpus, candidate_id, tower)
     named = corpus[candidate_id].fillna("").astype(str) != ""
     if not named.all():
         print(f"tfdssm: warning: {int((~named).sum())} candidate(s) with an empty "
@@ -219,6 +276,35 @@ def export_retrieval(
     out["candidate_embeddings"] = candidates.write_candidates(export_dir, embeddings,
                                                               ids)
     return out
+
+
+def unique_candidates(
+    corpus: pd.DataFrame, candidate_id: str, tower: tf.keras.layers.Layer
+) -> pd.DataFrame:
+    """The corpus with one row per candidate id (checked before exporting).
+
+    Rows repeating a candidate (same id, same tower features) are dropped with a
+    warning; an id with different features is an error, since the retrieval
+    models would return one id for two different vectors.
+
+    Raises:
+        ExportError: no ``candidate_id`` column.
+        DataError: an id appears with different features, or a feature column
+            is missing.
+    """
+    if candidate_id not in corpus.columns:
+        raise ExportError(f"the corpus has no candidate id column {candidate_id!r}; "
+                          f"its columns are {list(corpus.columns)}.")
+    columns = [candidate_id, *signature_spec(tower)]
+    data.distinct_candidates(corpus, candidate_id, columns, "the corpus")
+    key = corpus[list(dict.fromkeys(columns))].astype(str)
+    repeated = key.duplicated() & (key[candidate_id] != "")
+    if repeated.any():
+        print(f"tfdssm: warning: the corpus repeats {int(repeated.sum())} "
+              f"candidate(s) (same {candidate_id!r} and features); keeping one row "
+              "each.", file=sys.stderr)
+        corpus = corpus[~repeated.to_numpy()].reset_index(drop=True)
+    return corpus
 
 
 def _input_features(tower: tf.keras.layers.Layer) -> list[Any]:
@@ -270,7 +356,10 @@ def write_json_atomic(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
     """Writes JSON via a temporary file and rename (never half-written)."""
     path = pathlib.Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
 
 
@@ -306,8 +395,12 @@ def export_model(
     export_dir = pathlib.Path(export_dir)
     if export_dir.exists() and not export_dir.is_dir():
         raise ExportError(f"export dir {str(export_dir)!r} exists and is not a directory.")
-    export_dir.mkdir(parents=True, exist_ok=True)
+    id_column = (candidate_id or model.candidate_id
+                 or model.candidate_tower.feature_names[0])
     candidate_row = None
+    if corpus is not None:  # checked before anything is written
+        corpus = unique_candidates(corpus, id_column, model.candidate_tower)
+    export_dir.mkdir(parents=True, exist_ok=True)
     if corpus is not None and len(corpus):
         candidate_row = _first_row(corpus, model.candidate_tower)
     tower_dir = save_towers(model, export_dir, candidate_row)
@@ -317,8 +410,6 @@ def export_model(
         tmp = export_dir / f".{CORPUS_FILE}.tmp-{os.getpid()}"
         corpus.to_parquet(tmp, index=False)
         os.replace(tmp, export_dir / CORPUS_FILE)
-        id_column = (candidate_id or model.candidate_id
-                     or model.candidate_tower.feature_names[0])
         served.update(export_retrieval(model, export_dir, corpus, id_column, max_k,
                                        scann_options))
     names = [n for n in ("towers", "retrieval", "retrieval_brute_force") if n in served]
@@ -334,6 +425,8 @@ def export_model(
         "candidate": _tower_info(model.candidate_tower),
         "hashing": hashing_info(),
         "loss": model.loss_name,
+        # Multi-head query towers: `query` returns embedding [batch, heads, dim].
+        "num_heads": int(getattr(model.query_tower, "num_heads", 1)),
         "temperature": model.temperature,
         "corpus": CORPUS_FILE if corpus is not None else None,
         "num_candidates": None if corpus is None else len(corpus),
@@ -374,7 +467,15 @@ def load_towers(export_dir: str | os.PathLike, version: int | None = None) -> An
     chosen = found[-1] if version is None else version
     if chosen not in found:
         raise ExportError(f"towers version {chosen} not found; have {found}.")
-    return tf.saved_model.load(str(base / str(chosen)))
+    path = base / str(chosen)
+    try:
+        return tf.saved_model.load(str(path))
+    except (OSError, ValueError, tf.errors.OpError) as error:
+        reason = str(error).strip().splitlines()[0][:300]
+        raise ExportError(
+            f"{str(path)!r} is not a loadable SavedModel ({type(error).__name__}: "
+            f"{reason}). Re-run `tfdssm train` to export a new version."
+        ) from None
 
 
 def _package_version() -> str:

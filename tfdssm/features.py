@@ -121,6 +121,13 @@ _KINDS: dict[str, type] = {
 }
 
 
+def register_feature_kind(cls: type) -> type:
+    """Lets :func:`feature_from_config` rebuild a spec class defined elsewhere
+    (:mod:`tfdssm.history`, :mod:`tfdssm.youtube`); usable as a decorator."""
+    _KINDS[cls.kind] = cls
+    return cls
+
+
 def feature_from_config(config: dict[str, Any]) -> Feature:
     """Rebuilds a spec from :meth:`to_config` output.
 
@@ -129,6 +136,8 @@ def feature_from_config(config: dict[str, Any]) -> Feature:
     """
     config = dict(config)
     kind = config.pop("kind", None)
+    if kind not in _KINDS:
+        from tfdssm import history, youtube  # noqa: F401,PLC0415 - register kinds
     if kind not in _KINDS:
         raise ConfigError(
             f"unknown feature kind {kind!r}; expected one of {sorted(_KINDS)}."

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from tfdssm import multihead
 from tfdssm.errors import ConfigError, ExportError
 
 DEFAULT_MAX_K = 100
@@ -163,13 +164,12 @@ class RetrievalModule(tf.Module):
         with tf.control_dependencies(checks):
             width = tf.reduce_max(k)
         wanted = tf.minimum(width + tf.shape(exclude)[1], self.num_candidates)
-        scores, indices = self.search(queries, wanted)
+        # Multi-head queries [batch, heads, dim]: every head searches, the
+        # union is re-ranked by the best head's score below.
+        scores, indices = multihead.search_heads(self.search, queries, wanted)
         candidate_ids = tf.gather(self.ids, tf.maximum(indices, 0))
         valid = tf.logical_not(tf.math.is_nan(scores)) & (indices >= 0)
-        real = tf.not_equal(exclude, "")
-        hit = (tf.equal(candidate_ids[:, :, None], exclude[:, None, :])
-               & real[:, None, :])
-        valid &= tf.logical_not(tf.reduce_any(hit, axis=2))
+        valid &= tf.logical_not(excluded(candidate_ids, exclude))
         minus_inf = tf.constant(-np.inf, tf.float32)
         scores = tf.where(valid, scores, minus_inf)
         take = tf.minimum(width, tf.shape(scores)[1])
@@ -219,6 +219,43 @@ class RetrievalModule(tf.Module):
         return {"index": self.kind, "max_k": self.max_k,
                 "num_candidates": self.num_candidates, "dim": self.dim,
                 "signatures": ["serving_default", "top_k", "top_k_exclude"]}
+
+
+def excluded(candidate_ids: tf.Tensor, exclude: tf.Tensor) -> tf.Tensor:
+    """Whether each retrieved id is in its row's exclusion list (``""`` = none).
+
+    Sort-and-search on 64-bit fingerprints, confirmed by string equality:
+    memory and time grow with ``batch * (retrieved + excluded)``, not with their
+    product, so a long exclusion list cannot exhaust the server.
+
+    Args:
+        candidate_ids: string ``[batch, n]``.
+        exclude: string ``[batch, m]``.
+
+    Returns:
+        bool ``[batch, n]``.
+
+    >>> excluded(tf.constant([["a", "b", "c"]]), tf.constant([["c", "", "a"]])
+    ...          ).numpy().tolist()
+    [[True, False, True]]
+    """
+    batch = tf.shape(exclude)[0]
+    # One sentinel column keeps gathers valid when there is nothing to exclude.
+    exclude = tf.concat([exclude, tf.fill([batch, 1], "")], axis=1)
+    fingerprints = tf.strings.to_hash_bucket_fast(exclude, _FINGERPRINTS)
+    fingerprints = tf.where(tf.equal(exclude, ""), tf.constant(-1, tf.int64),
+                            fingerprints)  # padding never matches (ids are >= 0)
+    order = tf.argsort(fingerprints, axis=1, stable=True)
+    sorted_prints = tf.gather(fingerprints, order, batch_dims=1)
+    sorted_ids = tf.gather(exclude, order, batch_dims=1)
+    wanted = tf.strings.to_hash_bucket_fast(candidate_ids, _FINGERPRINTS)
+    found = tf.searchsorted(sorted_prints, wanted, side="left")
+    found = tf.minimum(found, tf.shape(exclude, out_type=found.dtype)[1] - 1)
+    return (tf.equal(tf.gather(sorted_prints, found, batch_dims=1), wanted)
+            & tf.equal(tf.gather(sorted_ids, found, batch_dims=1), candidate_ids))
+
+
+_FINGERPRINTS = 2**63 - 1  # to_hash_bucket_fast buckets: the full int64 range
 
 
 class BruteForceRetrieval(RetrievalModule):
@@ -359,15 +396,18 @@ def _check_corpus(
     if not np.isfinite(embeddings).all():
         raise ExportError("candidate embeddings contain NaN or infinite values; "
                           "the model diverged. Retrain with a lower learning rate.")
-    seen: set[str] = set()
-    for cid in ids:
+    seen: dict[str, int] = {}
+    for row, cid in enumerate(ids):
         if not cid:
             raise ExportError("a candidate id is the empty string, which the "
                               "retrieval models use as padding; give it an id.")
         if cid in seen:
-            raise ExportError(f"candidate id {cid!r} appears twice in the corpus; "
-                              "ids must be unique.")
-        seen.add(cid)
+            raise ExportError(
+                f"candidate id {cid!r} appears twice in the corpus (rows "
+                f"{seen[cid]} and {row}); ids must be unique, or retrieval would "
+                "return one id for two vectors. Deduplicate the corpus first "
+                "(tfdssm.export.unique_candidates does, for a DataFrame).")
+        seen[cid] = row
     clash = [n for n in spec if n in RESERVED_INPUTS]
     if clash:
         raise ExportError(

@@ -36,7 +36,7 @@ def _check_vocabulary(vocabulary: Sequence[str], output_dim: int) -> list[str]:
     return values
 
 
-def _combine(total: tf.Tensor, count: tf.Tensor, combiner: str) -> tf.Tensor:
+def combine(total: tf.Tensor, count: tf.Tensor, combiner: str) -> tf.Tensor:
     """Scales a bag sum ``[batch, dim]`` by ``count`` ``[batch, 1]``."""
     if combiner == "sum":
         return total
@@ -136,7 +136,7 @@ class TextEmbedding(tf.keras.layers.Layer):
             total = tf.math.unsorted_segment_sum(
                 vectors, positions[:, 0], num_segments=tf.shape(ids)[0]
             )
-        return _combine(total, count, self.combiner)
+        return combine(total, count, self.combiner)
 
     def get_config(self) -> dict:
         config = super().get_config()
@@ -234,7 +234,7 @@ class MultiValuedEmbedding(tf.keras.layers.Layer):
         vectors = tf.ragged.map_flat_values(self.embedding, self.lookup(tokens))
         total = tf.reduce_sum(vectors, axis=1)
         count = tf.cast(tokens.row_lengths(), tf.float32)[:, tf.newaxis]
-        return _combine(total, count, self.combiner)
+        return combine(total, count, self.combiner)
 
     def get_config(self) -> dict:
         config = super().get_config()

@@ -4,7 +4,10 @@ The default loss is TFRS's in-batch softmax (every other candidate in the batch 
 a negative) with a temperature, optional removal of accidental hits, logQ
 correction, extra sampled negatives and hard-negative mining. ``loss="paper"`` is
 the 2013 DSSM objective for comparison: a softmax over ``gamma`` times the cosine
-of the clicked document and 4 random other documents.
+of the clicked document and 4 random other documents. ``pair_ce``, ``triplet``
+and ``sigmoid`` are the pairwise / pointwise losses of :mod:`tfdssm.losses` over
+the in-batch (plus sampled) negatives; that module says when to use which.
+Multi-head query towers (:mod:`tfdssm.multihead`) score by their best head.
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
+from tfdssm import losses
 from tfdssm.errors import ConfigError
+from tfdssm.history import link_shared_embeddings
 from tfdssm.sampling import NegativeSampler
 from tfdssm.towers import SharedTower, Tower
 
-LOSSES = ("in_batch", "paper")
+LOSSES = losses.LOSSES
 
 
 @tf.keras.utils.register_keras_serializable(package="tfdssm")
@@ -33,7 +38,8 @@ class DSSM(tfrs.Model):
             :class:`tfdssm.towers.SharedTower` of the query tower).
         candidate_id: Column identifying a candidate; enables accidental-hit
             removal, logQ correction and evaluation by id.
-        loss: ``in_batch`` (TFRS in-batch softmax) or ``paper``.
+        loss: ``in_batch`` (TFRS in-batch softmax), ``paper``, ``pair_ce``,
+            ``triplet`` or ``sigmoid`` (:mod:`tfdssm.losses`).
         temperature: Softmax temperature (scores are divided by it). Default 0.05
             for L2-normalised towers, 1.0 otherwise.
         remove_accidental_hits: Mask in-batch negatives that share the positive's
@@ -44,6 +50,7 @@ class DSSM(tfrs.Model):
         num_hard_negatives: Keep only the top-scoring negatives per query.
         gamma: Smoothing factor of the paper loss (cosine times gamma).
         num_paper_negatives: Random negatives per query for the paper loss.
+        margin: Margin of the ``triplet`` loss (in score units).
 
     Call args:
         features: mapping of column name -> ``[batch]`` tensor.
@@ -66,6 +73,7 @@ class DSSM(tfrs.Model):
         num_hard_negatives: int | None = None,
         gamma: float = 10.0,
         num_paper_negatives: int = 4,
+        margin: float = 0.2,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -82,6 +90,12 @@ class DSSM(tfrs.Model):
                 "loss='paper' draws its own 4 random negatives; do not combine it "
                 "with negative_sampler or num_hard_negatives."
             )
+        if loss in losses.SCORE_LOSSES and candidate_probabilities is not None:
+            raise ConfigError(
+                "candidate_probabilities (logQ correction) applies to the softmax "
+                f"losses only, received loss={loss!r}; use loss='in_batch' or pass "
+                "candidate_probabilities=None."
+            )
         if temperature is not None and not temperature > 0:
             raise ConfigError(f"temperature must be > 0, received {temperature}.")
         if num_paper_negatives < 1:
@@ -90,8 +104,10 @@ class DSSM(tfrs.Model):
             )
         self.query_tower = query_tower
         self.candidate_tower = candidate_tower
+        link_shared_embeddings(query_tower, candidate_tower)  # history features
         self.candidate_id = candidate_id
         self.loss_name = loss
+        self.margin = float(margin)
         normalized = getattr(query_tower, "normalize", False)
         self.temperature = float(
             temperature if temperature is not None else (0.05 if normalized else 1.0)
@@ -156,6 +172,13 @@ class DSSM(tfrs.Model):
                 ids = tf.concat([tf.reshape(ids, [-1]), extra[self.candidate_id]], 0)
             if expected is not None:
                 expected = tf.concat([expected, draws * probability], axis=0)
+        if self.loss_name in losses.SCORE_LOSSES:
+            return losses.ranking_loss(
+                self.loss_name, queries, candidates,
+                ids if self.remove_accidental_hits else None,
+                temperature=self.temperature, margin=self.margin,
+                num_hard_negatives=self.num_hard_negatives,
+            ) / _replicas()
         if expected is not None:
             # TFRS clips sampling probabilities to [1e-6, 1], but these are
             # expected counts (often > 1). One common scale cancels in every
@@ -179,9 +202,9 @@ class DSSM(tfrs.Model):
         index = tf.math.floormod(
             tf.range(batch)[:, None] + tf.concat([[0], shifts], 0)[None, :], batch
         )
-        queries = tf.math.l2_normalize(queries, axis=1)
+        queries = tf.math.l2_normalize(queries, axis=-1)  # also per head
         docs = tf.gather(tf.math.l2_normalize(candidates, axis=1), index)
-        logits = self.gamma * tf.einsum("bd,bkd->bk", queries, docs)
+        logits = self.gamma * losses.pair_scores(queries, docs)
         labels = tf.zeros([batch], tf.int32)
         # A per-replica mean: scaled so that the replicas' gradients, which the
         # optimizer sums, add up to the gradient of the global-batch mean.
@@ -252,6 +275,7 @@ class DSSM(tfrs.Model):
             "num_hard_negatives": self.num_hard_negatives,
             "gamma": self.gamma,
             "num_paper_negatives": self.num_paper_negatives,
+            "margin": self.margin,
         }
 
     @classmethod

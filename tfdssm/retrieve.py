@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from tfdssm import data, evaluate, export
+from tfdssm import data, evaluate, export, multihead
 from tfdssm.errors import ConfigError, DataError, ExportError
 from tfdssm.features import Feature, feature_from_config
 
@@ -24,9 +24,12 @@ def tower_features(info: Mapping[str, Any], side: str) -> list[Feature]:
     """Feature specs of one side (``query``/``candidate``) from ``export.json``.
 
     Vocabularies are not needed to feed a SavedModel, only names and dtypes.
+    Training-only features (served as a constant: the example age) are left out.
     """
     out = []
     for config in info[side]["features"]:
+        if config.get("serving_value") is not None:
+            continue
         config = {k: v for k, v in config.items() if k != "vocabulary_size"}
         if config["kind"] in ("categorical", "multi_valued"):
             config.setdefault("vocabulary", ())
@@ -67,7 +70,17 @@ class LocalRetriever:
         return [f.name for f in self.query_features]
 
     def embed_queries(self, features: Mapping[str, Sequence[Any]]) -> np.ndarray:
-        """Embeds raw query features (column -> list of values) with the SavedModel."""
+        """Embeds raw query features (column -> list of values) with the SavedModel.
+
+        Raises:
+            DataError: missing columns, columns of different lengths, no rows.
+        """
+        sizes = {name: len(values) for name, values in features.items()}
+        if len(set(sizes.values())) > 1:
+            raise DataError(f"give every query feature the same number of values "
+                            f"(one per query row); received {sizes}.")
+        if not any(sizes.values()):
+            raise DataError("empty batch: pass at least one query row.")
         frame = pd.DataFrame({k: list(v) for k, v in features.items()})
         arrays = data.to_feature_arrays(frame, self.query_features, "the query")
         return evaluate.embed(self.towers.signatures["query"], arrays)
@@ -80,6 +93,10 @@ class LocalRetriever:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Returns ids ``[batch, k]`` (str) and scores ``[batch, k]`` (float32).
 
+        Multi-head exports (``query`` embedding ``[batch, heads, dim]``) return
+        the union of the heads' top-k re-ranked by the best head's score
+        (:func:`tfdssm.multihead.union_top_k`).
+
         Raises:
             ConfigError: ``k`` out of range.
             DataError: missing query features.
@@ -88,7 +105,17 @@ class LocalRetriever:
             raise ConfigError(
                 f"k must be between 1 and the corpus size {len(self.ids)}, received {k}."
             )
-        scores = self.embed_queries(features) @ self.embeddings.T
+        queries = self.embed_queries(features)
+        if exclude is not None and len(exclude) != len(queries):
+            raise DataError(f"exclude has {len(exclude)} rows for {len(queries)} "
+                            "query rows; give one list of ids per query row.")
+        if queries.ndim == 3:
+            position = {cid: i for i, cid in enumerate(self.ids)}
+            drop = None if exclude is None else [
+                [position[i] for i in ids if i in position] for ids in exclude]
+            top, scores = multihead.union_top_k(queries, self.embeddings, k, drop)
+            return np.where(top >= 0, self.ids[np.maximum(top, 0)], ""), scores
+        scores = queries @ self.embeddings.T
         if exclude is not None:
             position = {cid: i for i, cid in enumerate(self.ids)}
             for row, ids in enumerate(exclude):

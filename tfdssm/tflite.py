@@ -14,7 +14,13 @@ Model inputs, one per query feature (batch of 1):
 * multi-valued: int32 ``[1, max_tokens]``, token indices as above, padded with -1;
 * numeric: float32 ``[1]``, the raw value.
 
-Output: ``embedding`` float32 ``[1, dim]``. ``query_tower.json`` records this.
+Output: ``embedding`` float32 ``[1, dim]`` (``[1, heads, dim]`` for a multi-head
+tower). ``query_tower.json`` records this.
+
+Towers reading other kinds of features (a history of item ids, which needs
+string splitting; an example age, served as a constant) are not converted:
+:func:`unsupported` says why, ``tfdssm train`` skips the file and notes that in
+``export.json``; serve such query towers from the ``towers`` SavedModel.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from tfdssm import export, text
+from tfdssm import export, layers, text
 from tfdssm.errors import ConfigError, ExportError
 from tfdssm.features import Feature
 
@@ -42,6 +48,20 @@ QUANTIZATIONS = ("none", "dynamic", "float16")
 
 def _inner(tower: tf.keras.layers.Layer) -> tf.keras.layers.Layer:
     return getattr(tower, "tower", tower)
+
+
+SUPPORTED_KINDS = ("text", "categorical", "multi_valued", "numeric")
+
+
+def unsupported(tower: tf.keras.layers.Layer) -> str | None:
+    """Why the query tower cannot become a builtins-only TFLite model, or None."""
+    kinds = sorted({f.kind for f in _inner(tower).features} - set(SUPPORTED_KINDS))
+    if not kinds:
+        return None
+    return (f"the query tower reads {kinds} features; the TFLite query tower takes "
+            f"{list(SUPPORTED_KINDS)} features only (a history needs string "
+            "splitting, which is not a TFLite builtin). Serve this query tower from "
+            "the towers/ SavedModel (`query` signature) instead.")
 
 
 def input_spec(tower: tf.keras.layers.Layer) -> list[dict[str, Any]]:
@@ -75,11 +95,7 @@ def _field(feature: Feature, layer: tf.keras.layers.Layer, x: tf.Tensor) -> tf.T
         valid = x >= 0
         vectors = layer.embedding(tf.maximum(x, 0)) * tf.cast(valid, tf.float32)[..., None]
         count = tf.reduce_sum(tf.cast(valid, tf.float32), axis=1, keepdims=True)
-        total = tf.reduce_sum(vectors, axis=1)
-        if layer.combiner == "sum":
-            return total
-        count = tf.maximum(count, 1.0)
-        return total / (count if layer.combiner == "mean" else tf.sqrt(count))
+        return layers.combine(tf.reduce_sum(vectors, axis=1), count, layer.combiner)
     return layer(x)
 
 
@@ -130,6 +146,9 @@ def convert(
         raise ConfigError(
             f"quantization must be one of {QUANTIZATIONS}, received {quantization!r}."
         )
+    reason = unsupported(tower)
+    if reason:
+        raise ExportError(f"cannot convert to TFLite: {reason}")
     function = query_function(tower)
     # Track only the weights: the tower also owns the string-normalisation and
     # vocabulary hash tables, whose initialisers are not TFLite builtins (and the
@@ -274,6 +293,9 @@ def load_query_tower(export_dir: str | os.PathLike) -> tf.keras.layers.Layer:
         )
     config = json.loads((source / "config.json").read_text())
     tower = tf.keras.layers.deserialize(config["query_tower"])
+    reason = unsupported(tower)
+    if reason:
+        raise ExportError(f"this export has no TFLite query tower: {reason}")
     status = tf.train.Checkpoint(query_tower=tower).read(str(source / "weights"))
     dummy = {f.name: tf.zeros([1], f.dtype) if f.dtype != tf.string
              else tf.constant([""]) for f in _inner(tower).features}
@@ -307,7 +329,7 @@ def write_tflite(
             vocab = export_dir / VOCAB_DIR / f"{name}.txt"
             vocab.write_text("".join(f"{v}\n" for v in feature.vocabulary))
     spec = {"inputs": specs, "output": {"name": "embedding", "dtype": "float32",
-                                        "shape": [1, inner.output_dim]},
+                                        "shape": [1, *_heads(inner), inner.output_dim]},
             "hashing": export.hashing_info(), "ops": ops}
     export.write_json_atomic(export_dir / SPEC_FILE, spec)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -378,5 +400,11 @@ def parity(
         want = signature(**kwargs)["embedding"].numpy()[0]
         worst = max(worst, float(np.abs(got - want).max()))
         denominator = float(np.linalg.norm(got) * np.linalg.norm(want)) or 1.0
-        cosine = min(cosine, float(got @ want) / denominator)
+        cosine = min(cosine, float(got.ravel() @ want.ravel()) / denominator)
     return {"max_abs_diff": worst, "min_cosine": cosine, "queries": len(queries)}
+
+
+def _heads(tower: tf.keras.layers.Layer) -> list[int]:
+    """``[heads]`` for a multi-head tower (output ``[1, heads, dim]``), else ``[]``."""
+    heads = int(getattr(tower, "num_heads", 1))
+    return [heads] if heads > 1 else []

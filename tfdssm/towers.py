@@ -116,7 +116,10 @@ class Tower(tf.keras.layers.Layer):
 
     @property
     def feature_names(self) -> list[str]:
-        return [f.name for f in self.features]
+        """The input columns (features served as a constant, e.g. the example
+        age of :mod:`tfdssm.youtube`, are training-only and not listed)."""
+        return [f.name for f in self.features
+                if getattr(f, "serving_value", None) is None]
 
     def build(self, input_shape: Any) -> None:
         if self.input_activation:
@@ -133,10 +136,15 @@ class Tower(tf.keras.layers.Layer):
                 f"tower {self.name!r} needs features {missing}, but the input has "
                 f"only {sorted(inputs)}. Add these columns to the data."
             )
+        # Layers with `read_columns` read their columns themselves: several (a
+        # history and its timestamps), none (a context column: no field) or an
+        # optional one (example age).
         fields = [
-            layer(inputs[f.name]) for f, layer in zip(self.features, self.feature_layers)
+            layer.read_columns(inputs) if hasattr(layer, "read_columns")
+            else layer(inputs[f.name])
+            for f, layer in zip(self.features, self.feature_layers, strict=True)
         ]
-        return self.combine(fields)
+        return self.combine([x for x in fields if x is not None])
 
     def combine(self, fields: Sequence[tf.Tensor]) -> tf.Tensor:
         """Runs the part after the feature layers (shared with the TFLite path).
@@ -155,8 +163,8 @@ class Tower(tf.keras.layers.Layer):
         for layer in self.dense_layers:
             x = layer(x)
         x = self.output_layer(x)
-        if self.normalize:
-            x = tf.math.l2_normalize(x, axis=1)
+        if self.normalize:  # the last axis: also per head for multi-head towers
+            x = tf.math.l2_normalize(x, axis=-1)
         return x
 
     def get_config(self) -> dict:

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from tfdssm import data, distribute, evaluate, export
+from tfdssm import checkpoints, data, distribute, evaluate, export
 from tfdssm.errors import ConfigError, DataError
 from tfdssm.features import Feature
 from tfdssm.model import DSSM
@@ -70,25 +70,21 @@ def split_frame(
     return train, test
 
 
-def corpus_of(frame: pd.DataFrame, candidate_id: str, columns: Sequence[str]) -> pd.DataFrame:
+def corpus_of(
+    frame: pd.DataFrame, candidate_id: str, columns: Sequence[str], what: str = "data"
+) -> pd.DataFrame:
     """Distinct candidates (first row per id) with the given columns.
 
+    An id column of its own must have an id in every row; when the id is a text
+    column (the document itself), a missing text is an empty document.
+
     Raises:
-        DataError: the same id appears with different feature values.
+        DataError: a missing or empty id, or the same id with different feature
+            values.
     """
-    columns = list(dict.fromkeys([candidate_id, *columns]))
-    data.check_columns(frame, columns)
-    rows = frame[columns].astype({c: str for c in columns if frame[c].dtype == object})
-    distinct = rows.drop_duplicates()
-    clashes = distinct[candidate_id].duplicated(keep=False)
-    if clashes.any():
-        example = distinct.loc[clashes, candidate_id].iloc[0]
-        raise DataError(
-            f"candidate id {example!r} in column {candidate_id!r} appears with "
-            f"different values of {columns[1:]}; ids must identify one candidate. "
-            "Fix the data or pass a different --candidate-id-column."
-        )
-    return distinct.reset_index(drop=True)
+    if candidate_id not in columns:
+        data.check_ids(frame, candidate_id, what)
+    return data.distinct_candidates(frame, candidate_id, columns, what)
 
 
 def evaluate_frame(
@@ -149,6 +145,8 @@ def run(
     seed: int = 0,
     max_k: int = 100,
     strategy: tf.distribute.Strategy | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Fits, evaluates and (optionally) exports a prepared pipeline.
 
@@ -169,6 +167,10 @@ def run(
             batch (each replica's in-batch negatives are its share of it), the
             last partial batch is dropped and the input is sharded by data; only
             the chief exports.
+        checkpoint_dir: Back up model and optimizer there after every epoch
+            (:mod:`tfdssm.checkpoints`); removed when training finishes.
+        resume: Continue a run that was killed from its backup in
+            ``checkpoint_dir`` (the same parameters are required).
 
     Returns:
         ``{"metrics": ..., "history": ..., "export": export.json content or None}``
@@ -187,14 +189,28 @@ def run(
     if replicas > 1:
         dataset = distribute.shard_by_data(dataset)
     all_callbacks = list(callbacks)
+    saver = None
+    if checkpoint_dir is not None:
+        run_params = {**prepared.info, "batch_size": batch_size, "seed": seed,
+                      "learning_rate": learning_rate, "replicas": replicas,
+                      "train_rows": len(prepared.train), "epochs": epochs}
+        saver = checkpoints.backup(checkpoint_dir, run_params, resume,
+                                   chief=distribute.is_chief(strategy))
+        all_callbacks.append(saver)
+    elif resume:
+        raise ConfigError("resume=True needs the checkpoint_dir of the run to "
+                          "continue.")
     if tensorboard_dir:
         all_callbacks.append(tf.keras.callbacks.TensorBoard(log_dir=tensorboard_dir))
     start = time.perf_counter()
     history = model.fit(dataset, epochs=epochs, verbose=verbose, callbacks=all_callbacks)
     seconds = time.perf_counter() - start
+    if saver is not None:
+        checkpoints.finish(checkpoint_dir, chief=distribute.is_chief(strategy))
     if verbose:
-        rate = len(prepared.train) * epochs / max(seconds, 1e-9)
-        print(f"tfdssm: trained {epochs} epoch(s) on {len(prepared.train)} rows in "
+        ran = epochs - ((saver.first_epoch or 0) if saver is not None else 0)
+        rate = len(prepared.train) * ran / max(seconds, 1e-9)
+        print(f"tfdssm: trained {ran} epoch(s) on {len(prepared.train)} rows in "
               f"{seconds:.1f}s ({rate:,.0f} rows/s)", file=sys.stderr)
     metrics = evaluate_frame(
         model.query_tower, model.candidate_tower, prepared.test, prepared.corpus,
@@ -211,6 +227,8 @@ def run(
             "strategy": type(strategy).__name__, "replicas": replicas,
             "workers": distribute.num_workers(strategy),
             "loss_history": [float(x) for x in history.history.get("loss", [])],
+            **({"resumed_at_epoch": saver.first_epoch + 1}
+               if saver is not None and saver.first_epoch else {}),
         }
         with distribute.write_dir(export_dir, strategy) as target:
             info = export.export_model(
@@ -233,11 +251,19 @@ def add_tflite(
 ) -> dict[str, Any]:
     """Writes ``query_tower.tflite`` (+ tower weights to rebuild it), checks its
     parity with the exported ``query`` signature and records both in
-    ``export.json``.
+    ``export.json``. Query towers TFLite cannot take (history features) get no
+    file: ``export.json``'s ``tflite`` entry says why (``skipped``).
     """
     from tfdssm import tflite  # noqa: PLC0415
 
     tflite.save_keras_towers(model, export_dir)
+    reason = tflite.unsupported(model.query_tower)
+    if reason:
+        info = {**info, "tflite": {"skipped": reason}}
+        export.write_json_atomic(os.path.join(export_dir, export.EXPORT_JSON), info)
+        if verbose:
+            print(f"tfdssm: no query_tower.tflite: {reason}", file=sys.stderr)
+        return info
     written = tflite.write_tflite(model.query_tower, export_dir, quantization)
     check = tflite.parity(export_dir, tflite.sample_queries(model.query_tower),
                           written["path"])

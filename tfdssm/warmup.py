@@ -33,9 +33,13 @@ def example_row(tower: Any) -> dict[str, Any]:
     rename = getattr(tower, "rename", {})
     row: dict[str, Any] = {}
     for feature in inner.features:
+        if feature.name not in inner.feature_names:
+            continue  # training-only (served as a constant, e.g. example age)
         name = rename.get(feature.name, feature.name)
         vocabulary = getattr(feature, "vocabulary", ())
-        if feature.kind == "numeric":
+        if hasattr(feature, "example_value"):  # history and context columns
+            row[name] = feature.example_value
+        elif feature.kind == "numeric":
             row[name] = np.float32(feature.mean)
         elif vocabulary:
             row[name] = vocabulary[0]

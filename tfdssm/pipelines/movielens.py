@@ -4,6 +4,11 @@ User tower: user id, age, gender, occupation, zip prefix. Movie tower: movie id,
 title (letter-trigram hashed), genres, year. Every rating is a positive
 interaction; rows are split 80/20 at random with seed 42 (the TFRS retrieval
 tutorial's protocol), and the candidate corpus is all 1,682 movies.
+
+``user_tower="history"`` adds the user's earlier ratings (time-decay pooled over
+the movie-id embedding the movie tower uses), ``"youtube"`` is the YoutubeDNN
+preset; both in :mod:`tfdssm.pipelines.history` (histories come strictly from
+earlier training ratings). ``num_heads`` > 1 makes the user tower multi-head.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from tfdssm.features import (
     vocabulary_of,
 )
 from tfdssm.model import DSSM
+from tfdssm.multihead import MultiHeadTower
+from tfdssm.pipelines import history
 from tfdssm.towers import Tower
 from tfdssm.train import Prepared, split_frame
 
@@ -43,6 +50,12 @@ def prepare(
     split: str = "random",
     interactions: pd.DataFrame | None = None,
     verbose: bool = True,
+    user_tower: str = "features",
+    num_heads: int = 1,
+    loss: str = "in_batch",
+    history_pooling: str = "time_decay",
+    half_life_days: float = 7.0,
+    max_history: int = 50,
 ) -> Prepared:
     """Loads MovieLens-100k and builds the recommender towers.
 
@@ -62,10 +75,20 @@ def prepare(
         interactions: Use this table instead of loading (tests; same columns as
             :meth:`tfdssm.datasets.MovieLens.interactions`).
         verbose: Print progress while fetching the data.
+        user_tower: ``features`` (user id and demographics), ``history`` (plus
+            the rating history) or ``youtube`` (YoutubeDNN).
+        num_heads: Query vectors per user (multi-interest, max over heads).
+        loss: A :data:`tfdssm.losses.LOSSES` name (logQ applies to in_batch).
+        history_pooling: Pooling of the ``history`` tower's history.
+        half_life_days: Half-life of its time decay.
+        max_history: Most recent ratings kept per history.
 
     Returns:
         A :class:`tfdssm.train.Prepared`.
     """
+    if user_tower not in history.USER_TOWERS:
+        raise ConfigError(f"user_tower must be one of {history.USER_TOWERS}, "
+                          f"received {user_tower!r}.")
     if interactions is None:
         interactions = load_movielens_100k(data_dir, verbose=verbose).interactions()
     frame = interactions[list(USER_COLUMNS + MOVIE_COLUMNS)].copy()
@@ -73,6 +96,11 @@ def prepare(
         if column != "age":
             frame[column] = frame[column].astype(str)
     frame["age"] = frame["age"].astype("float32")
+    if user_tower != "features":
+        if "timestamp" not in interactions.columns:
+            raise DataError(f"user_tower={user_tower!r} needs the ratings' "
+                            "timestamp column to build histories.")
+        frame["timestamp"] = interactions["timestamp"].to_numpy()
     if split == "random":
         train, test = split_frame(frame, test_fraction, seed)
     elif split == "leave_last_out":
@@ -96,27 +124,41 @@ def prepare(
     ]
     common = dict(hidden=hidden, output_dim=dim, activation="relu", normalize=True,
                   senet=senet)
-    user_tower = Tower(user_features, name="user_tower", **common)
-    movie_tower = Tower(movie_features, name="movie_tower", **common)
     probabilities = None
-    if logq:
+    if logq and loss == "in_batch":
         counts = train["movie_id"].value_counts()
         probabilities = (counts / counts.sum()).to_dict()
-    model = DSSM(
-        user_tower, movie_tower, candidate_id="movie_id", temperature=temperature,
-        remove_accidental_hits=True, candidate_probabilities=probabilities,
-    )
+    extra_info: dict = {"user_tower": user_tower, "num_heads": num_heads, "loss": loss}
+    if user_tower == "features":
+        query_tower = (Tower(user_features, name="user_tower", **common)
+                       if num_heads == 1 else MultiHeadTower(
+                           user_features, num_heads=num_heads, name="user_tower",
+                           **common))
+        movie_tower = Tower(movie_features, name="movie_tower", **common)
+        model = DSSM(
+            query_tower, movie_tower, candidate_id="movie_id",
+            temperature=temperature, remove_accidental_hits=True,
+            candidate_probabilities=probabilities, loss=loss,
+        )
+        features = user_features + movie_features
+    else:
+        train, test, features, model, more = history.prepare_movielens(
+            train, test, user_features, movie_features, user_tower, hidden, dim,
+            temperature, probabilities, senet, num_heads, loss, max_history,
+            history_pooling, half_life_days)
+        extra_info.update(more)
     corpus = (
         frame[list(MOVIE_COLUMNS)].drop_duplicates("movie_id")
         .sort_values("movie_id", key=lambda s: s.astype(int), ignore_index=True)
     )
     return Prepared(
-        model=model, features=user_features + movie_features, train=train,
+        model=model, features=features, train=train,
         test=test, corpus=corpus, candidate_id="movie_id", query_key="user_id",
         info={"pipeline": "movielens", "hidden": list(hidden), "dim": dim,
               "num_buckets": num_buckets, "temperature": temperature, "logq": logq,
               "senet": senet, "split": split if split != "random" else
-              f"random {1 - test_fraction:.0%}/{test_fraction:.0%}, seed {seed}"},
+              f"random {1 - test_fraction:.0%}/{test_fraction:.0%}, seed {seed}",
+              **extra_info},
     )
 
 

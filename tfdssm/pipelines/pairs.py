@@ -64,12 +64,14 @@ def prepare(
             "they must name two different columns."
         )
     frame = data.read_table(source)
+    what = ("the pairs data" if isinstance(source, pd.DataFrame)
+            else f"the pairs data {str(source)!r}")
     needed = list(dict.fromkeys([query_column, candidate_column] + (
         [candidate_id_column] if candidate_id_column else []
     )))
-    data.check_columns(frame, needed, "the pairs data")
+    data.check_columns(frame, needed, what)
     if len(frame) == 0:
-        raise DataError("the pairs data has a header but no rows.")
+        raise DataError(f"{what} has a header but no rows.")
     frame = frame[needed].copy()
     for column in needed:
         frame[column] = frame[column].astype(object).fillna("").astype(str)
@@ -94,7 +96,7 @@ def prepare(
         temperature=temperature, remove_accidental_hits=loss == "in_batch",
     )
     train, test = split_frame(frame, test_fraction, seed)
-    corpus = corpus_of(frame, candidate_id, [candidate_column])
+    corpus = corpus_of(frame, candidate_id, [candidate_column], what)
     return Prepared(
         model=model, features=features, train=train, test=test, corpus=corpus,
         candidate_id=candidate_id, query_key=None,

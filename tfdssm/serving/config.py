@@ -81,7 +81,8 @@ def read_model_config(
     export_dir = pathlib.Path(export_dir)
     path = pathlib.Path(config_file) if config_file else export_dir / CONFIG_FILE
     if not export_dir.is_dir():
-        raise ExportError(f"export dir {str(export_dir)!r} does not exist; pass the "
+        problem = "is not a directory" if export_dir.exists() else "does not exist"
+        raise ExportError(f"export dir {str(export_dir)!r} {problem}; pass the "
                           "--export-dir used with `tfdssm train`.")
     if path.is_file():
         config = model_server_config_pb2.ModelServerConfig()

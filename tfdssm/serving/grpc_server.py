@@ -56,8 +56,15 @@ def _abort(context: grpc.ServicerContext, error: ServingError) -> None:
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     """``Predict`` and ``GetModelMetadata`` (see the module docstring)."""
 
-    def __init__(self, manager: ModelManager) -> None:
+    def __init__(
+        self,
+        manager: ModelManager,
+        max_batch_size: int | None = predict.DEFAULT_MAX_BATCH_SIZE,
+        max_elements: int | None = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
         self.manager = manager
+        self.max_batch_size = max_batch_size
+        self.max_elements = max_elements
 
     def Predict(self, request: predict_pb2.PredictRequest,  # noqa: N802
                 context: grpc.ServicerContext) -> predict_pb2.PredictResponse:
@@ -65,11 +72,15 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             spec = request.model_spec
             servable = self.manager.get(spec.name, requested_version(spec))
             signature = spec.signature_name or predict.DEFAULT_SIGNATURE
-            inputs = {name: predict.tensor_from_proto(name, proto)
+            inputs = {name: predict.tensor_from_proto(name, proto, self.max_elements)
                       for name, proto in request.inputs.items()}
-            outputs = servable.predict(signature, inputs, list(request.output_filter))
+            outputs = servable.predict(signature, inputs, list(request.output_filter),
+                                       self.max_batch_size)
         except ServingError as error:
             _abort(context, error)
+        except Exception as error:  # noqa: BLE001 - answer, log, keep serving
+            LOG.exception("tfdssm serve: internal error in Predict")
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {error}")
         response = predict_pb2.PredictResponse()
         response.model_spec.name = servable.name
         response.model_spec.version.value = servable.version
@@ -158,8 +169,12 @@ def start_grpc(
     port: int = 8500,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     workers: int = 8,
+    max_batch_size: int | None = predict.DEFAULT_MAX_BATCH_SIZE,
 ) -> tuple[grpc.Server, int]:
     """Starts a gRPC server; returns it and the bound port (``port=0``: any free).
+
+    ``max_message_bytes`` limits a request's size and each input's declared
+    number of elements; ``max_batch_size`` its rows.
 
     Raises:
         ServingError: the address cannot be bound.
@@ -172,7 +187,7 @@ def start_grpc(
                  ("grpc.so_reuseport", 0)],
     )
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionService(manager), server)
+        PredictionService(manager, max_batch_size, int(max_message_bytes)), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(
         ModelService(manager), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -31,8 +31,10 @@ import tensorflow as tf
 
 from tfdssm.errors import ServingError
 from tfdssm.serving.predict import InputSpec
+from tfdssm.text import to_valid_unicode
 
 ROW, COLUMNAR = "row", "columnar"
+MAX_DEPTH = 32  # nesting of an input's lists
 
 
 def parse_body(body: bytes) -> dict[str, Any]:
@@ -41,6 +43,9 @@ def parse_body(body: bytes) -> dict[str, Any]:
         request = json.loads(body.decode("utf-8") or "null")
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ServingError(f"the request body is not valid JSON: {error}.") from None
+    except RecursionError:
+        raise ServingError("the request body is nested too deeply; inputs are "
+                           f"lists of at most {MAX_DEPTH} levels.") from None
     if not isinstance(request, dict):
         raise ServingError('the request body must be a JSON object like {"instances": '
                            f"[...]}}, received {type(request).__name__}.")
@@ -68,7 +73,8 @@ def request_inputs(
         if not instances:
             raise ServingError('empty batch: "instances" is an empty list; send at '
                                "least one row.")
-        if len(specs) == 1 and not isinstance(instances[0], dict):
+        if len(specs) == 1 and (not isinstance(instances[0], dict)
+                                or _is_b64(instances[0])):
             (name,) = specs
             columns = {name: instances}
         else:
@@ -82,6 +88,10 @@ def request_inputs(
         inputs = {next(iter(specs)): inputs}
     return {n: to_tensor(v, specs[n], n) if n in specs else _untyped(v, n)
             for n, v in inputs.items()}, COLUMNAR
+
+
+def _is_b64(value: Any) -> bool:
+    return isinstance(value, dict) and set(value) == {"b64"}
 
 
 def _columns_of(instances: list, specs: Mapping[str, InputSpec]) -> dict[str, list]:
@@ -117,7 +127,11 @@ def to_tensor(value: Any, spec: InputSpec, name: str) -> tf.Tensor:
         array = np.empty(len(converted), dtype=object)
         array[:] = converted
     else:
-        array = np.asarray(converted, dtype=dtype.as_numpy_dtype)
+        try:
+            array = np.asarray(converted, dtype=dtype.as_numpy_dtype)
+        except OverflowError:
+            raise ServingError(f'input "{name}" holds a number out of the range of '
+                               f"{dtype.name} ({dtype.min} to {dtype.max}).") from None
     return tf.constant(array.reshape(shape), dtype=dtype)
 
 
@@ -126,10 +140,13 @@ def _untyped(value: Any, name: str) -> tf.Tensor:
     return tf.constant(np.zeros(_shape(value, name), np.float32))
 
 
-def _shape(value: Any, name: str) -> tuple[int, ...]:
+def _shape(value: Any, name: str, depth: int = 0) -> tuple[int, ...]:
     if not isinstance(value, list):
         return ()
-    shapes = {_shape(v, name) for v in value}
+    if depth >= MAX_DEPTH:
+        raise ServingError(f'input "{name}" is nested more than {MAX_DEPTH} lists '
+                           "deep; send [batch] or [batch, n] lists.")
+    shapes = {_shape(v, name, depth + 1) for v in value}
     if len(shapes) > 1:
         raise ServingError(f'input "{name}" is ragged: its rows have different '
                            f"lengths {sorted(shapes)}; pad them to the same length "
@@ -147,16 +164,18 @@ def _flatten(value: Any):
 
 def _convert(value: Any, dtype: tf.DType, name: str) -> Any:
     if dtype == tf.string:
-        if isinstance(value, str):
-            return value.encode("utf-8")
+        if isinstance(value, str):  # lone surrogates ("\ud800") become U+FFFD
+            return to_valid_unicode(value).encode("utf-8")
         if isinstance(value, dict) and set(value) == {"b64"}:
             try:
                 return base64.b64decode(value["b64"], validate=True)
             except (binascii.Error, TypeError):
                 raise ServingError(f'input "{name}" has invalid base64 in '
                                    f"{value!r}.") from None
+        hint = ('send "" for an empty text' if value is None
+                else f'quote it, e.g. "{value}"')
         raise ServingError(f'input "{name}" expects strings (DT_STRING), received '
-                           f"{json.dumps(value)}; quote it, e.g. \"{value}\".")
+                           f"{json.dumps(value)}; {hint}.")
     if isinstance(value, bool) and dtype != tf.bool:
         raise ServingError(f'input "{name}" expects {dtype.name} numbers, received '
                            f"{json.dumps(value)}.")

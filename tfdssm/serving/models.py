@@ -59,6 +59,7 @@ class Servable:
         signature_name: str,
         inputs: dict[str, tf.Tensor],
         output_filter: Sequence[str] = (),
+        max_batch_size: int | None = None,
     ) -> dict[str, Any]:
         """Validates and runs one request (see :func:`tfdssm.serving.predict.run`)."""
         key = signature_name or predict.DEFAULT_SIGNATURE
@@ -69,7 +70,8 @@ class Servable:
                 f'signature "{key}" of model "{self.name}" is not callable (only '
                 "Predict signatures are).", "FAILED_PRECONDITION")
         where = f'signature "{key}" of model "{self.name}" (version {self.version})'
-        return predict.run(function, signature_def, inputs, where, output_filter)
+        return predict.run(function, signature_def, inputs, where, output_filter,
+                           max_batch_size)
 
 
 def load_servable(name: str, version: int, path: pathlib.Path) -> Servable:

@@ -7,7 +7,9 @@ status TF Serving uses:
 * unknown signature: ``FAILED_PRECONDITION`` (``Serving signature key "x" not
   found.``, as TF Serving's ``predict_util.cc``), plus the available keys;
 * missing or unexpected inputs, wrong dtype, wrong rank, inputs with different
-  batch sizes, an empty batch, an unknown ``output_filter`` name:
+  batch sizes, an empty batch, a batch over the server's limit, NaN or infinite
+  numbers, a ``TensorProto`` that is malformed or declares more elements than
+  the request size limit allows, an unknown ``output_filter`` name:
   ``INVALID_ARGUMENT``;
 * errors raised inside the graph (e.g. the retrieval models' ``k`` range check)
   keep TensorFlow's code (``INVALID_ARGUMENT`` for ``tf.debugging.Assert``) with
@@ -28,6 +30,7 @@ from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2
 from tfdssm.errors import ServingError
 
 DEFAULT_SIGNATURE = "serving_default"
+DEFAULT_MAX_BATCH_SIZE = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,13 +79,16 @@ def check_inputs(
     specs: Mapping[str, InputSpec],
     inputs: Mapping[str, tf.Tensor],
     where: str,
+    max_batch_size: int | None = None,
 ) -> None:
-    """Checks names, dtypes, ranks and batch sizes (see the module docstring).
+    """Checks names, dtypes, ranks, values and batch sizes (see the module
+    docstring).
 
     Args:
         specs: The signature's inputs.
         inputs: Received tensors by name.
         where: ``signature "x" of model "y"``, for messages.
+        max_batch_size: Most rows a request may have (``None``: no limit).
 
     Raises:
         ServingError: ``INVALID_ARGUMENT`` naming what was wrong.
@@ -113,6 +119,13 @@ def check_inputs(
                     f"received shape {list(shape)}.")
         if shape:
             batch[name] = shape[0]
+        if spec.dtype.is_floating:
+            finite = np.isfinite(tensor.numpy())
+            if not finite.all():
+                position = np.argwhere(~finite)[0].tolist()
+                raise ServingError(
+                    f'input "{name}" of {where} holds NaN or infinite values (first '
+                    f"at index {position}); send finite numbers.")
     if len(set(batch.values())) > 1:
         sizes = ", ".join(f"{n}: {b}" for n, b in sorted(batch.items()))
         raise ServingError(
@@ -121,6 +134,12 @@ def check_inputs(
     if batch and not next(iter(batch.values())):
         raise ServingError(
             f"empty batch: the inputs of {where} have 0 rows; send at least one.")
+    rows = max(batch.values(), default=0)
+    if max_batch_size is not None and rows > max_batch_size:
+        raise ServingError(
+            f"the batch of {rows} rows is larger than the maximum batch size "
+            f"{max_batch_size} of this server (tfdssm serve --max-batch-size); "
+            "split the request into smaller batches.")
 
 
 def run(
@@ -129,6 +148,7 @@ def run(
     inputs: Mapping[str, tf.Tensor],
     where: str,
     output_filter: Sequence[str] = (),
+    max_batch_size: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Validates ``inputs`` and calls a loaded signature function.
 
@@ -138,11 +158,12 @@ def run(
         inputs: Received tensors by name.
         where: ``signature "x" of model "y"``, for messages.
         output_filter: Output names to return (default: all).
+        max_batch_size: Most rows a request may have (``None``: no limit).
 
     Returns:
         Output name -> numpy array.
     """
-    check_inputs(input_specs(signature_def), inputs, where)
+    check_inputs(input_specs(signature_def), inputs, where, max_batch_size)
     outputs = list(signature_def.outputs)
     for name in output_filter:
         if name not in outputs:
@@ -196,14 +217,43 @@ _GRPC_CODES = {
 }
 
 
-def tensor_from_proto(name: str, proto: tensor_pb2.TensorProto) -> tf.Tensor:
-    """An eager tensor from a request ``TensorProto`` (bad protos: INVALID_ARGUMENT)."""
+def tensor_from_proto(
+    name: str, proto: tensor_pb2.TensorProto, max_elements: int | None = None
+) -> tf.Tensor:
+    """An eager tensor from a request ``TensorProto`` (bad protos: INVALID_ARGUMENT).
+
+    Args:
+        name: The input name, for messages.
+        proto: The received tensor.
+        max_elements: Most elements the tensor may declare (``None``: no limit).
+            A ``TensorProto`` may carry one value and a large shape that it is
+            broadcast to, so a tiny request could otherwise make the server
+            allocate gigabytes.
+    """
+    dims = [d.size for d in proto.tensor_shape.dim]
+    if any(d < 0 for d in dims):
+        raise ServingError(f'input "{name}" has a negative dimension in its shape '
+                           f"{dims}; send a fully defined shape.")
+    count = int(np.prod(dims, dtype=object)) if dims else 1
+    if max_elements is not None and count > max_elements:
+        raise ServingError(
+            f'input "{name}" declares shape {dims} = {count} elements; this server '
+            f"accepts at most {max_elements} per input (tfdssm serve "
+            "--max-request-bytes). Send smaller batches.")
     try:
         dtype = tf.as_dtype(proto.dtype)
+    except TypeError:
+        raise ServingError(f'input "{name}" has an unknown dtype (enum value '
+                           f"{proto.dtype}); send a TensorFlow dtype.") from None
+    if dtype in (tf.resource, tf.variant) or dtype._is_ref_dtype:
+        raise ServingError(f'input "{name}" has dtype {dtype.name}, which a request '
+                           "cannot carry; send the signature's dtype.")
+    try:
         return tf.constant(tf.make_ndarray(proto), dtype=dtype)
-    except (TypeError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001 - any malformed proto is the client's
         raise ServingError(
-            f'input "{name}" is not a valid TensorProto: {error}') from None
+            f'input "{name}" is not a valid TensorProto ({type(error).__name__}: '
+            f"{error}); build it with tf.make_tensor_proto.") from None
 
 
 def tensor_to_proto(array: np.ndarray) -> tensor_pb2.TensorProto:

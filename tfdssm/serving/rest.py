@@ -51,11 +51,13 @@ class RestServer(http.server.ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, address: tuple[str, int], manager: ModelManager,
-                 max_body_bytes: int) -> None:
+                 max_body_bytes: int,
+                 max_batch_size: int | None = predict.DEFAULT_MAX_BATCH_SIZE) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.manager = manager
         self.max_body_bytes = int(max_body_bytes)
+        self.max_batch_size = max_batch_size
         super().__init__(address, _Handler)
 
 
@@ -117,7 +119,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                                                servable.name)
         inputs, fmt = json_codec.request_inputs(request,
                                                 predict.input_specs(signature_def))
-        outputs = servable.predict(signature, inputs)
+        outputs = servable.predict(signature, inputs,
+                                   max_batch_size=self.server.max_batch_size)
         return 200, json_codec.response_body(outputs, fmt)
 
     def _read_body(self) -> bytes:
@@ -128,7 +131,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         try:
             size = int(length)
         except ValueError:
-            raise ServingError(f"bad Content-Length {length!r}.") from None
+            size = -1
+        if size < 0:
+            raise ServingError(f"bad Content-Length {length!r}: send the body's "
+                               "size in bytes.")
         if size > self.server.max_body_bytes:
             raise ServingError(
                 f"the request body is {size} bytes; this server accepts at most "
@@ -183,6 +189,7 @@ def metadata_json(response: Any) -> dict[str, Any]:
 def start_rest(
     manager: ModelManager, host: str = "127.0.0.1", port: int = 8501,
     max_body_bytes: int = 64 * 1024 * 1024,
+    max_batch_size: int | None = predict.DEFAULT_MAX_BATCH_SIZE,
 ) -> tuple[RestServer, threading.Thread, int]:
     """Starts the REST server in a thread; returns it, the thread and the port.
 
@@ -190,7 +197,7 @@ def start_rest(
         ServingError: the address cannot be bound.
     """
     try:
-        server = RestServer((host, port), manager, max_body_bytes)
+        server = RestServer((host, port), manager, max_body_bytes, max_batch_size)
     except OSError as error:
         raise ServingError(f"cannot listen for REST on {host}:{port} ({error}); choose "
                            "another --rest-port or stop the process using it.",

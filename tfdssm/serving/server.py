@@ -23,6 +23,7 @@ from typing import Any
 from tfdssm.errors import ConfigError
 from tfdssm.serving import config, grpc_server, rest
 from tfdssm.serving.models import AVAILABLE, ModelManager
+from tfdssm.serving.predict import DEFAULT_MAX_BATCH_SIZE
 
 LOG = logging.getLogger("tfdssm.serving")
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
@@ -42,6 +43,7 @@ class Server:
         model_config_file: A TF Serving model config to use instead of
             ``export_dir/models.config``.
         workers: gRPC worker threads.
+        max_batch_size: Most rows a request may have.
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class Server:
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         model_config_file: str | os.PathLike | None = None,
         workers: int = 8,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     ) -> None:
         for label, port in (("--grpc-port", grpc_port), ("--rest-port", rest_port)):
             if port is not None and not 0 <= int(port) <= 65535:
@@ -62,12 +65,16 @@ class Server:
         if max_request_bytes < 1024:
             raise ConfigError(f"--max-request-bytes must be >= 1024, received "
                               f"{max_request_bytes}.")
+        if max_batch_size < 1:
+            raise ConfigError(f"--max-batch-size must be >= 1, received "
+                              f"{max_batch_size}.")
         if poll_seconds <= 0:
             raise ConfigError(f"poll interval must be > 0 s, received {poll_seconds}.")
         self.models = config.read_model_config(export_dir, model_config_file)
         self.manager = ModelManager(self.models, poll_seconds)
         self.host, self.workers = host, workers
         self.max_request_bytes = int(max_request_bytes)
+        self.max_batch_size = int(max_batch_size)
         self.grpc_port, self.rest_port = grpc_port, rest_port
         self._grpc: Any = None
         self._rest: Any = None
@@ -79,10 +86,11 @@ class Server:
         try:
             self._grpc, self.grpc_port = grpc_server.start_grpc(
                 self.manager, self.host, self.grpc_port, self.max_request_bytes,
-                self.workers)
+                self.workers, self.max_batch_size)
             if self.rest_port is not None:
                 self._rest, self._rest_thread, self.rest_port = rest.start_rest(
-                    self.manager, self.host, self.rest_port, self.max_request_bytes)
+                    self.manager, self.host, self.rest_port, self.max_request_bytes,
+                    self.max_batch_size)
         except Exception:
             self.stop(grace_seconds=0)
             raise

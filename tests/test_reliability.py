@@ -1,0 +1,498 @@
+"""Nothing lost: exports killed mid-way, training killed mid-epoch.
+
+* An export process SIGKILLed at several moments (while each SavedModel is being
+  written, between models, at random delays) leaves every integer version
+  complete and loadable, ``export.json`` valid, and a running ``tfdssm serve``
+  answering throughout; the next export cleans up and adds a version.
+* ``tfdssm train`` SIGKILLed in the middle of epoch 3 resumes with ``--resume``
+  at epoch 3 (not from scratch) and ends as good as an uninterrupted run.
+
+Re-running an export adds a version and never rewrites one:
+``tests/test_export.py::test_second_export_adds_a_version_and_leaves_the_first``.
+"""
+
+from __future__ import annotations
+
+import tfdssm  # noqa: F401  - selects Keras 2; must precede tensorflow
+
+# isort: split
+import contextlib
+import io
+import json
+import os
+import pathlib
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import numpy as np
+import pandas as pd
+import pytest
+import scann  # noqa: F401 - registers ScaNN's ops for loading `retrieval` in-process
+import tensorflow as tf
+from serving_helpers import running_server
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+from tfdssm import checkpoints, cli, export
+from tfdssm.errors import ConfigError
+
+MODELS = ("towers", "retrieval_brute_force", "retrieval")
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
+
+# Exports the tiny pairs model (fresh weights) into argv[1], argv[3] times, once
+# told to go (a line on stdin), so that its start-up overlaps earlier work.
+EXPORTER = """
+import sys
+import tfdssm
+import pandas as pd
+from tfdssm import export
+from tfdssm.pipelines import pairs
+
+prepared = pairs.prepare(pd.read_csv(sys.argv[2]), "query", "doc", "doc_id",
+                         num_buckets=500, hidden=(16, 16), dim=8)
+print("ready", flush=True)
+sys.stdin.readline()
+for _ in range(int(sys.argv[3])):
+    export.export_model(prepared.model, sys.argv[1], corpus=prepared.corpus)
+    print("exported", flush=True)
+"""
+
+
+# --------------------------------------------------------------------------- #
+# Exports killed at any moment
+# --------------------------------------------------------------------------- #
+
+
+def _temporaries(base: pathlib.Path) -> list[pathlib.Path]:
+    return [p for p in base.iterdir() if p.name.startswith(".tmp-")] if (
+        base.is_dir()) else []
+
+
+def _kill_when(export_dir: pathlib.Path, versions_before: dict) -> dict:
+    """Conditions to kill at: a model's SavedModel half-written, or a model just
+    renamed into place while the next one is not started."""
+    def writing(model):
+        return lambda: bool(_temporaries(export_dir / model))
+
+    def renamed(model):
+        return lambda: export.versions(export_dir / model)[-1:] != versions_before[
+            model][-1:]
+
+    return {
+        "writing towers": writing("towers"),
+        "writing retrieval_brute_force": writing("retrieval_brute_force"),
+        "writing retrieval (ScaNN)": writing("retrieval"),
+        "retrieval_brute_force renamed, ScaNN not yet": renamed(
+            "retrieval_brute_force"),
+        "retrieval renamed, before models.config/export.json": renamed("retrieval"),
+    }
+
+
+def _spawn_exporter(export_dir: pathlib.Path, csv: pathlib.Path, times: int = 1):
+    return subprocess.Popen(
+        [sys.executable, "-c", EXPORTER, str(export_dir), str(csv), str(times)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        text=True, env=ENV)
+
+
+def _go(proc) -> None:
+    assert proc.stdout.readline().strip() == "ready"
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+
+
+def _kill(proc, condition, timeout: float = 120.0) -> bool:
+    """SIGKILLs ``proc`` as soon as ``condition()`` holds (polled every ms);
+    returns whether it was still exporting then."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.001)
+    alive = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    return alive
+
+
+_LOADED: set[pathlib.Path] = set()
+
+
+def _check_versions_complete(export_dir: pathlib.Path) -> dict[str, list[int]]:
+    """Every integer version loads and has its variables; returns them."""
+    found = {}
+    for model in MODELS:
+        base = export_dir / model
+        found[model] = export.versions(base)
+        for version in found[model]:
+            path = base / str(version)
+            if path in _LOADED:
+                continue
+            _LOADED.add(path)
+            assert (path / "saved_model.pb").is_file(), path
+            assert (path / "variables" / "variables.index").is_file(), path
+            assert list((path / "variables").glob("variables.data-*")), path
+            assert (path / "assets.extra" / "tf_serving_warmup_requests").is_file()
+            loaded = tf.saved_model.load(str(path))
+            assert "serving_default" in loaded.signatures, path
+    info = json.loads((export_dir / export.EXPORT_JSON).read_text())
+    for model in MODELS:
+        entry = info["towers"] if model == "towers" else info[model]
+        assert entry["version"] in found[model], (model, entry, found[model])
+    return found
+
+
+class _Hammer:
+    """Threads sending towers and retrieval requests (with ``pause`` seconds
+    between them, to leave the exporter CPU) until stopped."""
+
+    def __init__(self, port: int, threads: int = 2, pause: float = 0.02) -> None:
+        self.pause = pause
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
+        self.stop = threading.Event()
+        self.ok, self.errors, self.versions = 0, [], {m: set() for m in MODELS}
+        self.threads = [threading.Thread(target=self._run, args=(i,))
+                        for i in range(threads)]
+
+    def _request(self, model: str) -> predict_pb2.PredictRequest:
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = model
+        request.model_spec.signature_name = "query" if model == "towers" else "top_k"
+        request.inputs["query"].CopyFrom(tf.make_tensor_proto(
+            np.array(["kiwi recipe", "figs"], object), tf.string))
+        if model != "towers":
+            request.inputs["k"].CopyFrom(tf.make_tensor_proto([3, 3], tf.int32))
+        return request
+
+    def _run(self, offset: int) -> None:
+        requests = [(m, self._request(m)) for m in MODELS]
+        i = offset
+        while not self.stop.is_set():
+            model, request = requests[i % len(requests)]
+            i += 1
+            try:
+                response = self.stub.Predict(request, timeout=30)
+                self.versions[model].add(response.model_spec.version.value)
+                self.ok += 1
+            except grpc.RpcError as error:
+                self.errors.append((model, error.code().name, error.details()))
+            self.stop.wait(self.pause)
+
+    def __enter__(self) -> _Hammer:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=60)
+        self.channel.close()
+
+
+@pytest.fixture()
+def export_copy(pairs_export, pairs_frame, tmp_path):
+    source, _, _ = pairs_export
+    target = tmp_path / "export"
+    shutil.copytree(source, target)
+    csv = tmp_path / "pairs.csv"
+    pairs_frame(60).to_csv(csv, index=False)
+    return target, csv
+
+
+def _kill_exports(export_dir: pathlib.Path, csv: pathlib.Path, model,
+                  points: list[str], fractions: list[float], ahead: int = 3) -> dict:
+    """SIGKILLs one exporting process per kill point and per random moment while
+    a server serves ``export_dir`` under requests; checks every version after
+    each kill, then exports once more, completely.
+
+    A random moment is ``fraction`` times the longest time a kill point took to
+    be reached (the exporters of random moments export five times in a row, so
+    a late moment still hits an export).
+
+    Returns:
+        ``{"outcomes": [(kill point, versions afterwards, temporaries left)],
+        "requests": OK count}``.
+    """
+    before = {m: export.versions(export_dir / m) for m in MODELS}
+    assert set(points) <= set(_kill_when(export_dir, before))
+    plan = [(label, None) for label in points] + [("random", f) for f in fractions]
+    outcomes, reached = [], [1.0]
+    with running_server(export_dir, poll_seconds=0.1, rest_port=None) as server, \
+            _Hammer(server.grpc_port) as hammer:
+        procs = [_spawn_exporter(export_dir, csv, times=1 if d is None else 5)
+                 for _, d in plan[:ahead]]
+        for i, (label, delay) in enumerate(plan):
+            versions_now = {m: export.versions(export_dir / m) for m in MODELS}
+            proc = procs[i]
+            _go(proc)
+            if i + ahead < len(plan):  # start the next one's imports meanwhile
+                procs.append(_spawn_exporter(
+                    export_dir, csv, times=1 if plan[i + ahead][1] is None else 5))
+            start = time.monotonic()
+            if delay is None:  # re-evaluated against the versions present now
+                condition = _kill_when(export_dir, versions_now)[label]
+            else:
+                delay *= max(reached)
+                label = f"random moment {delay:.2f}s"
+
+                def condition(s: float = start, d: float = delay) -> bool:
+                    return time.monotonic() - s >= d
+            assert _kill(proc, condition), label  # the kill really hit an export
+            reached.append(time.monotonic() - start)
+            found = _check_versions_complete(export_dir)
+            leftovers = [p for m in MODELS for p in _temporaries(export_dir / m)]
+            outcomes.append((label, found, len(leftovers)))
+        time.sleep(0.5)  # the watcher sees the final state
+        statuses = {m: server.manager.status(m) for m in MODELS}
+        errors, served = list(hammer.errors), hammer.ok
+        # The next complete export removes the temporaries and adds a version.
+        newest = _check_versions_complete(export_dir)
+        info = export.export_model(model, export_dir, corpus=_corpus(export_dir))
+        for name in MODELS:
+            assert _temporaries(export_dir / name) == []
+            assert export.versions(export_dir / name)[-1] == newest[name][-1] + 1
+        assert info["towers"]["version"] == newest["towers"][-1] + 1
+        _check_versions_complete(export_dir)
+        deadline = time.monotonic() + 60
+        while hammer.versions["towers"] and max(hammer.versions["towers"]) < info[
+                "towers"]["version"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert max(hammer.versions["towers"]) == info["towers"]["version"]
+    print("\nkill point -> versions present afterwards (temporaries left):")
+    for label, found, leftovers in outcomes:
+        print(f"  {label:<48} {found} {leftovers} tmp")
+    print(f"served throughout: {hammer.ok} requests OK, {len(hammer.errors)} failed; "
+          f"versions seen {hammer.versions}")
+    assert errors == [] and hammer.errors == [] and served > 50
+    for name, states in statuses.items():  # never tried to load a broken version
+        assert all(error == "" for _, _, error in states), (name, states)
+    assert any(leftovers for *_, leftovers in outcomes)  # kills left temporaries
+    return {"outcomes": outcomes, "requests": hammer.ok}
+
+
+def _corpus(export_dir: pathlib.Path) -> pd.DataFrame:
+    return pd.read_parquet(export_dir / export.CORPUS_FILE)
+
+
+def test_export_killed_at_any_moment_leaves_every_version_loadable_and_served(
+        export_copy, pairs_export):
+    export_dir, csv = export_copy
+    assert {m: export.versions(export_dir / m) for m in MODELS} == {
+        m: [1] for m in MODELS}
+    moment = random.Random().uniform(0.02, 1.5)  # a different one every run
+    _kill_exports(export_dir, csv, pairs_export[1].model,
+                  ["writing towers", "retrieval_brute_force renamed, ScaNN not yet"],
+                  [moment])
+
+
+@pytest.mark.bench
+def test_export_killed_at_many_moments(export_copy, pairs_export):
+    """The long version (``make bench``): every kill point, 12 random moments."""
+    export_dir, csv = export_copy
+    rng = random.Random(7)
+    result = _kill_exports(export_dir, csv, pairs_export[1].model,
+                           list(_kill_when(export_dir, {m: [1] for m in MODELS})),
+                           [rng.uniform(0.02, 1.5) for _ in range(12)], ahead=2)
+    assert len(result["outcomes"]) == 17
+
+
+def test_stale_temporaries_of_live_processes_are_kept(tmp_path):
+    base = tmp_path / "towers"
+    base.mkdir()
+    live = base / f".tmp-{os.getpid()}-{socket.gethostname()}.abcd1234"
+    dead = base / f".tmp-999999999-{socket.gethostname()}.abcd1234"
+    other_host = base / ".tmp-999999999-elsewhere.example.abcd1234"
+    for path in (live, dead, other_host):
+        path.mkdir()
+    assert export._remove_stale_temporaries(base) == [dead]
+    assert sorted(p.name for p in base.iterdir()) == sorted(
+        [live.name, other_host.name])
+
+
+# --------------------------------------------------------------------------- #
+# Training killed mid-epoch, resumed
+# --------------------------------------------------------------------------- #
+
+SYNONYMS = {
+    "red": ["crimson", "scarlet"], "quick": ["fast", "rapid"],
+    "silent": ["quiet", "mute"], "golden": ["gilded", "amber"],
+    "broken": ["shattered", "cracked"], "tiny": ["small", "minute"],
+    "ancient": ["old", "antique"], "frozen": ["icy", "chilled"],
+    "hidden": ["secret", "concealed"], "lucky": ["fortunate", "blessed"],
+    "river": ["stream", "creek"], "castle": ["fortress", "citadel"],
+    "engine": ["motor", "turbine"], "garden": ["yard", "orchard"],
+    "mirror": ["reflection", "glass"], "forest": ["woods", "jungle"],
+    "tower": ["spire", "turret"], "harbor": ["port", "dock"],
+}
+
+
+def synonym_pairs(rows: int = 480, documents: int = 40, seed: int = 0) -> pd.DataFrame:
+    """Queries that share no words with their documents (synonyms only), so the
+    towers have to learn the association over several epochs."""
+    rng = np.random.default_rng(seed)
+    words = list(SYNONYMS)
+    combos = [(a, n) for a in words[:10] for n in words[10:]]
+    chosen = rng.choice(len(combos), documents, replace=False)
+    out = []
+    for i in range(rows):
+        adjective, noun = combos[chosen[i % documents]]
+        query = [str(rng.choice(SYNONYMS[adjective])), str(rng.choice(SYNONYMS[noun]))]
+        if rng.random() < 0.5:
+            query.reverse()
+        out.append({"query": " ".join(query), "doc": f"the {adjective} {noun} guide",
+                    "doc_id": f"D{chosen[i % documents]}"})
+    return pd.DataFrame(out)
+
+
+# Kills its own process (SIGKILL: nothing flushed) at batch 3 of epoch 3.
+KILLED_TRAINER = """
+import os, sys
+import tfdssm
+import tensorflow as tf
+from tfdssm import cli, train
+
+class KillMidEpoch(tf.keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+    def on_train_batch_end(self, batch, logs=None):
+        if self.epoch == 2 and batch == 2:
+            print("killing myself in epoch 3", flush=True)
+            os.kill(os.getpid(), 9)
+
+run = train.run
+train.run = lambda *a, callbacks=(), **k: run(*a, callbacks=[*callbacks,
+                                                             KillMidEpoch()], **k)
+sys.exit(cli.main(sys.argv[1:]))
+"""
+EPOCHS = 6
+
+
+def _train_argv(csv: pathlib.Path, export_dir: pathlib.Path, *extra: str) -> list:
+    return ["train", "--pipeline", "pairs", "--data", str(csv), "--candidate-id-column",
+            "doc_id", "--export-dir", str(export_dir), "--hidden", "32", "--dim", "16",
+            "--buckets", "500", "--epochs", str(EPOCHS), "--batch-size", "32",
+            "--learning-rate", "0.001", *extra]
+
+
+def _main(argv: list) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(argv)
+        except SystemExit as exit_:
+            code = exit_.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def _epochs_run(stdout: str) -> list[int]:
+    return [int(n) for n in re.findall(rf"^Epoch (\d+)/{EPOCHS}$", stdout, re.M)]
+
+
+def test_training_killed_mid_epoch_resumes_from_its_checkpoint(tmp_path):
+    csv = tmp_path / "synonyms.csv"
+    synonym_pairs().to_csv(csv, index=False)
+    resumed_dir = tmp_path / "resumed"
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_TRAINER, *_train_argv(csv, resumed_dir)],
+        capture_output=True, text=True, env=ENV, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert _epochs_run(killed.stdout) == [1, 2, 3]
+    backup = checkpoints.default_dir(resumed_dir)
+    assert checkpoints.has_backup(backup) and not (resumed_dir / "towers").exists()
+
+    # Different parameters: refused, the checkpoint kept.
+    code, _, err = _main(_train_argv(csv, resumed_dir, "--resume", "--dim", "24"))
+    assert code == 2 and "Traceback" not in err
+    assert "--resume" in err and "dim: 16 then, 24 now" in err, err
+    assert checkpoints.has_backup(backup)
+
+    code, out, err = _main(_train_argv(csv, resumed_dir, "--resume"))
+    assert code == 0, err
+    assert f"resuming from the checkpoint in {str(backup)!r}: epoch 3 of 6" in err
+    assert _epochs_run(out) == [3, 4, 5, 6]  # epochs 1-2 were not run again
+    assert not backup.exists()  # a finished run leaves no checkpoint
+    resumed = export.read_export(resumed_dir)
+    assert resumed["training"]["resumed_at_epoch"] == 3
+    assert len(resumed["training"]["loss_history"]) == EPOCHS - 2
+
+    whole_dir = tmp_path / "uninterrupted"
+    code, out, err = _main(_train_argv(csv, whole_dir))
+    assert code == 0, err
+    assert _epochs_run(out) == list(range(1, EPOCHS + 1))
+    whole = export.read_export(whole_dir)
+    loss_whole = whole["training"]["loss_history"]
+    loss_resumed = resumed["training"]["loss_history"]
+    # Resumed from trained weights: epoch 3 starts where the uninterrupted run
+    # was after epoch 2, far below the first epoch's loss.
+    assert loss_resumed[0] < 0.5 * loss_whole[0]
+    assert loss_resumed[0] == pytest.approx(loss_whole[2], rel=0.5)
+    chance = sum(1 / r for r in range(1, 11)) / 40  # MRR@10 of a random ranking
+    print(f"\nresume: killed in epoch 3/{EPOCHS}, resumed at epoch "
+          f"{resumed['training']['resumed_at_epoch']}; loss per epoch: uninterrupted "
+          f"{[round(x, 1) for x in loss_whole]}, resumed "
+          f"{[round(x, 1) for x in loss_resumed]}"
+          f"; mrr@10 {whole['metrics']['mrr@10']:.3f} uninterrupted vs "
+          f"{resumed['metrics']['mrr@10']:.3f} resumed (chance {chance:.3f}); "
+          f"recall@10 {whole['metrics']['recall@10']:.3f} vs "
+          f"{resumed['metrics']['recall@10']:.3f}")
+    for metric in ("mrr@10", "recall@10", "auc"):
+        assert resumed["metrics"][metric] == pytest.approx(whole["metrics"][metric],
+                                                           abs=0.1), metric
+    assert resumed["metrics"]["mrr@10"] > 5 * chance
+
+
+def _fake_backup(directory: pathlib.Path, run: dict) -> None:
+    tf.train.Checkpoint(step=tf.Variable(1)).save(str(directory / "chief" / "ckpt"))
+    (directory / checkpoints.RUN_FILE).write_text(json.dumps(run))
+
+
+def test_checkpoint_dir_rules(tmp_path):
+    messages = []
+    directory = tmp_path / "ckpt"
+    _fake_backup(directory, {"dim": 8, "epochs": 3})
+    assert checkpoints.has_backup(directory)
+    # More epochs may be asked for when resuming; other changes are refused.
+    checkpoints.backup(directory, {"dim": 8, "epochs": 5}, resume=True,
+                       log=messages.append)
+    assert checkpoints.has_backup(directory) and messages == []
+    with pytest.raises(ConfigError, match="dim: 8 then, 9 now"):
+        checkpoints.backup(directory, {"dim": 9, "epochs": 3}, resume=True)
+    # Without resume an interrupted run's checkpoint is discarded, and says so.
+    checkpoints.backup(directory, {"dim": 9}, resume=False, log=messages.append)
+    assert not checkpoints.has_backup(directory)
+    assert "discarding the checkpoint of an interrupted run" in messages[-1]
+    checkpoints.backup(directory, {"dim": 9}, resume=True, log=messages.append)
+    assert "no checkpoint to resume" in messages[-1]
+    checkpoints.finish(directory)
+    assert not directory.exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="not a directory"):
+        checkpoints.backup(tmp_path / "file", {}, resume=False)
+
+
+def test_a_version_that_appears_during_an_export_is_never_overwritten(tmp_path):
+    """Two exporters racing for the same number: the second takes the next one."""
+    base = tmp_path / "towers"
+    (base / "1").mkdir(parents=True)
+    (base / "1" / "saved_model.pb").write_bytes(b"first")
+
+    def save(tmp: pathlib.Path) -> None:
+        (tmp / "saved_model.pb").write_bytes(b"mine")
+        (base / "2").mkdir()  # another export finished version 2 meanwhile
+        (base / "2" / "saved_model.pb").write_bytes(b"theirs")
+
+    target = export._atomic_save(base, save)
+    assert target == base / "3"
+    assert (base / "1" / "saved_model.pb").read_bytes() == b"first"
+    assert (base / "2" / "saved_model.pb").read_bytes() == b"theirs"
+    assert (base / "3" / "saved_model.pb").read_bytes() == b"mine"
+    assert sorted(p.name for p in base.iterdir()) == ["1", "2", "3"]
