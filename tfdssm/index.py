@@ -424,5 +424,6 @@ __all__ = [
     "RetrievalModule",
     "ScannRetrieval",
     "SignatureEncoder",
+    "excluded",
     "scann_options",
 ]
