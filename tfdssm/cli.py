@@ -32,24 +32,24 @@ def _sizes(text: str) -> list[int]:
     return sizes
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, received {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, received {value}")
-    return value
+def _number(convert: type, kind: str, ok, rule: str):
+    """An argparse type: ``convert(text)``, then ``ok(value)`` or ``rule`` in the error."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {kind}, received {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, received {value}")
+        return value
+
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, received {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, received {value}")
-    return value
+_positive = _number(int, "an integer", lambda v: v >= 1, ">= 1")
+_positive_float = _number(float, "a number", lambda v: v > 0, "> 0")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -60,6 +60,7 @@ class LocalRetriever:
         self.candidate_features = tower_features(self.info, "candidate")
         self.candidate_id = self.info["candidate_id"]
         self.ids = self.corpus[self.candidate_id].astype(str).to_numpy()
+        self._position = {cid: i for i, cid in enumerate(self.ids)}
         self.embeddings = evaluate.embed(
             self.towers.signatures["candidate"],
             data.to_feature_arrays(self.corpus, self.candidate_features, "corpus"),
@@ -109,17 +110,15 @@ class LocalRetriever:
         if exclude is not None and len(exclude) != len(queries):
             raise DataError(f"exclude has {len(exclude)} rows for {len(queries)} "
                             "query rows; give one list of ids per query row.")
+        drop = None if exclude is None else [
+            [self._position[i] for i in ids if i in self._position] for ids in exclude]
         if queries.ndim == 3:
-            position = {cid: i for i, cid in enumerate(self.ids)}
-            drop = None if exclude is None else [
-                [position[i] for i in ids if i in position] for ids in exclude]
             top, scores = multihead.union_top_k(queries, self.embeddings, k, drop)
             return np.where(top >= 0, self.ids[np.maximum(top, 0)], ""), scores
         scores = queries @ self.embeddings.T
-        if exclude is not None:
-            position = {cid: i for i, cid in enumerate(self.ids)}
-            for row, ids in enumerate(exclude):
-                scores[row, [position[i] for i in ids if i in position]] = -np.inf
+        if drop is not None:
+            for row, columns in enumerate(drop):
+                scores[row, columns] = -np.inf
         top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return self.ids[top], np.take_along_axis(scores, top, axis=1)
 

@@ -17,6 +17,7 @@ Whitespace and control characters are left in place: the integer stage treats th
 
 from __future__ import annotations
 
+import functools
 import unicodedata
 
 import numpy as np
@@ -90,13 +91,12 @@ def normalize_code_points_py(text: str | bytes) -> list[int]:
     Returns:
         The normalised code points, not truncated.
     """
-    table = load_table()
+    compose, expand = _python_tables()
     if isinstance(text, bytes):
         data = text.decode("utf-8", errors="replace")
     else:
         data = to_valid_unicode(text)
     points = [ord(c) for c in data]
-    compose = dict(zip(table.compose_keys.tolist(), table.compose_values.tolist()))
     for _ in range(_COMPOSE_PASSES):
         hits = [
             (points[i] * (MAX_CODE_POINT + 1) + points[i + 1]) in compose
@@ -113,16 +113,24 @@ def normalize_code_points_py(text: str | bytes) -> list[int]:
                 out.append(points[i])
                 i += 1
         points = out
-    expand = dict(zip(table.expand_keys.tolist(), range(len(table.expand_keys))))
     result: list[int] = []
     for cp in points:
-        index = expand.get(cp)
-        if index is None:
-            result.append(cp)
-        else:
-            start, stop = table.expand_splits[index], table.expand_splits[index + 1]
-            result.extend(table.expand_values[start:stop].tolist())
+        result.extend(expand.get(cp, (cp,)))
     return result
+
+
+@functools.lru_cache(maxsize=1)
+def _python_tables() -> tuple[dict[int, int], dict[int, tuple[int, ...]]]:
+    """The frozen table as dicts: pair key -> composed, code point -> expansion."""
+    table = load_table()
+    compose = dict(zip(table.compose_keys.tolist(), table.compose_values.tolist()))
+    splits = table.expand_splits.tolist()
+    values = table.expand_values.tolist()
+    expand = {
+        cp: tuple(values[splits[i] : splits[i + 1]])
+        for i, cp in enumerate(table.expand_keys.tolist())
+    }
+    return compose, expand
 
 
 class TextNormalizer(tf.Module):
