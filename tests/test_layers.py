@@ -156,6 +156,38 @@ def test_embed_code_points_dense_equals_sparse(combiner):
     np.testing.assert_allclose(sparse, layer(tf.constant(texts)).numpy(), atol=1e-6)
 
 
+def test_text_embedding_gradient_has_one_row_per_distinct_trigram():
+    # The training path gathers each distinct id once, so the optimizer scatters
+    # one row per distinct bucket; the gradient must still equal the dense path's.
+    layer = layers.TextEmbedding(num_buckets=53, output_dim=3, max_length=32)
+    texts = ["good good good", "goodness", "", "xyz good"]
+    points = layer.normalizer(tf.constant(texts), layer.max_length)
+    weights = tf.constant(np.random.default_rng(1).normal(size=[len(texts), 3]),
+                          tf.float32)
+    grads = []
+    for dense in (False, True):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(layer.embed_code_points(points, dense=dense) * weights)
+        grads.append(tape.gradient(loss, layer.embeddings))
+    sparse, dense = grads
+    assert isinstance(sparse, tf.IndexedSlices)
+    ids = {i for t in texts
+           for i in trigram_ids_py(normalize_code_points_py(t)[:32], 53)}
+    assert sorted(sparse.indices.numpy().tolist()) == sorted(ids)
+    np.testing.assert_allclose(tf.convert_to_tensor(sparse).numpy(),
+                               tf.convert_to_tensor(dense).numpy(), atol=1e-5)
+
+
+def test_text_embedding_all_empty_batch_is_zero_with_zero_gradient():
+    layer = layers.TextEmbedding(num_buckets=53, output_dim=3)
+    with tf.GradientTape() as tape:
+        out = layer(tf.constant(["", "  "]))
+        loss = tf.reduce_sum(out)
+    np.testing.assert_array_equal(out.numpy(), np.zeros([2, 3]))
+    gradient = tf.convert_to_tensor(tape.gradient(loss, layer.embeddings))
+    np.testing.assert_array_equal(gradient.numpy(), np.zeros([53, 3]))
+
+
 # --------------------------------------------------------------------------- #
 # CategoricalEmbedding
 # --------------------------------------------------------------------------- #

@@ -7,7 +7,7 @@ Keras-serialisable (``get_config``/``from_config``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
@@ -42,6 +42,42 @@ def combine(total: tf.Tensor, count: tf.Tensor, combiner: str) -> tf.Tensor:
         return total
     count = tf.maximum(count, 1.0)
     return total / (count if combiner == "mean" else tf.sqrt(count))
+
+
+def _bag_sum(table: tf.Variable, ids: tf.Tensor, valid: tf.Tensor) -> tf.Tensor:
+    """Sums the rows of ``table`` named by the valid ``ids`` of each example.
+
+    Gathers each distinct id once and sums with one fused sparse segment sum,
+    so the gradient is an ``IndexedSlices`` with one row per distinct id in the
+    batch, not one per trigram occurrence (a batch of 1,024 docstrings: 157k
+    occurrences, 5.5k distinct ids). The backward pass is the same fused sum
+    over the transposed mapping (TF's own gradient of the segment sum is a
+    slower single-threaded scatter): 2x faster on 2 cores.
+
+    Args:
+        table: float ``[num_buckets, dim]``.
+        ids: int64 ``[batch, length]``.
+        valid: bool ``[batch, length]``; ``False`` positions are skipped.
+
+    Returns:
+        float ``[batch, dim]``; rows with no valid id are zero.
+    """
+    positions = tf.where(valid)
+    distinct, index = tf.unique(tf.gather_nd(ids, positions), out_idx=tf.int32)
+    examples = tf.cast(positions[:, 0], tf.int32)  # sorted: tf.where is row-major
+    batch = tf.shape(ids)[0]
+
+    @tf.custom_gradient
+    def segment_sum(rows: tf.Tensor) -> tuple[tf.Tensor, Callable]:
+        def grad(upstream: tf.Tensor) -> tf.Tensor:
+            order = tf.argsort(index, stable=True)
+            return tf.sparse.segment_sum(
+                upstream, tf.gather(examples, order), tf.gather(index, order),
+                num_segments=tf.shape(rows)[0])
+
+        return tf.sparse.segment_sum(rows, index, examples, num_segments=batch), grad
+
+    return segment_sum(tf.gather(table, distinct))
 
 
 @tf.keras.utils.register_keras_serializable(package="tfdssm")
@@ -131,11 +167,7 @@ class TextEmbedding(tf.keras.layers.Layer):
             weights = tf.cast(valid, vectors.dtype)[:, :, tf.newaxis]
             total = tf.reduce_sum(vectors * weights, axis=1)
         else:
-            positions = tf.where(valid)
-            vectors = tf.gather(self.embeddings, tf.gather_nd(ids, positions))
-            total = tf.math.unsorted_segment_sum(
-                vectors, positions[:, 0], num_segments=tf.shape(ids)[0]
-            )
+            total = _bag_sum(self.embeddings, ids, valid)
         return combine(total, count, self.combiner)
 
     def get_config(self) -> dict:
