@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from tfdssm import checkpoints, data, distribute, evaluate, export
+from tfdssm import checkpoints, data, distribute, evaluate, export, optimizers
 from tfdssm.errors import ConfigError, DataError
 from tfdssm.features import Feature
 from tfdssm.model import DSSM
@@ -183,7 +183,7 @@ def run(
     strategy = strategy or tf.distribute.get_strategy()
     replicas = _check_strategy(model, strategy, batch_size, len(prepared.train))
     with strategy.scope():
-        model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate))
+        model.compile(optimizer=optimizers.Adam(learning_rate))
     dataset = data.make_dataset(prepared.train, prepared.features, batch_size,
                                 seed=seed, drop_remainder=replicas > 1)
     if replicas > 1:
