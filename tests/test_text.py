@@ -9,7 +9,13 @@ import tensorflow as tf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tfdssm.text import PAD, TextNormalizer, encode_text, normalize_code_points_py
+from tfdssm.text import (
+    PAD,
+    TextNormalizer,
+    _page_table,
+    encode_text,
+    normalize_code_points_py,
+)
 from tfdssm.unicode_table import build_table_dict, load_table, UNICODE_VERSION
 
 NORMALIZER = TextNormalizer()
@@ -84,3 +90,35 @@ README_VECTORS = {
 def test_readme_encoder_vectors(text):
     assert encode_text(text, 8).tolist() == README_VECTORS[text]
     assert graph([text], 8)[0].tolist() == README_VECTORS[text]
+
+
+def test_mixed_batch_equals_row_by_row():
+    # Composition is skipped for a batch only when no code point can end a
+    # composing pair; a batch mixing both kinds must still match row by row.
+    rows = graph(CASES, 64).tolist()
+    for text, row in zip(CASES, rows, strict=True):
+        reference = normalize_code_points_py(text)[:64]
+        assert row == reference + [PAD] * (64 - len(reference)), repr(text)
+
+
+@pytest.mark.parametrize("texts, expected", [
+    (["plain ascii", "北京烤鸭", "ΣΟΦΊΑ"], False),
+    (["plain ascii", "Cafe\u0301"], True),  # U+0301 COMBINING ACUTE ends a pair
+    (["\U00011099\U000110ba"], True),  # Kaithi: a pair outside the BMP
+    ([""], False),
+])
+def test_may_compose_flags_exactly_the_batches_that_need_composition(texts, expected):
+    points = tf.cast(tf.strings.unicode_decode(tf.constant(texts), "UTF-8"), tf.int64)
+    assert bool(NORMALIZER._may_compose(points.flat_values)) is expected
+
+
+def test_page_table_finds_every_expansion_key_and_nothing_else():
+    table = load_table()
+    page_slots, slot_index = _page_table(table.expand_keys)
+    position = {int(cp): i for i, cp in enumerate(table.expand_keys)}
+    rng = np.random.default_rng(0)
+    probes = np.concatenate([table.expand_keys, rng.integers(0, 0x110000, 20000),
+                             [0, 0x10FFFF, 0xD800, 0xFFFD]])
+    found = slot_index[page_slots[probes >> 8] * 256 + (probes & 255)]
+    assert found.tolist() == [position.get(int(cp), -1) for cp in probes]
+    assert slot_index.nbytes < 200_000  # ~60 pages, not a 1.1M-entry array

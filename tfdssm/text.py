@@ -29,6 +29,32 @@ PAD = 0
 """The pad value of code-point tensors (NUL is a boundary anyway)."""
 
 _COMPOSE_PASSES = 2
+_PAGE_BITS = 8
+_PAGE_MASK = (1 << _PAGE_BITS) - 1
+_LAST_PAGE = MAX_CODE_POINT >> _PAGE_BITS
+
+
+def _page_table(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two-level dense index of the expansion keys (replaces a hash lookup).
+
+    Args:
+        keys: int64 ``[n]`` distinct code points that have an expansion.
+
+    Returns:
+        ``page_slots``: int64 ``[MAX_CODE_POINT >> 8 + 1]``, the slot of each
+        256-code-point page (slot 0 is an all-miss page); ``slot_index``: int64
+        ``[(pages + 1) * 256]``, the key's position in ``keys`` or -1.
+        ``slot_index[page_slots[cp >> 8] * 256 + (cp & 255)]`` is ``cp``'s
+        position. The expansion table touches 61 pages, so this is ~130 KB.
+    """
+    keys = np.asarray(keys, np.int64)
+    pages = np.unique(keys >> _PAGE_BITS)
+    page_slots = np.zeros([_LAST_PAGE + 1], np.int64)
+    page_slots[pages] = np.arange(1, len(pages) + 1)
+    slot_index = np.full([(len(pages) + 1) << _PAGE_BITS], -1, np.int64)
+    slot_index[(page_slots[keys >> _PAGE_BITS] << _PAGE_BITS) + (keys & _PAGE_MASK)] = (
+        np.arange(len(keys)))
+    return page_slots, slot_index
 
 
 def encode_text(text: str, max_length: int) -> np.ndarray:
@@ -91,13 +117,15 @@ def normalize_code_points_py(text: str | bytes) -> list[int]:
     Returns:
         The normalised code points, not truncated.
     """
-    compose, expand = _python_tables()
+    compose, seconds, expand = _python_tables()
     if isinstance(text, bytes):
         data = text.decode("utf-8", errors="replace")
     else:
         data = to_valid_unicode(text)
     points = [ord(c) for c in data]
-    for _ in range(_COMPOSE_PASSES):
+    # Only a code point in ``seconds`` can end a composing pair (as in-graph).
+    passes = _COMPOSE_PASSES if not seconds.isdisjoint(points) else 0
+    for _ in range(passes):
         hits = [
             (points[i] * (MAX_CODE_POINT + 1) + points[i + 1]) in compose
             for i in range(len(points) - 1)
@@ -120,17 +148,20 @@ def normalize_code_points_py(text: str | bytes) -> list[int]:
 
 
 @functools.lru_cache(maxsize=1)
-def _python_tables() -> tuple[dict[int, int], dict[int, tuple[int, ...]]]:
-    """The frozen table as dicts: pair key -> composed, code point -> expansion."""
+def _python_tables() -> tuple[dict[int, int], frozenset[int],
+                               dict[int, tuple[int, ...]]]:
+    """The frozen table as Python objects: pair key -> composed, the code points
+    that can end a pair, code point -> expansion."""
     table = load_table()
     compose = dict(zip(table.compose_keys.tolist(), table.compose_values.tolist()))
+    seconds = frozenset(k % (MAX_CODE_POINT + 1) for k in compose)
     splits = table.expand_splits.tolist()
     values = table.expand_values.tolist()
     expand = {
         cp: tuple(values[splits[i] : splits[i + 1]])
         for i, cp in enumerate(table.expand_keys.tolist())
     }
-    return compose, expand
+    return compose, seconds, expand
 
 
 class TextNormalizer(tf.Module):
@@ -152,13 +183,13 @@ class TextNormalizer(tf.Module):
             ),
             default_value=-1,
         )
-        self._expand = tf.lookup.StaticHashTable(
-            tf.lookup.KeyValueTensorInitializer(
-                tf.constant(table.expand_keys),
-                tf.range(len(table.expand_keys), dtype=tf.int64),
-            ),
-            default_value=-1,
-        )
+        # Code points that can end a composing pair: text without any of them
+        # (almost all text, NFC or not) skips both composition passes.
+        self._seconds = tf.constant(
+            np.unique(table.compose_keys % (MAX_CODE_POINT + 1)), tf.int64)
+        page_slots, slot_index = _page_table(table.expand_keys)
+        self._page_slots = tf.constant(page_slots)
+        self._slot_index = tf.constant(slot_index)
         self._splits = tf.constant(table.expand_splits)
         self._values = tf.constant(table.expand_values)
 
@@ -183,12 +214,27 @@ class TextNormalizer(tf.Module):
             texts, "UTF-8", errors="replace", replacement_char=0xFFFD
         )
         points = tf.cast(points, tf.int64)
-        for _ in range(_COMPOSE_PASSES):
-            points = self._compose_pairs(points)
+        points = tf.cond(
+            self._may_compose(points.flat_values),
+            lambda: self._compose_all(points),
+            lambda: points,
+        )
         points = self._expand_points(points)
         batch = tf.shape(texts)[0]
         points = points.to_tensor(default_value=PAD, shape=[None, max_length])
         return tf.reshape(tf.cast(points, tf.int32), [batch, max_length])
+
+    def _may_compose(self, flat: tf.Tensor) -> tf.Tensor:
+        """Whether any code point in ``flat`` (int64 ``[n]``) can end a pair."""
+        last = tf.shape(self._seconds, out_type=tf.int64)[0] - 1
+        found = tf.gather(self._seconds, tf.minimum(
+            tf.searchsorted(self._seconds, flat, out_type=tf.int64), last))
+        return tf.reduce_any(tf.equal(found, flat))
+
+    def _compose_all(self, points: tf.RaggedTensor) -> tf.RaggedTensor:
+        for _ in range(_COMPOSE_PASSES):
+            points = self._compose_pairs(points)
+        return points
 
     def _compose_pairs(self, points: tf.RaggedTensor) -> tf.RaggedTensor:
         flat = points.flat_values
@@ -210,7 +256,10 @@ class TextNormalizer(tf.Module):
 
     def _expand_points(self, points: tf.RaggedTensor) -> tf.RaggedTensor:
         flat = points.flat_values
-        index = self._expand.lookup(flat)
+        page = tf.gather(self._page_slots, tf.minimum(
+            tf.bitwise.right_shift(flat, _PAGE_BITS), _LAST_PAGE))
+        index = tf.gather(self._slot_index, page * (_PAGE_MASK + 1)
+                          + tf.bitwise.bitwise_and(flat, _PAGE_MASK))
         mapped = index >= 0
         safe = tf.maximum(index, 0)
         size = tf.shape(self._values, out_type=tf.int64)[0]
