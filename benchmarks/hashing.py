@@ -4,7 +4,10 @@
 ``TextNormalizer`` + ``trigram_ids`` over batches of 256 (parallel calls). Pure
 Python, single process: (a) the same table-driven definition
 (``normalize_code_points_py`` + ``trigram_ids_py``); (b) ``unicodedata``'s C
-normalisation + ``trigram_ids_py``. Both give identical ids (checked).
+normalisation + ``trigram_ids_py``. Both give identical ids (checked). The
+in-graph pipeline and (a) use the same shortcuts: composition is skipped when no
+code point can end a composing pair, and expansions are a direct lookup (a
+two-level page table in the graph, a dict in Python).
 """
 
 from __future__ import annotations
