@@ -2,21 +2,21 @@
 
 import unicodedata
 
-import tfdssm  # noqa: F401
 import numpy as np
 import pytest
 import tensorflow as tf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import tfdssm  # noqa: F401
 from tfdssm.text import (
     PAD,
     TextNormalizer,
-    _page_table,
+    _code_table,
     encode_text,
     normalize_code_points_py,
 )
-from tfdssm.unicode_table import build_table_dict, load_table, UNICODE_VERSION
+from tfdssm.unicode_table import UNICODE_VERSION, build_table_dict, load_table
 
 NORMALIZER = TextNormalizer()
 
@@ -109,16 +109,20 @@ def test_mixed_batch_equals_row_by_row():
 ])
 def test_may_compose_flags_exactly_the_batches_that_need_composition(texts, expected):
     points = tf.cast(tf.strings.unicode_decode(tf.constant(texts), "UTF-8"), tf.int64)
-    assert bool(NORMALIZER._may_compose(points.flat_values)) is expected
+    codes = NORMALIZER._codes(points.flat_values)
+    assert bool(NORMALIZER._may_compose(codes)) is expected
 
 
-def test_page_table_finds_every_expansion_key_and_nothing_else():
+def test_code_table_answers_expansion_and_pair_ending_for_every_code_point():
     table = load_table()
-    page_slots, slot_index = _page_table(table.expand_keys)
-    position = {int(cp): i for i, cp in enumerate(table.expand_keys)}
+    page_slots, slot_codes = _code_table(table)
+    expansion = {int(cp): i for i, cp in enumerate(table.expand_keys)}
+    ends = {int(k) % 0x110000 for k in table.compose_keys}
     rng = np.random.default_rng(0)
-    probes = np.concatenate([table.expand_keys, rng.integers(0, 0x110000, 20000),
+    probes = np.concatenate([table.expand_keys, sorted(ends),
+                             rng.integers(0, 0x110000, 20000),
                              [0, 0x10FFFF, 0xD800, 0xFFFD]])
-    found = slot_index[page_slots[probes >> 8] * 256 + (probes & 255)]
-    assert found.tolist() == [position.get(int(cp), -1) for cp in probes]
-    assert slot_index.nbytes < 200_000  # ~60 pages, not a 1.1M-entry array
+    codes = slot_codes[page_slots[probes >> 8] * 256 + (probes & 255)]
+    assert (codes >> 1).tolist() == [expansion.get(int(cp), -1) + 1 for cp in probes]
+    assert (codes & 1).tolist() == [int(int(cp) in ends) for cp in probes]
+    assert slot_codes.nbytes < 200_000  # ~70 pages, not a 1.1M-entry array

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import unicodedata
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -34,27 +35,44 @@ _PAGE_MASK = (1 << _PAGE_BITS) - 1
 _LAST_PAGE = MAX_CODE_POINT >> _PAGE_BITS
 
 
-def _page_table(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Two-level dense index of the expansion keys (replaces a hash lookup).
+def _page_table(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A two-level dense map from code points to values (instead of a hash table).
 
     Args:
-        keys: int64 ``[n]`` distinct code points that have an expansion.
+        keys: int64 ``[n]`` distinct code points.
+        values: int64 ``[n]`` their values; every other code point maps to 0.
 
     Returns:
-        ``page_slots``: int64 ``[MAX_CODE_POINT >> 8 + 1]``, the slot of each
-        256-code-point page (slot 0 is an all-miss page); ``slot_index``: int64
-        ``[(pages + 1) * 256]``, the key's position in ``keys`` or -1.
-        ``slot_index[page_slots[cp >> 8] * 256 + (cp & 255)]`` is ``cp``'s
-        position. The expansion table touches 61 pages, so this is ~130 KB.
+        ``page_slots``: int64 ``[(MAX_CODE_POINT >> 8) + 1]``, the slot of each
+        256-code-point page (slot 0: a page of zeros); ``slot_values``: int64
+        ``[(pages + 1) * 256]``. A code point's value is
+        ``slot_values[page_slots[cp >> 8] * 256 + (cp & 255)]``. tfdssm's keys
+        touch 69 pages, so this is ~160 KB.
     """
     keys = np.asarray(keys, np.int64)
     pages = np.unique(keys >> _PAGE_BITS)
     page_slots = np.zeros([_LAST_PAGE + 1], np.int64)
     page_slots[pages] = np.arange(1, len(pages) + 1)
-    slot_index = np.full([(len(pages) + 1) << _PAGE_BITS], -1, np.int64)
-    slot_index[(page_slots[keys >> _PAGE_BITS] << _PAGE_BITS) + (keys & _PAGE_MASK)] = (
-        np.arange(len(keys)))
-    return page_slots, slot_index
+    slot_values = np.zeros([(len(pages) + 1) << _PAGE_BITS], np.int64)
+    slot_values[(page_slots[keys >> _PAGE_BITS] << _PAGE_BITS) + (keys & _PAGE_MASK)] = (
+        values)
+    return page_slots, slot_values
+
+
+def _code_table(table: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The page table of each code point's code: ``2 * (expansion + 1) + ends``.
+
+    ``expansion`` is the code point's row in the expansion table (-1: none);
+    ``ends`` is 1 if it can end a composing pair. One lookup answers both
+    questions the normaliser asks of every code point.
+    """
+    seconds = np.unique(table.compose_keys % (MAX_CODE_POINT + 1))
+    keys = np.union1d(table.expand_keys, seconds)
+    codes = np.zeros(len(keys), np.int64)
+    codes[np.searchsorted(keys, table.expand_keys)] += 2 * (
+        np.arange(len(table.expand_keys)) + 1)
+    codes[np.searchsorted(keys, seconds)] += 1
+    return _page_table(keys, codes)
 
 
 def encode_text(text: str, max_length: int) -> np.ndarray:
@@ -183,13 +201,9 @@ class TextNormalizer(tf.Module):
             ),
             default_value=-1,
         )
-        # Code points that can end a composing pair: text without any of them
-        # (almost all text, NFC or not) skips both composition passes.
-        self._seconds = tf.constant(
-            np.unique(table.compose_keys % (MAX_CODE_POINT + 1)), tf.int64)
-        page_slots, slot_index = _page_table(table.expand_keys)
+        page_slots, slot_codes = _code_table(table)
         self._page_slots = tf.constant(page_slots)
-        self._slot_index = tf.constant(slot_index)
+        self._slot_codes = tf.constant(slot_codes)
         self._splits = tf.constant(table.expand_splits)
         self._values = tf.constant(table.expand_values)
 
@@ -214,27 +228,37 @@ class TextNormalizer(tf.Module):
             texts, "UTF-8", errors="replace", replacement_char=0xFFFD
         )
         points = tf.cast(points, tf.int64)
-        points = tf.cond(
-            self._may_compose(points.flat_values),
+        codes = self._codes(points.flat_values)
+        # Only 63 code points can end a composing pair; text without any of
+        # them (NFC text nearly always) skips both composition passes.
+        points, codes = tf.cond(
+            self._may_compose(codes),
             lambda: self._compose_all(points),
-            lambda: points,
+            lambda: (points, codes),
         )
-        points = self._expand_points(points)
+        points = self._expand_points(points, codes)
         batch = tf.shape(texts)[0]
         points = points.to_tensor(default_value=PAD, shape=[None, max_length])
         return tf.reshape(tf.cast(points, tf.int32), [batch, max_length])
 
-    def _may_compose(self, flat: tf.Tensor) -> tf.Tensor:
-        """Whether any code point in ``flat`` (int64 ``[n]``) can end a pair."""
-        last = tf.shape(self._seconds, out_type=tf.int64)[0] - 1
-        found = tf.gather(self._seconds, tf.minimum(
-            tf.searchsorted(self._seconds, flat, out_type=tf.int64), last))
-        return tf.reduce_any(tf.equal(found, flat))
+    def _codes(self, flat: tf.Tensor) -> tf.Tensor:
+        """int64 ``[n]`` code points -> their codes (see :func:`_code_table`)."""
+        page = tf.gather(self._page_slots, tf.minimum(
+            tf.bitwise.right_shift(flat, _PAGE_BITS), _LAST_PAGE))
+        return tf.gather(self._slot_codes, page * (_PAGE_MASK + 1)
+                         + tf.bitwise.bitwise_and(flat, _PAGE_MASK))
 
-    def _compose_all(self, points: tf.RaggedTensor) -> tf.RaggedTensor:
+    @staticmethod
+    def _may_compose(codes: tf.Tensor) -> tf.Tensor:
+        """Whether any of the code points can end a composing pair."""
+        return tf.reduce_any(tf.bitwise.bitwise_and(codes, 1) > 0)
+
+    def _compose_all(
+        self, points: tf.RaggedTensor
+    ) -> tuple[tf.RaggedTensor, tf.Tensor]:
         for _ in range(_COMPOSE_PASSES):
             points = self._compose_pairs(points)
-        return points
+        return points, self._codes(points.flat_values)
 
     def _compose_pairs(self, points: tf.RaggedTensor) -> tf.RaggedTensor:
         flat = points.flat_values
@@ -254,12 +278,10 @@ class TextNormalizer(tf.Module):
             )
         )
 
-    def _expand_points(self, points: tf.RaggedTensor) -> tf.RaggedTensor:
+    def _expand_points(self, points: tf.RaggedTensor,
+                       codes: tf.Tensor) -> tf.RaggedTensor:
         flat = points.flat_values
-        page = tf.gather(self._page_slots, tf.minimum(
-            tf.bitwise.right_shift(flat, _PAGE_BITS), _LAST_PAGE))
-        index = tf.gather(self._slot_index, page * (_PAGE_MASK + 1)
-                          + tf.bitwise.bitwise_and(flat, _PAGE_MASK))
+        index = tf.bitwise.right_shift(codes, 1) - 1
         mapped = index >= 0
         safe = tf.maximum(index, 0)
         size = tf.shape(self._values, out_type=tf.int64)[0]
