@@ -35,7 +35,8 @@ _PAGE_MASK = (1 << _PAGE_BITS) - 1
 _LAST_PAGE = MAX_CODE_POINT >> _PAGE_BITS
 
 
-def _page_table(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _page_table(keys: np.ndarray,
+                values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A two-level dense map from code points to values (instead of a hash table).
 
     Args:
@@ -54,8 +55,8 @@ def _page_table(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.nd
     page_slots = np.zeros([_LAST_PAGE + 1], np.int64)
     page_slots[pages] = np.arange(1, len(pages) + 1)
     slot_values = np.zeros([(len(pages) + 1) << _PAGE_BITS], np.int64)
-    slot_values[(page_slots[keys >> _PAGE_BITS] << _PAGE_BITS) + (keys & _PAGE_MASK)] = (
-        values)
+    slots = (page_slots[keys >> _PAGE_BITS] << _PAGE_BITS) + (keys & _PAGE_MASK)
+    slot_values[slots] = values
     return page_slots, slot_values
 
 
