@@ -28,14 +28,16 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# Long benchmarks (not CI): `make bench`, or one suite: `make bench SUITES="--suite quality"`.
-# The long versions of tests marked `bench` (32 clients x 30 s, 17 killed exports) run
-# first; `make bench BENCH_TESTS=` skips them.
+# Long benchmarks (not CI): `make bench` (a full run also refreshes README.md's
+# table), or one suite: `make bench SUITES="--suite quality"`. The long versions of
+# tests marked `bench` (1/8/32 clients, 17 killed exports) run first;
+# `make bench BENCH_TESTS=` skips them.
 BENCH_TESTS ?= tests/test_load.py tests/test_reliability.py
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
 	$(if $(BENCH_TESTS),$(BIN)/python -m pytest -q -s -m bench $(BENCH_TESTS))
-	$(BIN)/python -m benchmarks.run $(SUITES) $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.run $(SUITES) $(BENCH_ARGS) \
+	  $(if $(SUITES)$(BENCH_ARGS),,--readme README.md)
 
 lint: $(STAMP)
 	$(BIN)/ruff check tfdssm tests pipelines scripts
