@@ -17,7 +17,6 @@ import sys
 import time
 
 import tfdssm  # noqa: F401  (Keras 2 before TensorFlow)
-
 from benchmarks import common
 
 SUITES = ("quality", "hashing", "training", "tflite", "retrieval", "memory", "serving")
