@@ -1,15 +1,25 @@
-"""``tfdssm serve`` under load: concurrent gRPC clients, a version swap, SIGTERM.
+"""``tfdssm serve`` under load: gRPC against in-process calls, a version swap, SIGTERM.
 
-One ``tfdssm serve`` process on the MovieLens export (loopback ports); N client
-threads, each with its own channel, send ``Predict`` calls back to back for S
-seconds (a mix of ScaNN and brute-force top-10, with and without exclusions,
-and user embeddings). Reported: requests/s, latency percentiles, failed
-requests, the server's RSS over the run, a new ``retrieval`` version swapped in
-halfway (no request may fail), and a SIGTERM sent under load (requests in
-flight must finish; the process must exit 0).
+One ``tfdssm serve`` process on the MovieLens export (loopback ports); at each
+load level (1, 8, 32 clients), N client threads, each with its own channel,
+send ``Predict`` calls back to back for S seconds (a mix of ScaNN and
+brute-force top-10, with and without exclusions, and user embeddings).
+Reported per level: requests/s, latency percentiles, failed requests, the
+server's RSS over the run. During the last level a new ``retrieval`` version is
+swapped in (no request may fail); then a SIGTERM is sent under load (requests
+in flight must finish; the process must exit 0).
 
-``python -m benchmarks.run --suite serving`` (32 clients x 30 s; ``--quick``:
-8 x 5 s). ``tests/test_load.py`` runs the same code, shortened, in CI.
+The baseline: the same requests as direct calls in this process, with as many
+threads for as long: the newest version of each model loaded with
+``tf.saved_model.load``, each request's signature called with its inputs as
+eager tensors (decoded from the very ``PredictRequest`` protos sent over gRPC).
+The ratios of the two are gRPC's overhead: protobuf encoding, the loopback
+network, the server's validation and its worker pool, and the client's own CPU
+on the same cores.
+
+``python -m benchmarks.run --suite serving`` (1 and 8 clients x 15 s, 32 x 30 s;
+``--quick``: 1 and 8 clients x 4 s). ``tests/test_load.py`` runs the same code,
+shortened, in CI.
 """
 
 from __future__ import annotations
@@ -195,14 +205,14 @@ class Call:
     start: float
     end: float
     model: str
-    code: str  # "OK" or the gRPC status name
+    code: str  # "OK", the gRPC status name, or the TensorFlow error class
     version: int = 0
     details: str = ""
 
 
 @dataclasses.dataclass
 class Load:
-    """What :func:`run_load` measured."""
+    """What :func:`run_load` or :func:`run_in_process` measured."""
 
     clients: int
     seconds: float
@@ -252,8 +262,15 @@ class Load:
                 "rss_growth_mb": round(growth, 1)}
 
 
-def run_load(
-    target: str,
+Send = Callable[[Any], tuple[str, str, int, str]]
+"""Sends one request; returns ``(model, code, version, details)``."""
+
+Connect = Callable[[], tuple[Send, Callable[[], None]]]
+"""Opens one client's connection; returns its :data:`Send` and a ``close``."""
+
+
+def drive(
+    connect: Connect,
     requests: Sequence[Any],
     clients: int,
     seconds: float,
@@ -261,12 +278,12 @@ def run_load(
     events: Sequence[tuple[float, Callable[[], Any]]] = (),
     stop_on: threading.Event | None = None,
 ) -> Load:
-    """``clients`` threads (one channel each) sending ``requests`` round-robin.
+    """``clients`` threads (one ``connect()`` each) sending ``requests`` round-robin.
 
     Args:
-        target: ``host:port`` of the gRPC server.
-        requests: PredictRequests to cycle through (each client starts at a
-            different offset).
+        connect: Opens a client (a gRPC channel, or nothing for in-process calls).
+        requests: Requests to cycle through (each client starts at a different
+            offset).
         clients: Concurrent clients.
         seconds: How long every client keeps sending.
         rss: Returns the server's RSS in MiB (sampled every 0.25 s).
@@ -274,9 +291,6 @@ def run_load(
             e.g. adding a model version or sending SIGTERM.
         stop_on: Clients also stop once this is set.
     """
-    import grpc  # noqa: PLC0415
-    from tensorflow_serving.apis import prediction_service_pb2_grpc  # noqa: PLC0415
-
     calls: list[Call] = []
     lock = threading.Lock()
     stop = stop_on or threading.Event()
@@ -284,22 +298,17 @@ def run_load(
     deadline = started + seconds
 
     def client(offset: int) -> None:
-        channel = grpc.insecure_channel(target)
-        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        send, close = connect()
         mine, i = [], offset
         while time.monotonic() < deadline and not stop.is_set():
             request = requests[i % len(requests)]
             i += 1
             begin = time.monotonic()
-            try:
-                response = stub.Predict(request, timeout=30)
-                mine.append(Call(begin, time.monotonic(), request.model_spec.name,
-                                 "OK", response.model_spec.version.value))
-            except grpc.RpcError as error:
-                mine.append(Call(begin, time.monotonic(), request.model_spec.name,
-                                 error.code().name, details=error.details() or ""))
+            model, code, version, details = send(request)
+            mine.append(Call(begin, time.monotonic(), model, code, version, details))
+            if code != "OK":
                 stop.wait(0.01)  # back off, as a real client would
-        channel.close()
+        close()
         with lock:
             calls.extend(mine)
 
@@ -326,6 +335,118 @@ def run_load(
     for thread in [*threads, watcher]:
         thread.join(timeout=seconds + 120)
     return Load(clients, time.monotonic() - started, calls, samples, started)
+
+
+def grpc_client(target: str) -> tuple[Send, Callable[[], None]]:
+    """One channel to ``target``; sends ``PredictRequest``s over it."""
+    import grpc  # noqa: PLC0415
+    from tensorflow_serving.apis import prediction_service_pb2_grpc  # noqa: PLC0415
+
+    channel = grpc.insecure_channel(target)
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+
+    def send(request: Any) -> tuple[str, str, int, str]:
+        model = request.model_spec.name
+        try:
+            response = stub.Predict(request, timeout=30)
+        except grpc.RpcError as error:
+            return model, error.code().name, 0, error.details() or ""
+        return model, "OK", response.model_spec.version.value, ""
+
+    return send, channel.close
+
+
+def run_load(
+    target: str,
+    requests: Sequence[Any],
+    clients: int,
+    seconds: float,
+    rss: Callable[[], float] | None = None,
+    events: Sequence[tuple[float, Callable[[], Any]]] = (),
+    stop_on: threading.Event | None = None,
+) -> Load:
+    """``clients`` gRPC clients (one channel each) sending ``requests``.
+
+    Args:
+        target: ``host:port`` of the gRPC server.
+        requests: PredictRequests; the other arguments are :func:`drive`'s.
+    """
+    return drive(lambda: grpc_client(target), requests, clients, seconds, rss,
+                 events, stop_on)
+
+
+# --------------------------------------------------------------------------- #
+# The baseline: the same requests as direct in-process calls
+# --------------------------------------------------------------------------- #
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalRequest:
+    """A ``PredictRequest`` as a direct call of a loaded SavedModel's signature."""
+
+    model: str
+    version: int
+    function: Callable[..., Mapping[str, Any]]
+    inputs: dict[str, Any]  # name -> eager tf.Tensor
+
+
+def load_models(export_dir: str | os.PathLike,
+                names: Sequence[str] = MODELS) -> dict[str, tuple[int, Any]]:
+    """``{name: (version, tf.saved_model.load(...))}``, the newest version of each.
+
+    The export layout is ``<export_dir>/<name>/<version>/``.
+    """
+    import scann  # noqa: F401, PLC0415 - registers the Scann>* ops of `retrieval`
+    import tensorflow as tf  # noqa: PLC0415
+
+    from tfdssm.export import versions  # noqa: PLC0415
+
+    out = {}
+    for name in names:
+        base = pathlib.Path(export_dir) / name
+        version = versions(base)[-1]
+        out[name] = (version, tf.saved_model.load(str(base / str(version))))
+    return out
+
+
+def local_requests(requests: Sequence[Any],
+                   models: Mapping[str, tuple[int, Any]]) -> list[LocalRequest]:
+    """Each PredictRequest as the same signature of the same model, called with
+    its own inputs (``tf.make_ndarray`` of each ``TensorProto``) as tensors."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    out = []
+    for request in requests:
+        name = request.model_spec.name
+        version, loaded = models[name]
+        inputs = {key: tf.constant(tf.make_ndarray(proto), tf.as_dtype(proto.dtype))
+                  for key, proto in request.inputs.items()}
+        out.append(LocalRequest(name, version,
+                                loaded.signatures[request.model_spec.signature_name],
+                                inputs))
+    return out
+
+
+def local_client() -> tuple[Send, Callable[[], None]]:
+    """Calls :class:`LocalRequest`s; outputs are read as numpy, as a server would."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    def send(request: LocalRequest) -> tuple[str, str, int, str]:
+        try:
+            outputs = request.function(**request.inputs)
+            for value in outputs.values():
+                value.numpy()
+        except tf.errors.OpError as error:
+            return request.model, type(error).__name__, 0, error.message
+        return request.model, "OK", request.version, ""
+
+    return send, lambda: None
+
+
+def run_in_process(requests: Sequence[LocalRequest], clients: int,
+                   seconds: float) -> Load:
+    """``clients`` threads of this process calling ``requests`` round-robin."""
+    return drive(local_client, requests, clients, seconds)
 
 
 def sigterm_under_load(server: ServeProcess, requests: Sequence[Any],
@@ -420,63 +541,145 @@ def slow_candidates_request(prepared: Any, rows: int = 4096) -> Any:
     return request
 
 
-def measure(export_dir: str | os.PathLike, prepared: Any, clients: int,
-            seconds: float, users: int = 64) -> dict[str, Any]:
-    """The whole scenario on a copy of ``export_dir`` (which is not changed).
+def grpc_levels(export_copy: pathlib.Path, prepared: Any, requests: Sequence[Any],
+                levels: Sequence[tuple[int, float]]) -> dict[str, Any]:
+    """``tfdssm serve`` on ``export_copy`` (which gets a new version) at each level.
+
+    A warm-up run first (the most clients, up to 2 s); the last level's run
+    swaps in a new ``retrieval`` version a quarter into it (loading and warming
+    it up under load takes seconds); then SIGTERM under load.
 
     Returns:
-        ``{"load": Load.summary(), "swap": ..., "sigterm": ..., "bind": ...}``.
+        ``{"loads": [Load per level], "warm", "swap", "sigterm", "bind", "log"}``.
     """
+    server = start_serve(export_copy, "--poll-seconds", "0.2")
+    try:
+        bind = server.listening()
+        warm = run_load(server.target, requests, max(c for c, _ in levels),
+                        min(2.0, levels[-1][1] / 4))
+        loads = [run_load(server.target, requests, clients, seconds,
+                          rss=server.rss_mb)
+                 for clients, seconds in levels[:-1]]
+        clients, seconds = levels[-1]
+        swapped: dict[str, int] = {}
+        loads.append(run_load(
+            server.target, requests, clients, seconds, rss=server.rss_mb,
+            events=[(seconds / 4, lambda: swapped.update(
+                version=add_version(export_copy / "retrieval")))]))
+        sigterm = sigterm_under_load(server, requests,
+                                     slow_candidates_request(prepared))
+    finally:
+        server.kill()
+    swap = {"new_version": swapped.get("version"),
+            "versions_served": sorted(loads[-1].versions("retrieval")),
+            "failed": len(loads[-1].failed)}
+    return {"loads": loads, "warm": warm, "swap": swap, "sigterm": sigterm,
+            "bind": {port: sorted(a) for port, a in bind.items()},
+            "log": server.log[-12:]}
+
+
+def in_process_levels(export_dir: str | os.PathLike, requests: Sequence[Any],
+                      levels: Sequence[tuple[int, float]]) -> dict[str, Any]:
+    """The same ``requests`` as direct calls of ``export_dir``'s SavedModels, at
+    each level (after the same warm-up as :func:`grpc_levels`).
+
+    Returns:
+        ``{"loads": [Load per level], "warm": Load}``.
+    """
+    local = local_requests(requests, load_models(export_dir))
+    warm = run_in_process(local, max(c for c, _ in levels),
+                          min(2.0, levels[-1][1] / 4))
+    return {"loads": [run_in_process(local, clients, seconds)
+                      for clients, seconds in levels], "warm": warm}
+
+
+def compare(grpc: Load, local: Load) -> dict[str, Any]:
+    """One level: both summaries and gRPC's overhead ratios."""
+    return {"clients": grpc.clients, "grpc": grpc.summary(),
+            "in_process": local.summary(),
+            "p50_overhead": _ratio(grpc.latency_ms(50), local.latency_ms(50)),
+            "p99_overhead": _ratio(grpc.latency_ms(99), local.latency_ms(99)),
+            "throughput_ratio": _ratio(grpc.per_second, local.per_second)}
+
+
+def _ratio(a: float, b: float) -> float:
+    """``a / b`` to 3 decimals; NaN when ``b`` is 0 or NaN."""
+    return round(a / b, 3) if b > 0 else float("nan")
+
+
+def measure(export_dir: str | os.PathLike, prepared: Any,
+            levels: Sequence[tuple[int, float]], users: int = 64) -> dict[str, Any]:
+    """The whole scenario on a copy of ``export_dir`` (which is not changed).
+
+    Args:
+        export_dir: A MovieLens export (``<name>/<version>/`` per model).
+        prepared: Its ``movielens.prepare`` result (test users, corpus).
+        levels: ``(clients, seconds)`` per load level, gRPC and in-process
+            alike; the last level's gRPC run has the version swap.
+        users: Distinct users in the request mix (4 requests each).
+
+    Returns:
+        ``{"levels": [compare() per level], "load": the last gRPC level's
+        Load.summary(), "warmup_failed", "failures", "swap", "sigterm",
+        "bind", "log"}``.
+    """
+    requests = predict_requests(movielens_users(prepared, users))
     with tempfile.TemporaryDirectory(prefix="tfdssm-bench-serving-") as tmp:
         copy = pathlib.Path(tmp) / "export"
         shutil.copytree(export_dir, copy)
-        requests = predict_requests(movielens_users(prepared, users))
-        server = start_serve(copy, "--poll-seconds", "0.2")
-        try:
-            bind = server.listening()
-            warm = run_load(server.target, requests, clients, min(2.0, seconds / 4))
-            swapped: dict[str, int] = {}
-            load = run_load(
-                server.target, requests, clients, seconds, rss=server.rss_mb,
-                events=[(seconds / 3, lambda: swapped.update(
-                    version=add_version(copy / "retrieval")))])
-            sigterm = sigterm_under_load(server, requests,
-                                         slow_candidates_request(prepared))
-        finally:
-            server.kill()
-        swap = {"new_version": swapped.get("version"),
-                "versions_served": sorted(load.versions("retrieval")),
-                "failed": len(load.failed)}
-        return {"load": load.summary(), "warmup_failed": len(warm.failed),
-                "failures": [(c.model, c.code, c.details) for c in load.failed[:5]],
-                "swap": swap, "sigterm": sigterm,
-                "bind": {port: sorted(a) for port, a in bind.items()},
-                "log": server.log[-12:]}
+        served = grpc_levels(copy, prepared, requests, levels)
+    local = in_process_levels(export_dir, requests, levels)
+    failed = [c for load in served["loads"] for c in load.failed]
+    return {"levels": [compare(g, i) for g, i in
+                       zip(served["loads"], local["loads"], strict=True)],
+            "load": served["loads"][-1].summary(),
+            "warmup_failed": len(served["warm"].failed) + len(local["warm"].failed),
+            "failures": [(c.model, c.code, c.details) for c in failed[:5]],
+            **{key: served[key] for key in ("swap", "sigterm", "bind", "log")}}
+
+
+def markdown(result: Mapping[str, Any]) -> str:
+    """The report section: one table row per level, then the swap and SIGTERM."""
+    rows = [[level["clients"], level["grpc"]["seconds"], level["grpc"]["requests"],
+             level["grpc"]["failed"], level["grpc"]["requests_per_s"],
+             level["grpc"]["p50_ms"], level["grpc"]["p99_ms"],
+             level["in_process"]["requests_per_s"], level["in_process"]["p50_ms"],
+             level["in_process"]["p99_ms"], f"{level['p50_overhead']:.2f}x",
+             f"{level['throughput_ratio']:.2f}",
+             f"{level['grpc']['rss_start_mb']:.0f} -> "
+             f"{level['grpc']['rss_end_mb']:.0f}"]
+            for level in result["levels"]]
+    sigterm, swap = result["sigterm"], result["swap"]
+    return (
+        "### Serving under load (`tfdssm serve`, gRPC, loopback) vs in-process "
+        "calls\n\n"
+        "MovieLens export; request mix: ScaNN and brute-force top-10, with and "
+        "without exclusions, user embeddings. gRPC: one `tfdssm serve` process, "
+        "N client threads with a channel each. In-process: the same requests "
+        "(same models, signatures and inputs) as direct signature calls of the "
+        "`tf.saved_model.load`ed models, N threads in one process.\n\n"
+        + common.table(["clients", "s", "gRPC requests", "failed", "gRPC req/s",
+                        "gRPC p50 ms", "gRPC p99 ms", "in-process req/s",
+                        "in-process p50 ms", "in-process p99 ms",
+                        "p50 overhead (gRPC / in-process)",
+                        "throughput (gRPC / in-process)", "server RSS MiB"], rows)
+        + f"\n\nA new `retrieval` version (v{swap['new_version']}) swapped in "
+        f"during the {result['levels'][-1]['clients']}-client gRPC run: versions "
+        f"served {swap['versions_served']}, {swap['failed']} failed requests. "
+        f"SIGTERM under load: {sigterm['in_flight']} requests in flight, "
+        f"{len(sigterm['in_flight_failed'])} failed; a {sigterm['slow_seconds']} s "
+        f"request in flight {'completed' if sigterm['slow_ok'] else 'FAILED'}; exit "
+        f"code {sigterm['exit_code']} after {sigterm['exit_seconds']} s. Listening "
+        f"on {result['bind']}.")
 
 
 def run(quick: bool = False) -> dict[str, Any]:
     from tfdssm import train  # noqa: PLC0415
     from tfdssm.pipelines import movielens  # noqa: PLC0415
 
-    clients, seconds = (8, 5.0) if quick else (32, 30.0)
+    levels = ((1, 4.0), (8, 4.0)) if quick else ((1, 15.0), (8, 15.0), (32, 30.0))
     with tempfile.TemporaryDirectory() as tmp:
         prepared = movielens.prepare(verbose=False)
         train.run(prepared, tmp, epochs=1, verbose=0)
-        result = measure(tmp, prepared, clients, seconds)
-    load, sigterm, swap = result["load"], result["sigterm"], result["swap"]
-    rows = [[f"{clients} gRPC clients x {seconds:.0f} s (MovieLens export: ScaNN, "
-             "brute force, exclusions, embeddings)", load["requests"], load["failed"],
-             load["requests_per_s"], load["p50_ms"], load["p99_ms"],
-             f"{load['rss_start_mb']:.0f} -> {load['rss_end_mb']:.0f}"]]
-    markdown = (
-        "### Serving under load (`tfdssm serve`, gRPC, loopback)\n\n"
-        + common.table(["scenario", "requests", "failed", "req/s", "p50 ms", "p99 ms",
-                        "RSS MiB"], rows)
-        + f"\n\nA new `retrieval` version (v{swap['new_version']}) swapped in under "
-        f"load: versions served {swap['versions_served']}, {swap['failed']} failed "
-        f"requests. SIGTERM under load: {sigterm['in_flight']} requests in flight, "
-        f"{len(sigterm['in_flight_failed'])} failed; a {sigterm['slow_seconds']} s "
-        f"request in flight {'completed' if sigterm['slow_ok'] else 'FAILED'}; exit "
-        f"code {sigterm['exit_code']} after {sigterm['exit_seconds']} s. Listening "
-        f"on {result['bind']}.")
-    return {"markdown": markdown, "result": result}
+        result = measure(tmp, prepared, levels)
+    return {"markdown": markdown(result), "result": result}
