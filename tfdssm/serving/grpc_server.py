@@ -7,11 +7,31 @@ Implements ``tensorflow.serving.PredictionService`` (``Predict``,
 ``model_service_pb2_grpc.ModelServiceStub`` work unchanged. ``Classify``,
 ``Regress``, ``MultiInference`` and ``HandleReloadConfigRequest`` answer
 ``UNIMPLEMENTED``.
+
+Stopping (:meth:`GrpcServer.stop`) loses no call the server has received.
+grpcio's ``Server.stop(grace)`` alone would: gRPC core keeps the calls that
+arrived but that grpcio's single serving thread has not taken yet (it asks core
+for one call at a time, and needs the GIL and its server lock for each, so under
+load it falls behind), and on shutdown core cancels all of them (the clients get
+``CANCELLED``, whatever the grace period). Only the calls grpcio has already
+taken (running, or waiting for a worker thread) are drained. So the stop first
+sends the server a call of its own (a *marker*) on a fresh connection and waits
+until grpcio takes it: core hands calls over in the order they arrived, so by
+then every call received before the stop has been taken. Calls taken after the
+marker are refused with ``UNAVAILABLE`` ("shutting down"; safe to retry: they
+never ran), and grpcio's stop then drains the calls taken before it (later
+calls fail on the client's side with ``UNAVAILABLE``: the port is closed). A
+call reaching gRPC core in the instant between the marker and core's shutdown
+can still be cancelled by core; it never ran either.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
+import threading
+import time
+from collections.abc import Sequence
 from concurrent import futures
 from typing import Any
 
@@ -30,6 +50,11 @@ from tfdssm.serving.models import ModelManager
 
 LOG = logging.getLogger("tfdssm.serving")
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+SHUTTING_DOWN = ("tfdssm serve is shutting down and accepts no new requests; the "
+                 "request was not run: retry it (another replica, or after the "
+                 "restart).")
+MARKER_METHOD = "/tfdssm.serving.Shutdown/Marker"
+_MARKER_KEY = "tfdssm-shutdown-marker"
 
 
 def requested_version(model_spec: Any) -> int | None:
@@ -163,6 +188,125 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
                       "change the model list (new versions are picked up live).")
 
 
+class _Admission(grpc.ServerInterceptor):
+    """Admits calls until the stop's marker call is taken, then refuses them.
+
+    Runs in grpcio's serving thread as it takes each call, so in the order the
+    calls reached the server (see the module docstring).
+    """
+
+    def __init__(self) -> None:
+        self.token = secrets.token_hex(16)
+        self.draining = False  # the stop has begun: watch for the marker
+        self.closed = False  # the marker has been taken (or the wait gave up)
+        self.wake = threading.Event()  # the marker: taken, or failed
+        # Refusals do not queue behind the requests being drained.
+        self.refusals = futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="tfdssm-grpc-refuse")
+
+        def refuse(request: Any, context: grpc.ServicerContext) -> None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+
+        refuse.experimental_thread_pool = self.refusals  # grpcio's per-method pool
+        self._refuse = grpc.unary_unary_rpc_method_handler(refuse)
+
+    def intercept_service(self, continuation: Any, details: Any) -> Any:
+        if self.closed:
+            return self._refuse
+        if self.draining and details.method == MARKER_METHOD and any(
+                key == _MARKER_KEY and value == self.token
+                for key, value in details.invocation_metadata or ()):
+            self.closed = True
+            self.wake.set()
+            return None  # answered UNIMPLEMENTED at once, without a worker
+        return continuation(details)
+
+
+class _GenericHandlersOnly:
+    """Adds a servicer's methods as generic handlers only.
+
+    Newer generated ``*_pb2_grpc`` modules also register each method with gRPC
+    core; a registered method has its own queue in core, so the marker would no
+    longer follow the calls received before it. Generic handlers share one.
+    """
+
+    def __init__(self, server: grpc.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[Any]) -> None:
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service, handlers),))
+
+
+class GrpcServer:
+    """A running gRPC server (see :func:`start_grpc`) and its graceful stop.
+
+    Attributes:
+        server: The ``grpc.Server``.
+        port: The bound port.
+    """
+
+    def __init__(self, server: grpc.Server, port: int, host: str,
+                 admission: _Admission, workers: futures.ThreadPoolExecutor) -> None:
+        self.server, self.port = server, port
+        self._admission, self._workers = admission, workers
+        self._marker_taken = False
+        host = host.strip("[]")
+        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+        self._local = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def close_admission(self, deadline: float) -> bool:
+        """The cut-off: calls received from now on are refused ``UNAVAILABLE``.
+
+        Sends the marker call and waits (until ``deadline``, a
+        ``time.monotonic()`` value) for grpcio to take it, i.e. to have taken
+        every call received before it; those run as usual.
+
+        Returns:
+            Whether the marker was taken. If not (it could not be sent, or the
+            deadline passed), admission closes anyway; calls still queued in
+            gRPC core may then be cancelled by :meth:`stop`.
+        """
+        admission = self._admission
+        if admission.closed:
+            return self._marker_taken
+        admission.draining = True
+        channel = grpc.insecure_channel(self._local,
+                                        options=[("grpc.enable_http_proxy", 0)])
+        try:
+            marker = channel.unary_unary(MARKER_METHOD).future(
+                b"", timeout=max(0.1, deadline - time.monotonic()),
+                metadata=((_MARKER_KEY, admission.token),))
+            marker.add_done_callback(lambda _: admission.wake.set())
+            admission.wake.wait(max(0.0, deadline - time.monotonic()))
+        finally:
+            channel.close()
+        self._marker_taken = taken = admission.closed
+        admission.closed = True
+        if not taken:
+            LOG.warning("tfdssm serve: could not confirm that gRPC calls received "
+                        "before the stop were all taken (%s); some may be "
+                        "cancelled", "grace period over" if time.monotonic() >=
+                        deadline else "the marker call failed")
+        return taken
+
+    def stop(self, grace_seconds: float) -> None:
+        """Closes admission (unless done), then drains: returns when every
+        admitted call has finished, or ``grace_seconds`` (counted from this
+        call) have passed and the remaining ones were cancelled."""
+        deadline = time.monotonic() + max(0.0, grace_seconds)
+        if grace_seconds > 0:
+            self.close_admission(deadline)
+        self._admission.closed = True
+        remaining = max(0.0, deadline - time.monotonic())
+        self.server.stop(remaining).wait(remaining + 1)
+        self._workers.shutdown(wait=False)
+        self._admission.refusals.shutdown(wait=False)
+
+
 def start_grpc(
     manager: ModelManager,
     host: str = "127.0.0.1",
@@ -170,7 +314,7 @@ def start_grpc(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     workers: int = 8,
     max_batch_size: int | None = predict.DEFAULT_MAX_BATCH_SIZE,
-) -> tuple[grpc.Server, int]:
+) -> tuple[GrpcServer, int]:
     """Starts a gRPC server; returns it and the bound port (``port=0``: any free).
 
     ``max_message_bytes`` limits a request's size and each input's declared
@@ -179,17 +323,20 @@ def start_grpc(
     Raises:
         ServingError: the address cannot be bound.
     """
+    pool = futures.ThreadPoolExecutor(max_workers=workers,
+                                      thread_name_prefix="tfdssm-grpc")
+    admission = _Admission()
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers,
-                                   thread_name_prefix="tfdssm-grpc"),
+        pool, interceptors=[admission],
         options=[("grpc.max_receive_message_length", int(max_message_bytes)),
                  ("grpc.max_send_message_length", -1),
                  ("grpc.so_reuseport", 0)],
     )
+    handlers = _GenericHandlersOnly(server)
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionService(manager, max_batch_size, int(max_message_bytes)), server)
+        PredictionService(manager, max_batch_size, int(max_message_bytes)), handlers)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(
-        ModelService(manager), server)
+        ModelService(manager), handlers)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         bound = server.add_insecure_port(address)
@@ -202,4 +349,4 @@ def start_grpc(
                            "another --grpc-port or stop the process using it.",
                            "UNAVAILABLE")
     server.start()
-    return server, bound
+    return GrpcServer(server, bound, host, admission, pool), bound

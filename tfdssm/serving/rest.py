@@ -14,6 +14,13 @@ Errors are ``{"error": "..."}`` with TF Serving's HTTP codes (400 for
 ``INVALID_ARGUMENT`` and ``FAILED_PRECONDITION``, 404 ``NOT_FOUND``, 413 for a
 body over the size limit, 501 ``UNIMPLEMENTED``, 503 ``UNAVAILABLE``). Each
 connection serves one request (HTTP/1.0 style), so shutting down drains cleanly.
+
+Stopping (:meth:`RestServer.stop_accepting`, then ``server_close``) loses no
+request that reached the server: the connections waiting in the listener's
+queue when the stop comes (the accept loop may lag behind under load) are
+accepted and served like the others, later ones are answered 503 ("shutting
+down"; safe to retry), then the listener closes (later connections are
+refused) and ``server_close`` waits for the requests being served.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import logging
 import re
 import socket
 import threading
+import time
 from typing import Any
 
 from google.protobuf import json_format
@@ -49,6 +57,7 @@ class RestServer(http.server.ThreadingHTTPServer):
     daemon_threads = False
     block_on_close = True
     allow_reuse_address = True
+    request_queue_size = 128  # connections the listener queues (the default is 5)
 
     def __init__(self, address: tuple[str, int], manager: ModelManager,
                  max_body_bytes: int,
@@ -58,7 +67,89 @@ class RestServer(http.server.ThreadingHTTPServer):
         self.manager = manager
         self.max_body_bytes = int(max_body_bytes)
         self.max_batch_size = max_batch_size
+        self.draining = False  # set by stop_accepting: connections now are late
+        self.late: set[socket.socket] = set()  # accepted late: answered 503
         super().__init__(address, _Handler)
+
+    def stop_accepting(self, deadline: float) -> None:
+        """Stops the accept loop and closes the listener, losing no connection.
+
+        Connections queued in the listener before this call are served as
+        usual; ones queued after it are answered 503; then the listener closes
+        (later connections are refused). To tell them apart, this connects to
+        the listener itself: the queue is first in, first out.
+
+        Args:
+            deadline: ``time.monotonic()`` after which queued connections are
+                no longer waited for.
+        """
+        self.shutdown()  # serve_forever returns
+        try:
+            marker = (self._connect_to_self(deadline)
+                      if deadline > time.monotonic() else None)
+            if marker is not None:
+                with marker:
+                    self._accept_until(marker.getsockname(), deadline)
+            else:  # no marker: whatever is queued now came first
+                self._accept_queued()
+            self.draining = True
+            self._accept_queued()
+        finally:
+            self.socket.close()
+
+    def _connect_to_self(self, deadline: float) -> socket.socket | None:
+        host, port = self.server_address[:2]
+        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+        try:
+            return socket.create_connection(
+                (host, port), timeout=max(0.1, deadline - time.monotonic()))
+        except OSError as error:
+            LOG.warning("tfdssm serve: REST cannot connect to itself (%s); serving "
+                        "the connections queued now, refusing later ones", error)
+            return None
+
+    def _accept_until(self, marker: tuple, deadline: float) -> None:
+        """Accepts and serves connections up to the one from ``marker``."""
+        while (remaining := deadline - time.monotonic()) > 0:
+            self.socket.settimeout(min(remaining, 1.0))
+            try:
+                request, address = self.get_request()
+            except (TimeoutError, ConnectionAbortedError):
+                continue
+            except OSError as error:
+                LOG.warning("tfdssm serve: REST cannot accept (%s); refusing the "
+                            "queued connections", error)
+                return
+            if tuple(address[:2]) == tuple(marker[:2]):
+                request.close()
+                return
+            self._serve(request, address)
+        LOG.warning("tfdssm serve: grace period over before every queued REST "
+                    "connection was accepted; the rest are refused")
+
+    def _accept_queued(self, limit: int = 1024) -> None:
+        """Accepts and serves (or refuses, once draining) what is queued now."""
+        self.socket.setblocking(False)
+        for _ in range(limit):
+            try:
+                request, address = self.get_request()
+            except OSError:  # BlockingIOError: none left
+                return
+            self._serve(request, address)
+
+    def _serve(self, request: socket.socket, address: Any) -> None:
+        """``socketserver``'s handling of an accepted connection (a thread)."""
+        request.setblocking(True)
+        if self.draining:  # decided now: the handler thread may start later
+            self.late.add(request)
+        if not self.verify_request(request, address):
+            self.shutdown_request(request)
+            return
+        try:
+            self.process_request(request, address)
+        except Exception:  # noqa: BLE001 - as socketserver: log, close, go on
+            self.handle_error(request, address)
+            self.shutdown_request(request)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -74,6 +165,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _dispatch(self, handler: Any) -> None:
         path = self.path.split("?", 1)[0]
+        if self.request in self.server.late:  # arrived after the stop: never run
+            if self.command == "POST":
+                self._discard_body()
+            self._send(503, {"error": grpc_server.SHUTTING_DOWN})
+            return
         try:
             status, body = handler(path)
         except ServingError as error:
@@ -142,6 +238,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 "Send smaller batches.", "REQUEST_TOO_LARGE")
         return self.rfile.read(size)
 
+    def _discard_body(self) -> None:
+        """Reads the body (so that closing does not reset the connection)."""
+        try:
+            size = int(self.headers.get("Content-Length", "0"))
+            if 0 < size <= self.server.max_body_bytes:
+                self.rfile.read(size)
+        except (ValueError, OSError):
+            pass
+
     def _send(self, status: int, body: Any) -> None:
         payload = json_codec.dumps(body)
         self.send_response(status)
@@ -151,6 +256,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(payload)
         self.close_connection = True
+
+    def finish(self) -> None:
+        super().finish()
+        self.server.late.discard(self.request)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         LOG.debug("tfdssm serve REST: " + format, *args)

@@ -7,6 +7,19 @@ In a test or a notebook::
 
 :func:`serve` runs until SIGTERM or SIGINT, then stops accepting requests, lets
 in-flight ones finish (up to ``grace_seconds``) and exits.
+
+What happens to a request on stop (:meth:`Server.stop`):
+
+* Received before the stop (gRPC calls gRPC core holds but grpcio has not taken
+  yet, and REST connections queued in the listener, included): it runs and is
+  answered, unless ``grace_seconds`` pass first; then gRPC cancels it
+  (``CANCELLED``) and a REST request still runs to its end.
+* Received after: refused, never run. gRPC answers ``UNAVAILABLE``
+  ("tfdssm serve is shutting down ...", which gRPC clients and load balancers
+  retry), or, once the port has closed, the client's channel fails with
+  ``UNAVAILABLE`` itself; REST answers 503, or the connection is refused. The
+  one exception: a gRPC call reaching gRPC core in the instant its shutdown
+  begins can still be cancelled by it (``CANCELLED``; it did not run).
 """
 
 from __future__ import annotations
@@ -98,15 +111,26 @@ class Server:
         return self
 
     def stop(self, grace_seconds: float = 10.0) -> None:
-        """Stops accepting requests, drains in-flight ones, unloads the models."""
+        """Stops accepting requests, drains the ones received, unloads the models.
+
+        Every request received before this call runs to its end, unless
+        ``grace_seconds`` pass first; later ones are refused (see the module
+        docstring).
+        """
+        deadline = time.monotonic() + max(0.0, grace_seconds)
+        rest_stopping = None
+        if self._rest is not None:  # later requests: 503, or refused
+            rest_stopping = threading.Thread(
+                target=_logged(self._rest.stop_accepting), args=(deadline,),
+                name="tfdssm-rest-stop")
+            rest_stopping.start()  # at the same time: its loop takes up to 0.2 s
+        if self._grpc is not None:  # later calls: UNAVAILABLE
+            self._grpc.stop(max(0.0, deadline - time.monotonic()))
+            self._grpc = None
         if self._rest is not None:
-            self._rest.shutdown()  # stop accepting
-        if self._grpc is not None:
-            self._grpc.stop(grace_seconds).wait(grace_seconds + 1)
-        if self._rest is not None:
+            rest_stopping.join()
             self._rest.server_close()  # joins running handlers
             self._rest = None
-        self._grpc = None
         self.manager.stop()
 
     def describe(self) -> str:
@@ -126,6 +150,16 @@ class Server:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def _logged(function: Callable[..., Any]) -> Callable[..., None]:
+    def run(*args: Any) -> None:
+        try:
+            function(*args)
+        except Exception:  # noqa: BLE001 - a thread: log it, the stop goes on
+            LOG.exception("tfdssm serve: error while stopping")
+
+    return run
 
 
 def _stderr(message: str) -> None:
