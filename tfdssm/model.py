@@ -172,6 +172,8 @@ class DSSM(tfrs.Model):
                 ids = tf.concat([tf.reshape(ids, [-1]), extra[self.candidate_id]], 0)
             if expected is not None:
                 expected = tf.concat([expected, draws * probability], axis=0)
+        if ids is not None and self.remove_accidental_hits:
+            ids = _comparable_ids(ids)
         if self.loss_name in losses.SCORE_LOSSES:
             return losses.ranking_loss(
                 self.loss_name, queries, candidates,
@@ -289,6 +291,27 @@ class DSSM(tfrs.Model):
             candidate = tf.keras.layers.deserialize(candidate)
         config["query_tower"], config["candidate_tower"] = query, candidate
         return cls(**config)
+
+
+def _comparable_ids(ids: tf.Tensor) -> tf.Tensor:
+    """Candidate ids for the accidental-hit mask, as cheap-to-compare integers.
+
+    The mask compares every candidate id with every other (``[batch, batch]``);
+    on strings (the pairs pipeline's ids are whole documents) that is a million
+    string comparisons per step of 1,024. A 64-bit fingerprint compares in one
+    instruction; two different ids collide with probability ~2^-64 per pair, and
+    a collision only drops one negative from one row's softmax.
+
+    Args:
+        ids: ``[n]`` or ``[n, 1]`` ids of any dtype.
+
+    Returns:
+        int64 ``[n]`` for string ids, else ``ids`` as ``[n]``.
+    """
+    ids = tf.reshape(ids, [-1])
+    if ids.dtype == tf.string:
+        return tf.strings.to_hash_bucket_fast(ids, 2**63 - 1)
+    return ids
 
 
 def _replicas() -> int:
