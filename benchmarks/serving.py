@@ -356,23 +356,17 @@ def grpc_client(target: str) -> tuple[Send, Callable[[], None]]:
     return send, channel.close
 
 
-def run_load(
-    target: str,
-    requests: Sequence[Any],
-    clients: int,
-    seconds: float,
-    rss: Callable[[], float] | None = None,
-    events: Sequence[tuple[float, Callable[[], Any]]] = (),
-    stop_on: threading.Event | None = None,
-) -> Load:
+def run_load(target: str, requests: Sequence[Any], clients: int, seconds: float,
+             **options: Any) -> Load:
     """``clients`` gRPC clients (one channel each) sending ``requests``.
 
     Args:
         target: ``host:port`` of the gRPC server.
-        requests: PredictRequests; the other arguments are :func:`drive`'s.
+        requests: PredictRequests.
+        clients, seconds, **options: As :func:`drive`'s (``rss``, ``events``,
+            ``stop_on``).
     """
-    return drive(lambda: grpc_client(target), requests, clients, seconds, rss,
-                 events, stop_on)
+    return drive(lambda: grpc_client(target), requests, clients, seconds, **options)
 
 
 # --------------------------------------------------------------------------- #
