@@ -13,7 +13,8 @@ user already had in training). From the ranks:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -133,6 +134,49 @@ def rank_metrics(
     result["num_queries"] = len(queries)
     result["num_candidates"] = num_candidates
     return result
+
+
+def retrieval_metrics(
+    top_k: Callable[..., Mapping[str, Any]],
+    features: Mapping[str, np.ndarray],
+    positives: Sequence[str],
+    ks: Sequence[int] = (1, 10, 100),
+    batch_size: int = 256,
+) -> dict[str, float]:
+    """Recall@K and MRR@K of a retrieval model's answers (what it serves).
+
+    Args:
+        top_k: A retrieval SavedModel's ``top_k`` signature (or any callable
+            taking the query features and ``k`` int32 ``[batch]`` as keywords
+            and returning string ``ids`` ``[batch, k]``).
+        features: Query features, column -> ``[num_queries]``.
+        positives: Each query's relevant candidate id.
+        ks: Cut-offs (the model must allow ``max(ks)``).
+        batch_size: Queries per call.
+
+    Returns:
+        ``{"recall@K": ..., "mrr@K": ..., "num_queries": ...}``.
+    """
+    positives = np.asarray([str(p) for p in positives], dtype=object)
+    if not len(positives):
+        raise DataError("retrieval metrics need at least one query.")
+    depth = max(ks)
+    ranks = np.full([len(positives)], depth, np.int64)  # depth: not retrieved
+    for start in range(0, len(positives), batch_size):
+        batch = {n: tf.constant(v[start:start + batch_size])
+                 for n, v in features.items()}
+        rows = len(next(iter(batch.values())))
+        ids = top_k(**batch, k=tf.fill([rows], depth))["ids"].numpy()
+        hits = ids.astype(str) == positives[start:start + rows, None].astype(str)
+        found = hits.any(axis=1)
+        ranks[start:start + rows] = np.where(found, hits.argmax(axis=1), depth)
+    out: dict[str, float] = {}
+    for k in ks:
+        inside = ranks < k
+        out[f"recall@{k}"] = float(inside.mean())
+        out[f"mrr@{k}"] = float(np.where(inside, 1.0 / (ranks + 1), 0.0).mean())
+    out["num_queries"] = len(positives)
+    return out
 
 
 def _scores(queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:

@@ -43,7 +43,16 @@ from typing import Any
 import pandas as pd
 import tensorflow as tf
 
-from tfdssm import candidates, data, evaluate, hashing, index, unicode_table, warmup
+from tfdssm import (
+    candidates,
+    data,
+    evaluate,
+    hashing,
+    hybrid_export,
+    index,
+    unicode_table,
+    warmup,
+)
 from tfdssm.errors import ExportError
 from tfdssm.model import DSSM
 from tfdssm.serving import config as serving_config
@@ -233,6 +242,8 @@ def export_retrieval(
     candidate_id: str,
     max_k: int = index.DEFAULT_MAX_K,
     scann_options: Mapping[str, Any] | None = None,
+    hybrid: bool = False,
+    validation: pd.DataFrame | None = None,
 ) -> dict[str, Any]:
     """Embeds the corpus and writes both retrieval models and the candidate files.
 
@@ -244,6 +255,12 @@ def export_retrieval(
         candidate_id: Column holding the ids the retrieval models return.
         max_k: Largest ``k`` a request may ask for (capped at the corpus size).
         scann_options: ScaNN parameters (default :func:`tfdssm.index.scann_options`).
+        hybrid: Fuse BM25 over the candidates' text into both retrieval models
+            (:mod:`tfdssm.hybrid`); needs one text query feature and text
+            candidate features.
+        validation: Rows (query features + ``candidate_id``) to choose the
+            hybrid's fusion weight on; without them the weight is
+            :data:`tfdssm.hybrid_export.DEFAULT_WEIGHT`.
 
     Returns:
         ``export.json`` entries: ``retrieval``, ``retrieval_brute_force``,
@@ -265,11 +282,19 @@ def export_retrieval(
     spec = signature_spec(model.query_tower)
     query_row = warmup.example_row(model.query_tower)
     out: dict[str, Any] = {}
+    fusion = None
+    if hybrid:
+        fusion = hybrid_export.build_hybrid(
+            corpus, _tower_info(model.query_tower), _tower_info(model.candidate_tower))
     for name, cls, kwargs in (
         ("retrieval_brute_force", index.BruteForceRetrieval, {}),
         ("retrieval", index.ScannRetrieval, {"options": scann_options}),
     ):
-        module = cls(model.query_tower, spec, embeddings, ids, max_k, **kwargs)
+        module = cls(model.query_tower, spec, embeddings, ids, max_k, hybrid=fusion,
+                     **kwargs)
+        if fusion is not None and cls is index.BruteForceRetrieval:
+            out["hybrid"] = hybrid_export.tune_weight(
+                module, validation, candidate_id, _input_features(model.query_tower))
         version_dir = save_retrieval(module, export_dir, name, query_row)
         out[name] = {"version": int(version_dir.name),
                      "path": f"{name}/{version_dir.name}", **module.describe()}
@@ -372,6 +397,8 @@ def export_model(
     max_k: int = index.DEFAULT_MAX_K,
     scann_options: Mapping[str, Any] | None = None,
     candidate_id: str | None = None,
+    hybrid: bool = False,
+    validation: pd.DataFrame | None = None,
 ) -> dict[str, Any]:
     """Exports towers, retrieval models, the candidate corpus and ``export.json``.
 
@@ -388,6 +415,8 @@ def export_model(
             size by :func:`tfdssm.index.scann_options`).
         candidate_id: Corpus column with the ids retrieval returns (default: the
             model's ``candidate_id``, else the candidate tower's first column).
+        hybrid: Fuse BM25 into both retrieval models (see :func:`export_retrieval`).
+        validation: Rows to choose the hybrid's fusion weight on.
 
     Returns:
         The ``export.json`` content.
@@ -411,8 +440,9 @@ def export_model(
         corpus.to_parquet(tmp, index=False)
         os.replace(tmp, export_dir / CORPUS_FILE)
         served.update(export_retrieval(model, export_dir, corpus, id_column, max_k,
-                                       scann_options))
+                                       scann_options, hybrid, validation))
     names = [n for n in ("towers", "retrieval", "retrieval_brute_force") if n in served]
+    fusion = served.pop("hybrid", None)
     model_config = serving_config.write_model_configs(export_dir, names)
     info = {
         "format_version": FORMAT_VERSION,
@@ -432,6 +462,7 @@ def export_model(
         "num_candidates": None if corpus is None else len(corpus),
         "training": dict(training or {}),
         "metrics": dict(metrics or {}),
+        **({"hybrid": fusion} if fusion else {}),
         **{k: v for k, v in served.items() if k != "towers"},
         "model_config": model_config,
         "warmup": f"<model>/<version>/{warmup.WARMUP_DIR}/{warmup.WARMUP_FILE}",

@@ -45,6 +45,7 @@ import tensorflow as tf
 
 from tfdssm import multihead
 from tfdssm.errors import ConfigError, ExportError
+from tfdssm.hybrid import Hybrid
 
 DEFAULT_MAX_K = 100
 BRUTE_FORCE_BELOW = 1000  # ScaNN: exact float scoring below this corpus size.
@@ -95,9 +96,12 @@ class RetrievalModule(tf.Module):
         embeddings: float32 ``[num_candidates, dim]`` candidate embeddings.
         ids: ``num_candidates`` distinct, non-empty candidate ids.
         max_k: Largest ``k`` a request may ask for (capped at the corpus size).
+        hybrid: Fuse the dense score with BM25 (:mod:`tfdssm.hybrid`); its
+            lexical index must list the same candidates in the same order.
     """
 
     kind = "base"
+    keeps_embeddings = False
 
     def __init__(
         self,
@@ -107,17 +111,23 @@ class RetrievalModule(tf.Module):
         ids: Sequence[str],
         max_k: int = DEFAULT_MAX_K,
         name: str | None = None,
+        hybrid: Hybrid | None = None,
     ) -> None:
         super().__init__(name=name or f"retrieval_{self.kind}")
         embeddings = np.asarray(embeddings, dtype=np.float32)
         ids = [str(i) for i in ids]
         _check_corpus(embeddings, ids, input_spec, max_k)
+        _check_hybrid(hybrid, input_spec, len(ids))
         self.query_encoder = query_encoder
         self.input_spec = dict(input_spec)
         self.num_candidates, self.dim = (int(n) for n in embeddings.shape)
         self.max_k = min(int(max_k), self.num_candidates)
         self.ids = tf.Variable(np.asarray(ids, dtype=object), dtype=tf.string,
                                trainable=False, name="candidate_ids")
+        self.hybrid = hybrid
+        if self.keeps_embeddings or hybrid is not None:  # hybrid re-scores with them
+            self.embeddings = tf.Variable(embeddings, trainable=False,
+                                          name="candidate_embeddings")
         self.embed_query = tf.function(
             lambda features: self.query_encoder(features),
             input_signature=[self.input_spec],
@@ -166,7 +176,11 @@ class RetrievalModule(tf.Module):
         wanted = tf.minimum(width + tf.shape(exclude)[1], self.num_candidates)
         # Multi-head queries [batch, heads, dim]: every head searches, the
         # union is re-ranked by the best head's score below.
-        scores, indices = multihead.search_heads(self.search, queries, wanted)
+        if self.hybrid is None:
+            scores, indices = multihead.search_heads(self.search, queries, wanted)
+        else:
+            scores, indices = self.hybrid.search(
+                self.search, self.embeddings, features, queries, wanted)
         candidate_ids = tf.gather(self.ids, tf.maximum(indices, 0))
         valid = tf.logical_not(tf.math.is_nan(scores)) & (indices >= 0)
         valid &= tf.logical_not(excluded(candidate_ids, exclude))
@@ -216,9 +230,12 @@ class RetrievalModule(tf.Module):
 
     def describe(self) -> dict[str, Any]:
         """What ``export.json`` records about this index."""
-        return {"index": self.kind, "max_k": self.max_k,
-                "num_candidates": self.num_candidates, "dim": self.dim,
-                "signatures": ["serving_default", "top_k", "top_k_exclude"]}
+        out = {"index": self.kind, "max_k": self.max_k,
+               "num_candidates": self.num_candidates, "dim": self.dim,
+               "signatures": ["serving_default", "top_k", "top_k_exclude"]}
+        if self.hybrid is not None:
+            out["hybrid"] = self.hybrid.describe()
+        return out
 
 
 def excluded(candidate_ids: tf.Tensor, exclude: tf.Tensor) -> tf.Tensor:
@@ -265,19 +282,7 @@ class BruteForceRetrieval(RetrievalModule):
     """
 
     kind = "brute_force"
-
-    def __init__(
-        self,
-        query_encoder: Any,
-        input_spec: Mapping[str, tf.TensorSpec],
-        embeddings: np.ndarray,
-        ids: Sequence[str],
-        max_k: int = DEFAULT_MAX_K,
-        name: str | None = None,
-    ) -> None:
-        super().__init__(query_encoder, input_spec, embeddings, ids, max_k, name)
-        self.embeddings = tf.Variable(np.asarray(embeddings, np.float32),
-                                      trainable=False, name="candidate_embeddings")
+    keeps_embeddings = True
 
     def search(self, queries: tf.Tensor, n: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         scores = tf.matmul(queries, self.embeddings, transpose_b=True)
@@ -289,7 +294,7 @@ class ScannRetrieval(RetrievalModule):
     """Approximate top-k with a ScaNN index (needs ScaNN's TF ops to load).
 
     Args:
-        query_encoder, input_spec, embeddings, ids, max_k, name: As
+        query_encoder, input_spec, embeddings, ids, max_k, name, hybrid: As
             :class:`RetrievalModule`.
         options: Index parameters; default :func:`scann_options` for the corpus.
     """
@@ -305,8 +310,10 @@ class ScannRetrieval(RetrievalModule):
         max_k: int = DEFAULT_MAX_K,
         name: str | None = None,
         options: Mapping[str, Any] | None = None,
+        hybrid: Hybrid | None = None,
     ) -> None:
-        super().__init__(query_encoder, input_spec, embeddings, ids, max_k, name)
+        super().__init__(query_encoder, input_spec, embeddings, ids, max_k, name,
+                         hybrid)
         scann_ops = _scann_ops()
         self.options = dict(options or scann_options(self.num_candidates, self.max_k))
         builder = scann_ops.builder(np.asarray(embeddings, np.float32),
@@ -378,6 +385,24 @@ class SignatureEncoder(tf.Module):
 
     def __call__(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
         return self.towers.signatures[self.signature](**features)["embedding"]
+
+
+def _check_hybrid(
+    hybrid: Hybrid | None, spec: Mapping[str, tf.TensorSpec], num_candidates: int
+) -> None:
+    if hybrid is None:
+        return
+    column = hybrid.text_column
+    if column not in spec or spec[column].dtype != tf.string:
+        raise ExportError(
+            f"the hybrid model's lexical index reads the query text column "
+            f"{column!r}, but the query inputs are {dict(spec)}; pass the name of "
+            "a string query feature.")
+    if hybrid.lexical.num_documents != num_candidates:
+        raise ExportError(
+            f"the lexical index covers {hybrid.lexical.num_documents} documents "
+            f"but the corpus has {num_candidates} candidates; build it from the "
+            "same corpus, in the same order.")
 
 
 def _check_corpus(

@@ -19,9 +19,12 @@ import pandas as pd
 import tensorflow as tf
 
 from tfdssm import checkpoints, data, distribute, evaluate, export, optimizers
+from tfdssm.early_stopping import RetrievalEarlyStopping
 from tfdssm.errors import ConfigError, DataError
 from tfdssm.features import Feature
 from tfdssm.model import DSSM
+
+VALIDATION_CANDIDATES = 50_000  # corpus sample for each epoch's validation
 
 
 @dataclasses.dataclass
@@ -147,6 +150,9 @@ def run(
     strategy: tf.distribute.Strategy | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
+    patience: int | None = None,
+    validation_fraction: float = 0.05,
+    hybrid: bool = False,
 ) -> dict[str, Any]:
     """Fits, evaluates and (optionally) exports a prepared pipeline.
 
@@ -171,6 +177,16 @@ def run(
             (:mod:`tfdssm.checkpoints`); removed when training finishes.
         resume: Continue a run that was killed from its backup in
             ``checkpoint_dir`` (the same parameters are required).
+        patience: Early stopping: hold out ``validation_fraction`` of the
+            training rows, score them after every epoch (Recall@10 and MRR@10
+            over the corpus), stop after ``patience`` epochs without
+            improvement and keep the best epoch's weights (``epochs`` is then
+            the maximum; :mod:`tfdssm.early_stopping`). ``None``: train all
+            ``epochs``.
+        validation_fraction: Training rows held out for early stopping and for
+            choosing the hybrid fusion weight (used when either is on).
+        hybrid: Export retrieval models that fuse the dense score with BM25
+            over the candidates' text (:mod:`tfdssm.hybrid`).
 
     Returns:
         ``{"metrics": ..., "history": ..., "export": export.json content or None}``
@@ -184,16 +200,26 @@ def run(
     replicas = _check_strategy(model, strategy, batch_size, len(prepared.train))
     with strategy.scope():
         model.compile(optimizer=optimizers.Adam(learning_rate))
-    dataset = data.make_dataset(prepared.train, prepared.features, batch_size,
+    train_rows, validation = prepared.train, None
+    if patience is not None or hybrid:
+        train_rows, validation = validation_split(prepared.train,
+                                                  validation_fraction, seed)
+    dataset = data.make_dataset(train_rows, prepared.features, batch_size,
                                 seed=seed, drop_remainder=replicas > 1)
     if replicas > 1:
         dataset = distribute.shard_by_data(dataset)
     all_callbacks = list(callbacks)
+    stopper = None
+    if patience is not None:
+        stopper = RetrievalEarlyStopping(
+            _validation_scorer(prepared, validation, seed), patience=patience)
+        all_callbacks.append(stopper)
     saver = None
     if checkpoint_dir is not None:
         run_params = {**prepared.info, "batch_size": batch_size, "seed": seed,
                       "learning_rate": learning_rate, "replicas": replicas,
-                      "train_rows": len(prepared.train), "epochs": epochs}
+                      "train_rows": len(train_rows), "epochs": epochs,
+                      "patience": patience}
         saver = checkpoints.backup(checkpoint_dir, run_params, resume,
                                    chief=distribute.is_chief(strategy))
         all_callbacks.append(saver)
@@ -208,10 +234,14 @@ def run(
     if saver is not None:
         checkpoints.finish(checkpoint_dir, chief=distribute.is_chief(strategy))
     if verbose:
-        ran = epochs - ((saver.first_epoch or 0) if saver is not None else 0)
-        rate = len(prepared.train) * ran / max(seconds, 1e-9)
-        print(f"tfdssm: trained {ran} epoch(s) on {len(prepared.train)} rows in "
+        ran = len(history.history.get("loss", [])) or epochs
+        rate = len(train_rows) * ran / max(seconds, 1e-9)
+        print(f"tfdssm: trained {ran} epoch(s) on {len(train_rows)} rows in "
               f"{seconds:.1f}s ({rate:,.0f} rows/s)", file=sys.stderr)
+        if stopper is not None and stopper.best_epoch is not None:
+            print(f"tfdssm: kept epoch {stopper.best_epoch + 1} of {ran} (best "
+                  f"validation Recall@10 + MRR@10 on {len(validation)} rows)",
+                  file=sys.stderr)
     metrics = evaluate_frame(
         model.query_tower, model.candidate_tower, prepared.test, prepared.corpus,
         prepared.candidate_id, _tower_features(model.query_tower, prepared.features),
@@ -222,27 +252,109 @@ def run(
     if export_dir is not None:
         training = {
             **prepared.info, "epochs": epochs, "batch_size": batch_size,
-            "learning_rate": learning_rate, "train_rows": len(prepared.train),
+            "learning_rate": learning_rate, "train_rows": len(train_rows),
+            "validation_rows": 0 if validation is None else len(validation),
             "test_rows": len(prepared.test), "train_seconds": round(seconds, 2),
             "strategy": type(strategy).__name__, "replicas": replicas,
             "workers": distribute.num_workers(strategy),
             "loss_history": [float(x) for x in history.history.get("loss", [])],
             **({"resumed_at_epoch": saver.first_epoch + 1}
                if saver is not None and saver.first_epoch else {}),
+            **({"early_stopping": stopper.summary()} if stopper is not None else {}),
         }
         with distribute.write_dir(export_dir, strategy) as target:
             info = export.export_model(
                 model, target, corpus=prepared.corpus, metrics=metrics,
-                training=training, max_k=max_k,
+                training=training, max_k=max_k, hybrid=hybrid, validation=validation,
             )
             info = add_tflite(model, target, info, verbose=bool(verbose))
         if not distribute.is_chief(strategy):
             info = None
+        elif hybrid and info.get("hybrid"):
+            metrics["hybrid"] = served_metrics(export_dir, prepared)
+            info = {**info, "metrics": metrics}
+            export.write_json_atomic(os.path.join(export_dir, export.EXPORT_JSON), info)
     return {
         "metrics": metrics,
         "history": {k: [float(x) for x in v] for k, v in history.history.items()},
         "export": info,
     }
+
+
+def served_metrics(
+    export_dir: str | os.PathLike, prepared: Prepared,
+    model: str = "retrieval_brute_force",
+) -> dict[str, float]:
+    """Recall@1/10/100 and MRR of an exported retrieval model on the test rows.
+
+    What a client of the served model gets (for a hybrid export, the fused
+    ranking), unlike the towers' metrics, which score by the dense embedding
+    alone.
+    """
+    base = os.path.join(export_dir, model)
+    newest = export.versions(base)[-1]
+    loaded = tf.saved_model.load(os.path.join(base, str(newest)))
+    names = list(loaded.signatures["top_k"].structured_input_signature[1])
+    specs = [f for f in prepared.features if f.name in names and f.name != "k"]
+    arrays = data.to_feature_arrays(prepared.test, specs, "the test rows")
+    ks = [k for k in (1, 10, 100) if k <= int(loaded.max_k)] if hasattr(
+        loaded, "max_k") else [1, 10]
+    return evaluate.retrieval_metrics(
+        loaded.signatures["top_k"], arrays,
+        prepared.test[prepared.candidate_id].astype(str).tolist(), ks=ks)
+
+
+def validation_split(
+    train: pd.DataFrame, fraction: float, seed: int = 0
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Holds out ``fraction`` of the training rows (at least 1, at most half).
+
+    Raises:
+        ConfigError: ``fraction`` outside ``(0, 0.5]``, or fewer than 2 rows.
+    """
+    if not 0.0 < fraction <= 0.5:
+        raise ConfigError(
+            f"validation_fraction must be in (0, 0.5], received {fraction}.")
+    if len(train) < 2:
+        raise ConfigError(
+            f"early stopping and hybrid weight tuning hold out validation rows, "
+            f"but there are only {len(train)} training row(s); add data or turn "
+            "both off.")
+    order = np.random.default_rng([seed, 7]).permutation(len(train))
+    count = min(max(1, int(round(len(train) * fraction))), len(train) // 2)
+    return (train.iloc[order[count:]].reset_index(drop=True),
+            train.iloc[order[:count]].reset_index(drop=True))
+
+
+def _validation_scorer(
+    prepared: Prepared, validation: pd.DataFrame, seed: int,
+    max_candidates: int = VALIDATION_CANDIDATES,
+) -> Any:
+    """``model -> metrics`` on the validation rows, over the corpus (or, for a
+    corpus above ``max_candidates``, the validation positives plus a random
+    sample of the rest, so that an epoch's check stays cheap)."""
+    corpus = prepared.corpus
+    if len(corpus) > max_candidates:
+        ids = corpus[prepared.candidate_id].astype(str)
+        needed = ids.isin(set(validation[prepared.candidate_id].astype(str)))
+        rest = np.flatnonzero(~needed.to_numpy())
+        keep = max(0, max_candidates - int(needed.sum()))
+        rng = np.random.default_rng([seed, 11])
+        chosen = np.sort(np.concatenate([np.flatnonzero(needed.to_numpy()),
+                                         rng.choice(rest, min(keep, len(rest)),
+                                                    replace=False)]))
+        corpus = corpus.iloc[chosen].reset_index(drop=True)
+
+    def score(model: DSSM) -> dict[str, float]:
+        return evaluate_frame(
+            model.query_tower, model.candidate_tower, validation, corpus,
+            prepared.candidate_id,
+            _tower_features(model.query_tower, prepared.features),
+            _tower_features(model.candidate_tower, prepared.features),
+            ks=(10,),
+        )
+
+    return score
 
 
 def add_tflite(
