@@ -1,0 +1,78 @@
+"""Early stopping on validation retrieval (tfdssm.early_stopping, train.run)."""
+
+from __future__ import annotations
+
+import tfdssm  # noqa: F401  - selects Keras 2; must precede tensorflow
+
+# isort: split
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+
+from tfdssm.early_stopping import RetrievalEarlyStopping
+from tfdssm.errors import ConfigError
+
+
+class _Snapshots(tf.keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.weights = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.weights.append(self.model.get_weights())
+
+
+def test_stops_after_patience_and_restores_the_peak_epoch():
+    # A synthetic task whose validation metric peaks at epoch 2 of 8.
+    curve = iter([0.2, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0])
+    stopper = RetrievalEarlyStopping(
+        lambda model: dict.fromkeys(("recall@10", "mrr@10"), next(curve)),
+        patience=2)
+    snapshots = _Snapshots()  # runs first: the weights each epoch ended with
+    model = tf.keras.Sequential([tf.keras.layers.Dense(1, input_shape=(3,))])
+    model.compile(optimizer=tf.keras.optimizers.SGD(0.1), loss="mse")
+    x = np.random.default_rng(0).normal(size=[64, 3]).astype(np.float32)
+    history = model.fit(x, x.sum(axis=1), epochs=8, verbose=0,
+                        callbacks=[snapshots, stopper])
+    assert len(history.history["loss"]) == 4  # epochs 3 and 4 did not improve
+    assert stopper.best_epoch == 1 and stopper.stopped_epoch == 3
+    for got, want in zip(model.get_weights(), snapshots.weights[1], strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(snapshots.weights[1][0], snapshots.weights[3][0])
+    summary = stopper.summary()
+    assert summary["epoch_kept"] == 2 and summary["epochs_run"] == 4
+    assert summary["stopped_early"] is True
+    assert [h["recall@10"] for h in summary["validation"]] == [0.2, 0.6, 0.5, 0.4]
+    assert history.history["val_recall@10"] == [0.2, 0.6, 0.5, 0.4]
+
+
+def test_patience_and_metrics_are_checked():
+    with pytest.raises(ConfigError, match="patience must be >= 1"):
+        RetrievalEarlyStopping(lambda model: {}, patience=0)
+    stopper = RetrievalEarlyStopping(lambda model: {"recall@10": 1.0})
+    stopper.set_model(tf.keras.Sequential())
+    with pytest.raises(ConfigError, match=r"lack \['mrr@10'\]"):
+        stopper.on_epoch_end(0, {})
+
+
+def test_train_run_reports_validation_per_epoch_on_a_held_out_split(pairs_frame):
+    from tfdssm import train
+    from tfdssm.pipelines import pairs
+
+    prepared = pairs.prepare(pairs_frame(200), "query", "doc", "doc_id",
+                             num_buckets=500, hidden=(16,), dim=8)
+    result = train.run(prepared, None, epochs=3, batch_size=32, verbose=0,
+                       patience=1, validation_fraction=0.1)
+    history = result["history"]
+    assert 1 <= len(history["loss"]) <= 3
+    assert len(history["val_recall@10"]) == len(history["loss"])
+    # The validation rows are 10 % of the training rows, held out of training:
+    # together the two parts are the training rows, each once.
+    train_rows, validation = train.validation_split(prepared.train, 0.1, 0)
+    assert len(validation) == round(0.1 * len(prepared.train))
+    both = pd.concat([train_rows, validation]).sort_values(list(prepared.train.columns))
+    want = prepared.train.sort_values(list(prepared.train.columns))
+    assert both.to_numpy().tolist() == want.to_numpy().tolist()
+    with pytest.raises(ConfigError, match="validation_fraction must be in"):
+        train.validation_split(prepared.train, 0.0)
