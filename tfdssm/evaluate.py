@@ -186,9 +186,22 @@ def _scores(queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     return queries @ candidates.T
 
 
-def format_metrics(metrics: Mapping[str, float]) -> str:
-    """One line per metric, aligned, for the CLI."""
-    return "\n".join(
-        f"  {name:<16}{value:.4f}" if isinstance(value, float) else f"  {name:<16}{value}"
-        for name, value in metrics.items()
-    )
+def format_metrics(metrics: Mapping[str, Any], indent: str = "  ") -> str:
+    """One line per metric, aligned, for the CLI; a nested mapping (e.g. the
+    hybrid model's served metrics) becomes an indented section.
+
+    >>> print(format_metrics({"recall@10": 0.5, "hybrid": {"recall@10": 0.75}}))
+      recall@10       0.5000
+      hybrid:
+        recall@10     0.7500
+    """
+    lines = []
+    for name, value in metrics.items():
+        if isinstance(value, Mapping):
+            lines.append(f"{indent}{name}:")
+            lines.append(format_metrics(value, indent + "  "))
+        elif isinstance(value, float):
+            lines.append(f"{indent}{name:<{18 - len(indent)}}{value:.4f}")
+        else:
+            lines.append(f"{indent}{name:<{18 - len(indent)}}{value}")
+    return "\n".join(lines)
