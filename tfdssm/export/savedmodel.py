@@ -60,13 +60,7 @@ from tfdssm.text.hashing import hashing_info
 
 def signature_spec(tower: tf.keras.layers.Layer) -> dict[str, tf.TensorSpec]:
     """``{column: TensorSpec([None], dtype, name=column)}`` of a tower's inputs."""
-    features = getattr(tower, "features", None)
-    if features is None:  # SharedTower: the wrapped tower's specs, renamed.
-        inner = signature_spec(tower.tower)
-        return {
-            tower.rename.get(n, n): tf.TensorSpec([None], s.dtype, name=tower.rename.get(n, n))
-            for n, s in inner.items()
-        }
+    features = tower.features
     served = tower.feature_names  # no training-only columns (example age)
     return {f.name: tf.TensorSpec([None], f.dtype, name=f.name) for f in features
             if f.name in served}

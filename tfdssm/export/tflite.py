@@ -49,16 +49,12 @@ MAX_TOKENS = 16
 QUANTIZATIONS = ("none", "dynamic", "float16")
 
 
-def _inner(tower: tf.keras.layers.Layer) -> tf.keras.layers.Layer:
-    return getattr(tower, "tower", tower)
-
-
 SUPPORTED_KINDS = ("text", "categorical", "multi_valued", "numeric")
 
 
 def unsupported(tower: tf.keras.layers.Layer) -> str | None:
     """Why the query tower cannot become a builtins-only TFLite model, or None."""
-    kinds = sorted({f.kind for f in _inner(tower).features} - set(SUPPORTED_KINDS))
+    kinds = sorted({f.kind for f in tower.features} - set(SUPPORTED_KINDS))
     if not kinds:
         return None
     return (f"the query tower reads {kinds} features; the TFLite query tower takes "
@@ -69,10 +65,9 @@ def unsupported(tower: tf.keras.layers.Layer) -> str | None:
 
 def input_spec(tower: tf.keras.layers.Layer) -> list[dict[str, Any]]:
     """The TFLite model's inputs, in order (what ``query_tower.json`` lists)."""
-    inner, rename = _inner(tower), getattr(tower, "rename", {})
     specs = []
-    for feature in inner.features:
-        name = rename.get(feature.name, feature.name)
+    for feature in tower.features:
+        name = feature.name
         if feature.kind == "text":
             spec = {"shape": [1, feature.max_length], "dtype": "int32", "pad": text.PAD,
                     "encoding": "code points of NFKC(text).casefold()"}
@@ -111,7 +106,6 @@ def query_function(tower: tf.keras.layers.Layer) -> tf.types.experimental.Concre
     Returns:
         A concrete function ``(**inputs) -> {"embedding": [1, dim]}``.
     """
-    inner = _inner(tower)
     specs = input_spec(tower)
     signature = [
         tf.TensorSpec(s["shape"], tf.int32 if s["dtype"] == "int32" else tf.float32,
@@ -122,9 +116,9 @@ def query_function(tower: tf.keras.layers.Layer) -> tf.types.experimental.Concre
     def embed(*inputs: tf.Tensor) -> dict[str, tf.Tensor]:
         fields = [
             _field(f, layer, x)
-            for f, layer, x in zip(inner.features, inner.feature_layers, inputs)
+            for f, layer, x in zip(tower.features, tower.feature_layers, inputs)
         ]
-        return {"embedding": inner.combine(fields)}
+        return {"embedding": tower.combine(fields)}
 
     return tf.function(embed, input_signature=signature).get_concrete_function()
 
@@ -301,7 +295,7 @@ def load_query_tower(export_dir: str | os.PathLike) -> tf.keras.layers.Layer:
         raise ExportError(f"this export has no TFLite query tower: {reason}")
     status = tf.train.Checkpoint(query_tower=tower).read(str(source / "weights"))
     dummy = {f.name: tf.zeros([1], f.dtype) if f.dtype != tf.string
-             else tf.constant([""]) for f in _inner(tower).features}
+             else tf.constant([""]) for f in tower.features}
     tower(dummy)  # creates the variables; the checkpoint restores into them
     status.assert_existing_objects_matched()
     return tower
@@ -323,16 +317,14 @@ def write_tflite(
     suffix = "" if quantization == "none" else f".{quantization}"
     path = export_dir / TFLITE_FILE.replace(".tflite", f"{suffix}.tflite")
     specs = input_spec(tower)
-    inner = _inner(tower)
-    rename = getattr(tower, "rename", {})
     (export_dir / VOCAB_DIR).mkdir(exist_ok=True)
-    for feature in inner.features:
+    for feature in tower.features:
         if feature.kind in ("categorical", "multi_valued"):
-            name = rename.get(feature.name, feature.name)
+            name = feature.name
             vocab = export_dir / VOCAB_DIR / f"{name}.txt"
             vocab.write_text("".join(f"{v}\n" for v in feature.vocabulary))
     spec = {"inputs": specs, "output": {"name": "embedding", "dtype": "float32",
-                                        "shape": [1, *_heads(inner), inner.output_dim]},
+                                        "shape": [1, *_heads(tower), tower.output_dim]},
             "hashing": hashing_info(), "ops": ops}
     layout.write_json_atomic(export_dir / SPEC_FILE, spec)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -352,10 +344,9 @@ MULTILINGUAL = (
 def sample_queries(tower: tf.keras.layers.Layer, count: int = 12) -> list[dict[str, Any]]:
     """Parity queries for a tower: the multilingual set for text features,
     vocabulary values plus an unknown one for ids, spread values for numbers."""
-    inner, rename = _inner(tower), getattr(tower, "rename", {})
     queries: list[dict[str, Any]] = [{} for _ in range(count)]
-    for feature in inner.features:
-        name = rename.get(feature.name, feature.name)
+    for feature in tower.features:
+        name = feature.name
         for i, query in enumerate(queries):
             if feature.kind == "text":
                 query[name] = MULTILINGUAL[i % len(MULTILINGUAL)]

@@ -29,13 +29,12 @@ def example_row(tower: Any) -> dict[str, Any]:
     Text gets a short phrase, categorical features their first vocabulary entry,
     numeric features their training mean.
     """
-    inner = getattr(tower, "tower", tower)
-    rename = getattr(tower, "rename", {})
     row: dict[str, Any] = {}
-    for feature in inner.features:
-        if feature.name not in inner.feature_names:
+    served = tower.feature_names
+    for feature in tower.features:
+        if feature.name not in served:
             continue  # training-only (served as a constant, e.g. example age)
-        name = rename.get(feature.name, feature.name)
+        name = feature.name
         vocabulary = getattr(feature, "vocabulary", ())
         if hasattr(feature, "example_value"):  # history and context columns
             row[name] = feature.example_value

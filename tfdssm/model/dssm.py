@@ -23,7 +23,7 @@ from tfdssm.errors import ConfigError
 from tfdssm.model import losses
 from tfdssm.model.sampling import NegativeSampler
 from tfdssm.model.shared import link_shared_embeddings
-from tfdssm.model.towers import SharedTower, Tower
+from tfdssm.model.towers import Tower
 
 LOSSES = losses.LOSSES
 
@@ -130,6 +130,9 @@ class DSSM(tfrs.Model):
             for name in ("loss", "regularization_loss", "total_loss")
         ))
         self._probabilities = None
+        self.candidate_probabilities = (
+            None if candidate_probabilities is None
+            else {str(k): float(v) for k, v in candidate_probabilities.items()})
         if candidate_probabilities is not None:
             keys = np.asarray([str(k) for k in candidate_probabilities], dtype=object)
             values = np.asarray(list(candidate_probabilities.values()), np.float32)
@@ -267,9 +270,11 @@ class DSSM(tfrs.Model):
         return {m.name: m.result() for m in self.metrics}
 
     def get_config(self) -> dict[str, Any]:
+        shares = getattr(self.candidate_tower, "tower", None) is self.query_tower
         return {
             "query_tower": tf.keras.layers.serialize(self.query_tower),
             "candidate_tower": tf.keras.layers.serialize(self.candidate_tower),
+            "candidate_shares_query_tower": shares,
             "candidate_id": self.candidate_id,
             "loss": self.loss_name,
             "temperature": self.temperature,
@@ -278,17 +283,21 @@ class DSSM(tfrs.Model):
             "gamma": self.gamma,
             "num_paper_negatives": self.num_paper_negatives,
             "margin": self.margin,
+            "candidate_probabilities": self.candidate_probabilities,
+            "negative_sampler": (None if self.negative_sampler is None
+                                 else self.negative_sampler.get_config()),
         }
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> DSSM:
         config = dict(config)
         query = tf.keras.layers.deserialize(config["query_tower"])
-        candidate = config["candidate_tower"]
-        if candidate.get("class_name", "").endswith("SharedTower"):
-            candidate = SharedTower(query, candidate["config"]["rename"])
-        else:
-            candidate = tf.keras.layers.deserialize(candidate)
+        candidate = tf.keras.layers.deserialize(config["candidate_tower"])
+        if config.pop("candidate_shares_query_tower", False):
+            candidate = candidate.sharing(query)  # one tower, not two copies
+        sampler = config.get("negative_sampler")
+        if isinstance(sampler, Mapping):
+            config["negative_sampler"] = NegativeSampler(**sampler)
         config["query_tower"], config["candidate_tower"] = query, candidate
         return cls(**config)
 

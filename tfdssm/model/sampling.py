@@ -73,6 +73,11 @@ class NegativeSampler(tf.Module):
                 "distribution must be 'uniform' or 'popularity', received "
                 f"{distribution!r}."
             )
+        self._config = {
+            "candidates": {k: np.asarray(v).tolist() for k, v in candidates.items()},
+            "num_negatives": int(num_negatives), "distribution": distribution,
+            "counts": None if counts is None else np.asarray(counts).tolist(),
+            "alpha": float(alpha), "seed": int(seed)}
         probability = weights / weights.sum()
         self.num_negatives = int(num_negatives)
         self.distribution = distribution
@@ -83,6 +88,12 @@ class NegativeSampler(tf.Module):
         self._logits = tf.constant(np.log(np.maximum(probability, 1e-30))[None, :],
                                    tf.float32)
         self._generator = tf.random.Generator.from_seed(seed)
+
+    def get_config(self) -> dict[str, Any]:
+        """JSON-able constructor arguments: ``NegativeSampler(**config)``
+        rebuilds the sampler (a fresh random generator from ``seed``)."""
+        return {**self._config,
+                "candidates": {k: list(v) for k, v in self._config["candidates"].items()}}
 
     def sample(self) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
         """Draws ``num_negatives`` candidates with replacement.

@@ -11,11 +11,7 @@ from tfdssm.errors import ConfigError
 
 
 def _feature_layers(tower: Any) -> list[tuple[Any, tf.keras.layers.Layer]]:
-    inner = tower
-    while not hasattr(inner, "feature_layers") and hasattr(inner, "tower"):
-        inner = inner.tower  # SharedTower and other wrappers
-    return list(zip(getattr(inner, "features", ()),
-                    getattr(inner, "feature_layers", ()), strict=True))
+    return list(zip(tower.features, tower.feature_layers, strict=True))
 
 
 def link_shared_embeddings(*towers: Any) -> int:

@@ -6,6 +6,7 @@ the trigram bag is the first 30k -> 300 layer, then two tanh dense layers.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -238,13 +239,29 @@ class SharedTower(tf.keras.layers.Layer):
     ``SharedTower(query_tower, {"query": "doc"})`` reads column ``doc`` wherever
     the query tower reads ``query``.
 
+    It is a tower like the one it wraps: ``features`` (renamed),
+    ``feature_names``, ``feature_layers``, ``combine``, ``output_dim`` and
+    ``normalize`` answer for it, so code that takes a tower never unwraps it.
+    Its config holds the wrapped tower's; :meth:`sharing` points a rebuilt
+    copy back at the tower it shares (as :class:`tfdssm.model.dssm.DSSM` does).
+
     Args:
-        tower: The tower whose weights are shared.
+        tower: The tower whose weights are shared (or its serialised config).
         rename: Tower feature name -> column this tower reads instead.
+
+    Call args:
+        inputs: mapping from column name to a ``[batch]`` tensor.
+
+    Returns:
+        float32 ``[batch, output_dim]`` (``[batch, heads, output_dim]`` for a
+        multi-head tower).
     """
 
-    def __init__(self, tower: Tower, rename: Mapping[str, str], **kwargs) -> None:
+    def __init__(self, tower: Tower | Mapping[str, Any], rename: Mapping[str, str],
+                 **kwargs) -> None:
         super().__init__(**kwargs)
+        if isinstance(tower, Mapping):
+            tower = tf.keras.layers.deserialize(dict(tower))
         unknown = set(rename) - set(tower.feature_names)
         if unknown:
             raise ConfigError(
@@ -255,16 +272,44 @@ class SharedTower(tf.keras.layers.Layer):
         self.rename = dict(rename)
 
     @property
+    def features(self) -> list[Feature]:
+        """The wrapped tower's specs, named after the columns read here."""
+        return [dataclasses.replace(f, name=self.rename[f.name]) if f.name in self.rename
+                else f for f in self.tower.features]
+
+    @property
     def feature_names(self) -> list[str]:
         return [self.rename.get(n, n) for n in self.tower.feature_names]
 
     @property
+    def feature_layers(self) -> list[tf.keras.layers.Layer]:
+        return self.tower.feature_layers
+
+    @property
+    def output_dim(self) -> int:
+        return self.tower.output_dim
+
+    @property
     def normalize(self) -> bool:
         return self.tower.normalize
+
+    @property
+    def num_heads(self) -> int:
+        return int(getattr(self.tower, "num_heads", 1))
+
+    def combine(self, fields: Sequence[tf.Tensor]) -> tf.Tensor:
+        """The wrapped tower's :meth:`Tower.combine`."""
+        return self.tower.combine(fields)
+
+    def sharing(self, tower: Tower) -> SharedTower:
+        """This shared tower reading through ``tower`` (same name and rename)."""
+        return SharedTower(tower, self.rename, name=self.name)
 
     def call(self, inputs: Mapping[str, tf.Tensor]) -> tf.Tensor:
         return self.tower({n: inputs[self.rename.get(n, n)]
                            for n in self.tower.feature_names})
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "rename": dict(self.rename)}
+        return {**super().get_config(),
+                "tower": tf.keras.layers.serialize(self.tower),
+                "rename": dict(self.rename)}

@@ -120,10 +120,7 @@ def model_features(model: Any) -> list[Any]:
     """Every feature spec of a model's two towers, once each (query first)."""
     out: dict[str, Any] = {}
     for tower in (model.query_tower, model.candidate_tower):
-        inner = tower
-        while not hasattr(inner, "features") and hasattr(inner, "tower"):
-            inner = inner.tower
-        for feature in inner.features:
+        for feature in tower.features:
             out.setdefault(feature.name, feature)
     return list(out.values())
 
