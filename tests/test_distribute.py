@@ -1,4 +1,4 @@
-"""Tests for tf.distribute training (tfdssm.training.distribute, train.run(strategy=...),
+"""Tests for tf.distribute training (training.distribute, train.run(strategy=...),
 ``tfdssm train --strategy``) and sharded corpus embedding (tfdssm.export.sharding).
 
 The strategies run in subprocesses: logical CPU devices and multi-worker

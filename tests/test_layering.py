@@ -44,7 +44,8 @@ def layer_of(name: str) -> int:
     best, length = None, -1
     for index, prefixes in enumerate(LAYERS):
         for prefix in prefixes:
-            if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > length:
+            inside = name == prefix or name.startswith(prefix + ".")
+            if inside and len(prefix) > length:
                 best, length = index, len(prefix)
     if best is None:
         raise AssertionError(f"{name} is in no layer; add it to LAYERS")

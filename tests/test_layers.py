@@ -1,4 +1,4 @@
-"""Tests for tfdssm.features.layers (feature layers) and tfdssm.features (feature specs)."""
+"""Tests for tfdssm.features.layers (feature layers) and tfdssm.features (specs)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for tfdssm.model.losses and DSSM(loss=...): every loss against hand arithmetic."""
+"""Tests for tfdssm.model.losses and DSSM(loss=...): each loss against hand arithmetic."""
 
 from __future__ import annotations
 

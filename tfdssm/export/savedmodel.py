@@ -228,7 +228,8 @@ def export_retrieval(
             ``candidate_id``.
         candidate_id: Column holding the ids the retrieval models return.
         max_k: Largest ``k`` a request may ask for (capped at the corpus size).
-        scann_options: ScaNN parameters (default :func:`tfdssm.export.index.scann_options`).
+        scann_options: ScaNN parameters (default
+            :func:`tfdssm.export.index.scann_options`).
 
     Returns:
         ``export.json`` entries: ``retrieval``, ``retrieval_brute_force``,

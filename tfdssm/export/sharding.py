@@ -12,7 +12,8 @@ Files written by shard ``i`` of ``n`` in ``directory``::
     embeddings-0000i-of-0000n.npy   float32 [rows of the shard, dim]
     ids-0000i-of-0000n.txt          one candidate id per line (if an id column)
 
-Example, on worker ``i`` of ``n`` (see :func:`tfdssm.training.distribute.worker_shard`)::
+Example, on worker ``i`` of ``n`` (see
+:func:`tfdssm.training.distribute.worker_shard`)::
 
     rows = data.tfrecord_dataset("corpus-*.tfrecord", features, shuffle=False)
     write_embedding_shard(towers.signatures["candidate"], rows, "embeddings/",

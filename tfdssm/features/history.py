@@ -323,7 +323,7 @@ class HistoryEmbedding(tf.keras.layers.Layer):
             raise DataError(
                 f"history {self.columns['ids']!r} reads columns {missing}, which the "
                 f"input lacks (it has {sorted(inputs)}). List them in the tower as "
-                "ContextFeature specs (tfdssm.features.history.history_features does) and "
+                "ContextFeature specs (tfdssm.history_features does) and "
                 "feed them."
             )
         return self({role: inputs[column] for role, column in self.columns.items()})
@@ -334,7 +334,7 @@ class HistoryEmbedding(tf.keras.layers.Layer):
                 f"history {self.columns['ids']!r} shares the embedding of "
                 f"{self.shared_embedding!r} but is not linked to it: build the towers "
                 "into tfdssm.model.DSSM (which links them) or call "
-                "tfdssm.model.shared.link_shared_embeddings(query_tower, candidate_tower)."
+                "tfdssm.model.link_shared_embeddings(query_tower, candidate_tower)."
             )
         needed = [r for r in ("ids", *self.columns) if r not in inputs]
         if needed:

@@ -8,6 +8,7 @@ corpus (Yang et al., 2020, "mixed negative sampling") fixes that.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -92,8 +93,8 @@ class NegativeSampler(tf.Module):
     def get_config(self) -> dict[str, Any]:
         """JSON-able constructor arguments: ``NegativeSampler(**config)``
         rebuilds the sampler (a fresh random generator from ``seed``)."""
-        return {**self._config,
-                "candidates": {k: list(v) for k, v in self._config["candidates"].items()}}
+        columns = self._config["candidates"]
+        return {**self._config, "candidates": {k: list(v) for k, v in columns.items()}}
 
     def sample(self) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
         """Draws ``num_negatives`` candidates with replacement.

@@ -274,8 +274,8 @@ class SharedTower(tf.keras.layers.Layer):
     @property
     def features(self) -> list[Feature]:
         """The wrapped tower's specs, named after the columns read here."""
-        return [dataclasses.replace(f, name=self.rename[f.name]) if f.name in self.rename
-                else f for f in self.tower.features]
+        return [dataclasses.replace(f, name=self.rename[f.name])
+                if f.name in self.rename else f for f in self.tower.features]
 
     @property
     def feature_names(self) -> list[str]:

@@ -16,8 +16,8 @@
   itself (:attr:`ExampleAgeFeature.serving_value`), so callers cannot get it
   wrong. Offline evaluation (``tfdssm train``) also uses 0, like serving.
 
-The history arrives at serving as in :mod:`tfdssm.features.history`: a string ``[batch]``
-of ``|``-joined item ids, most recent last.
+The history arrives at serving as in :mod:`tfdssm.features.history`: a string
+``[batch]`` of ``|``-joined item ids, most recent last.
 
 >>> import tensorflow as tf
 >>> from tfdssm.features import CategoricalFeature, ExampleAgeFeature
@@ -73,7 +73,8 @@ def youtube_dnn(
         hidden: ReLU layer sizes of the user MLP; its output size is the item
             embedding size.
         normalize: L2-normalise both towers (cosine scores; temperature 0.05).
-        num_heads: Query vectors per user (:class:`tfdssm.model.multihead.MultiHeadTower`).
+        num_heads: Query vectors per user
+            (:class:`tfdssm.model.multihead.MultiHeadTower`).
         max_length: Items kept per history when ``history`` is a column name.
         num_sampled_negatives: Extra negatives drawn from ``item.vocabulary``
             each step (popularity-sampled with ``item_counts``, else uniform).

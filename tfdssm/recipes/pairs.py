@@ -57,7 +57,8 @@ def prepare(
         seed: Split seed.
 
     Returns:
-        A :class:`tfdssm.training.run.Prepared` to pass to :func:`tfdssm.training.run.run`.
+        A :class:`tfdssm.training.run.Prepared` to pass to
+        :func:`tfdssm.training.run.run`.
     """
     if query_column == candidate_column:
         raise ConfigError(
