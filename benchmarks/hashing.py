@@ -20,8 +20,8 @@ import numpy as np
 import tensorflow as tf
 
 from benchmarks import common
-from tfdssm.hashing import trigram_ids, trigram_ids_py
-from tfdssm.text import TextNormalizer, normalize_code_points_py
+from tfdssm.text.hashing import trigram_ids, trigram_ids_py
+from tfdssm.text.normalize import TextNormalizer, normalize_code_points_py
 
 WORDS = ("retrieval", "semantic", "hashing", "tower", "Query", "document", "café",
          "поиск", "ресторан", "Москве", "北京", "烤鸭", "Ελληνικά", "embedding",

@@ -17,9 +17,11 @@ from typing import Any
 import numpy as np
 
 from benchmarks import baselines, common
-from tfdssm import evaluate, train
-from tfdssm.datasets import load_movielens_100k
-from tfdssm.pipelines import movielens
+from tfdssm.data.movielens import load_movielens_100k
+from tfdssm.model import runner
+from tfdssm.recipes import movielens
+from tfdssm.training import metrics as evaluate
+from tfdssm.training import run as train
 
 TOP_KS = (1, 5, 10, 50, 100)
 CURVE_KS = tuple(range(1, 101))
@@ -44,9 +46,9 @@ def _ours(prepared: train.Prepared, epochs: int) -> tuple[np.ndarray, np.ndarray
     seconds = time.perf_counter() - start
     model = prepared.model
     features = {f.name: f for f in prepared.features}
-    queries = evaluate.embed(model.query_tower, train.data.to_feature_arrays(
+    queries = runner.embed(model.query_tower, train.data.to_feature_arrays(
         prepared.test, [features[n] for n in model.query_tower.feature_names]))
-    corpus = evaluate.embed(model.candidate_tower, train.data.to_feature_arrays(
+    corpus = runner.embed(model.candidate_tower, train.data.to_feature_arrays(
         prepared.corpus, [features[n] for n in model.candidate_tower.feature_names]))
     return queries, corpus, seconds
 
@@ -75,7 +77,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     curves = {}
     runs = {"tfdssm": (q, c)}
     # Same split, same test rows and corpus order; histories from earlier
-    # training ratings only (tfdssm.pipelines.history).
+    # training ratings only (tfdssm.data.history).
     history = movielens.prepare(interactions=interactions, split="leave_last_out",
                                 user_tower="history")
     q, c, _ = _ours(history, epochs)

@@ -4,8 +4,8 @@ Synthetic candidates (dim 128, L2-normalised) around 1,000 cluster centres, in
 two regimes: *clustered* (noise 0.3 per dimension, like trained embeddings) and
 *diffuse* (noise 0.6: close to uniform on the sphere, hard for any ANN index);
 queries are perturbed candidates; both modules are the ones ``tfdssm train`` exports
-(:mod:`tfdssm.index`), with ScaNN parameters from :func:`scann_options`. One query
-per call (as a server sees them), top 10.
+(:mod:`tfdssm.export.index`), with ScaNN parameters from :func:`scann_options`.
+One query per call (as a server sees them), top 10.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from benchmarks import common
-from tfdssm import index
+from tfdssm.export import index
 
 DIM, K = 128, 10
 

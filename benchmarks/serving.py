@@ -668,8 +668,8 @@ def markdown(result: Mapping[str, Any]) -> str:
 
 
 def run(quick: bool = False) -> dict[str, Any]:
-    from tfdssm import train  # noqa: PLC0415
-    from tfdssm.pipelines import movielens  # noqa: PLC0415
+    from tfdssm.recipes import movielens  # noqa: PLC0415
+    from tfdssm.training import run as train  # noqa: PLC0415
 
     levels = ((1, 4.0), (8, 4.0)) if quick else ((1, 15.0), (8, 15.0), (32, 30.0))
     with tempfile.TemporaryDirectory() as tmp:

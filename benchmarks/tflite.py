@@ -17,8 +17,9 @@ import tensorflow as tf
 
 from benchmarks import common
 from benchmarks.training import stdlib_pairs
-from tfdssm import tflite, train
-from tfdssm.pipelines import pairs
+from tfdssm.export import tflite
+from tfdssm.recipes import pairs
+from tfdssm.training import run as train
 
 
 def _latency(fn: Any, queries: list[str]) -> tuple[float, float]:

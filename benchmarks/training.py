@@ -6,7 +6,7 @@ document its docstring (first 400 characters). All train the DSSM paper's tower
 (30k trigram buckets -> 300 -> 300 -> 128, tanh) with Adam, on 2 threads:
 
 * **tfdssm**: raw strings in, hashing in-graph, in-batch softmax, batch 1024,
-  ``tfdssm.optimizers.Adam`` (what ``tfdssm train`` uses);
+  ``tfdssm.model.optimizers.Adam`` (what ``tfdssm train`` uses);
 * **PyTorch, strong**: trigram ids hashed once up front (not timed) into numpy
   arrays, ``nn.EmbeddingBag(30000, 300, mode="sum")`` -> tanh -> 300 -> tanh ->
   128, in-batch softmax, batch 1024; ``torch.optim.Adam`` as it comes, and again
@@ -31,8 +31,8 @@ import numpy as np
 import pandas as pd
 
 from benchmarks import common
-from tfdssm.hashing import trigram_ids_py
-from tfdssm.text import encode_text
+from tfdssm.text.hashing import trigram_ids_py
+from tfdssm.text.normalize import encode_text
 
 MODULES = (
     "os", "re", "json", "collections", "itertools", "functools", "pathlib", "typing",
@@ -75,8 +75,8 @@ def stdlib_pairs() -> pd.DataFrame:
 def _tfdssm(frame: pd.DataFrame, batch: int, steps: int) -> float:
     import tensorflow as tf  # noqa: PLC0415
 
-    from tfdssm import optimizers  # noqa: PLC0415
-    from tfdssm.pipelines import pairs  # noqa: PLC0415
+    from tfdssm.model import optimizers  # noqa: PLC0415
+    from tfdssm.recipes import pairs  # noqa: PLC0415
 
     prepared = pairs.prepare(frame, hidden=HIDDEN, dim=DIM, num_buckets=BUCKETS,
                              max_length=MAX_LENGTH, test_fraction=0.0)

@@ -13,7 +13,7 @@ import argparse
 import sys
 
 import tfdssm  # noqa: F401  (selects Keras 2 before TensorFlow loads)
-from tfdssm.datasets import load_movielens_100k
+from tfdssm.data.movielens import load_movielens_100k
 from tfdssm.errors import TfdssmError
 from tfdssm.retrieve import LocalRetriever
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"{len(users)}.")
         rows = users.loc[wanted].reset_index()
         if "history" in retriever.query_names:  # --user-tower history / youtube
-            from tfdssm.pipelines.history import build_histories  # noqa: PLC0415
+            from tfdssm.data.history import build_histories  # noqa: PLC0415
 
             now = rows.assign(timestamp=2**62)  # every rating so far, latest last
             rows = rows.join(build_histories(now, movielens.ratings, max_length=500))

@@ -52,7 +52,8 @@ def _movielens_frame_fixture():
 
 def _train_and_export(prepared, export_dir):
     """One epoch of ``train.run``, then the towers export alone (no TFLite: faster)."""
-    from tfdssm import export, train
+    from tfdssm import export
+    from tfdssm.training import run as train
 
     result = train.run(prepared, None, epochs=1, batch_size=16, verbose=0)
     result["export"] = export.export_model(
@@ -64,7 +65,7 @@ def _train_and_export(prepared, export_dir):
 @pytest.fixture(scope="session")
 def pairs_export(tmp_path_factory):
     """A one-epoch tiny pairs model, exported: ``(dir, prepared, result)``."""
-    from tfdssm.pipelines import pairs
+    from tfdssm.recipes import pairs
 
     prepared = pairs.prepare(pairs_frame(), "query", "doc", "doc_id", num_buckets=500,
                              hidden=(16, 16), dim=8)
@@ -74,7 +75,7 @@ def pairs_export(tmp_path_factory):
 @pytest.fixture(scope="session")
 def movielens_export(tmp_path_factory):
     """A one-epoch tiny movielens model, exported: ``(dir, prepared, result)``."""
-    from tfdssm.pipelines import movielens
+    from tfdssm.recipes import movielens
 
     prepared = movielens.prepare(interactions=movielens_frame(), hidden=(16,), dim=8,
                                  num_buckets=500, verbose=False)

@@ -91,8 +91,8 @@ def trained_export() -> tuple[str, object, dict]:
     Returns:
         ``(export_dir, prepared, train.run result)``; ``max_k`` is 50.
     """
-    from tfdssm import train
-    from tfdssm.pipelines import movielens
+    from tfdssm.recipes import movielens
+    from tfdssm.training import run as train
 
     prepared = movielens.prepare(interactions=synthetic_interactions(), hidden=(32,),
                                  dim=16, num_buckets=2000, verbose=False)

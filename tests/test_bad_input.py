@@ -50,8 +50,10 @@ from serving_helpers import running_server, trained_export, user_features
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from tfdssm import cli, data, export, index, train
+from tfdssm import cli, export
 from tfdssm.client import Client
+from tfdssm.data import readers
+from tfdssm.data import readers as data
 from tfdssm.errors import (
     ConfigError,
     DataError,
@@ -59,11 +61,13 @@ from tfdssm.errors import (
     ServingError,
     TfdssmError,
 )
+from tfdssm.export import index
 from tfdssm.features import NumericFeature, TextFeature
-from tfdssm.pipelines import pairs
+from tfdssm.recipes import pairs
 from tfdssm.retrieve import LocalRetriever
 from tfdssm.serving.server import Server
-from tfdssm.text import TextNormalizer, normalize_code_points_py, prefix_bytes
+from tfdssm.text.normalize import TextNormalizer, normalize_code_points_py, prefix_bytes
+from tfdssm.training import run as train
 
 MAX_BYTES = 2 * 1024 * 1024  # the test server's request size limit
 MAX_BATCH = 64  # and its batch limit
@@ -370,7 +374,7 @@ CASES = [
     Case("misspelt candidate id column",
          cli=(_train("pairs.csv", "--candidate-id-column", "docid"), 2,
               ("'docid'", "'doc_id'")),
-         library=(lambda e: train.corpus_of(pd.read_csv(e.file("pairs.csv")),
+         library=(lambda e: readers.corpus_of(pd.read_csv(e.file("pairs.csv")),
                                             "docid", ["doc"]),
                   DataError, ("'docid'", "'doc_id'"))),
     Case("missing column in a request",
@@ -384,7 +388,7 @@ CASES = [
     Case("missing candidate id cell",
          cli=(_train("nan_id.csv"), 2,
               ("nan_id.csv", "'doc_id'", "missing or empty", "data row 5")),
-         library=(lambda e: train.corpus_of(
+         library=(lambda e: readers.corpus_of(
              pd.read_csv(e.file("nan_id.csv"), dtype=str), "doc_id", ["doc"]),
              DataError, ("'doc_id'", "1 missing or empty", "data row 5"))),
     Case("missing candidate id in evaluation data",

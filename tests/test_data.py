@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from tfdssm import data
+from tfdssm.data import readers as data
 from tfdssm.errors import DataError
 from tfdssm.features import CategoricalFeature, NumericFeature, TextFeature
 

@@ -1,4 +1,4 @@
-"""Tests for tfdssm.datasets: MovieLens-100k discovery, fetching and parsing."""
+"""Tests for tfdssm.data.movielens: MovieLens-100k discovery, fetching and parsing."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tfdssm import datasets
-from tfdssm.datasets import (
+from tfdssm.data import movielens as datasets
+from tfdssm.data.movielens import (
     GENRES,
     MovieLens,
     find_movielens_100k,

@@ -1,5 +1,5 @@
-"""Tests for tf.distribute training (tfdssm.distribute, train.run(strategy=...),
-``tfdssm train --strategy``) and sharded corpus embedding (tfdssm.sharding).
+"""Tests for tf.distribute training (training.distribute, train.run(strategy=...),
+``tfdssm train --strategy``) and sharded corpus embedding (tfdssm.export.sharding).
 
 The strategies run in subprocesses: logical CPU devices and multi-worker
 collectives must be configured before TensorFlow initialises, which the pytest
@@ -25,10 +25,14 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from tfdssm import data, distribute, evaluate, sharding, train
+from tfdssm.data import readers as data
 from tfdssm.errors import ConfigError, DataError
+from tfdssm.export import sharding
 from tfdssm.features import TextFeature
-from tfdssm.towers import paper_tower
+from tfdssm.model import runner
+from tfdssm.model.towers import paper_tower
+from tfdssm.training import distribute
+from tfdssm.training import run as train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT = 150  # seconds; a stuck collective must never hang the suite
@@ -98,7 +102,7 @@ def _run_all(
 
 
 # --------------------------------------------------------------------------- #
-# tfdssm.distribute: TF_CONFIG, chief, strategy names (in process)
+# tfdssm.training.distribute: TF_CONFIG, chief, strategy names (in process)
 # --------------------------------------------------------------------------- #
 
 CLUSTER = {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}
@@ -172,7 +176,7 @@ def test_shard_by_data_sets_the_auto_shard_policy():
 
 
 def test_run_rejects_a_model_built_outside_the_strategy_scope():
-    from tfdssm.pipelines import pairs
+    from tfdssm.recipes import pairs
 
     prepared = pairs.prepare(_pairs(30), num_buckets=100, hidden=(4,), dim=4)
     strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
@@ -210,12 +214,12 @@ MIRRORED_SCRIPT = textwrap.dedent("""
         cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import numpy as np
     import pandas as pd
-    from tfdssm import train
-    from tfdssm.distribute import make_strategy
+    from tfdssm.training import run as train
+    from tfdssm.training.distribute import make_strategy
     from tfdssm.errors import ConfigError
     from tfdssm.features import CategoricalFeature
-    from tfdssm.model import DSSM
-    from tfdssm.towers import Tower
+    from tfdssm.model.dssm import DSSM
+    from tfdssm.model.towers import Tower
 
     strategy = make_strategy("mirrored", ["/cpu:0", "/cpu:1"])
     names = [f"q{i}" for i in range(6)]
@@ -405,7 +409,7 @@ def test_the_chief_export_loads_and_serves(two_workers):
 
 
 # --------------------------------------------------------------------------- #
-# tfdssm.sharding: the corpus embedded shard by shard
+# tfdssm.export.sharding: the corpus embedded shard by shard
 # --------------------------------------------------------------------------- #
 
 
@@ -417,7 +421,7 @@ def corpus_tower():
     tower = paper_tower("doc", num_buckets=200, hidden=(8,), output_dim=4)
     features = [TextFeature("doc"), TextFeature("doc_id")]
     dataset = data.make_dataset(corpus, features, batch_size=4, shuffle=False)
-    full = evaluate.embed(tower, data.to_feature_arrays(corpus, features))
+    full = runner.embed(tower, data.to_feature_arrays(corpus, features))
     return tower, dataset, corpus, full
 
 

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from tfdssm.early_stopping import RetrievalEarlyStopping
 from tfdssm.errors import ConfigError
+from tfdssm.training.early_stopping import RetrievalEarlyStopping
 
 
 class _Snapshots(tf.keras.callbacks.Callback):
@@ -57,8 +57,8 @@ def test_patience_and_metrics_are_checked():
 
 
 def test_train_run_reports_validation_per_epoch_on_a_held_out_split(pairs_frame):
-    from tfdssm import train
-    from tfdssm.pipelines import pairs
+    from tfdssm.recipes import pairs
+    from tfdssm.training import run as train
 
     prepared = pairs.prepare(pairs_frame(200), "query", "doc", "doc_id",
                              num_buckets=500, hidden=(16,), dim=8)

@@ -1,4 +1,4 @@
-"""Tests for tfdssm.evaluate: rank metrics against hand arithmetic and numpy."""
+"""Tests for tfdssm.training.metrics: rank metrics against hand arithmetic and numpy."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfdssm import evaluate
 from tfdssm.errors import DataError
-from tfdssm.evaluate import rank_metrics
 from tfdssm.features import NumericFeature
-from tfdssm.towers import Tower
+from tfdssm.model import runner
+from tfdssm.model.towers import Tower
+from tfdssm.training import metrics as evaluate
+from tfdssm.training.metrics import rank_metrics
 
 # Four candidates in 2-d and three queries (dot-product scores).
 CANDIDATES = np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [-1.0, 0.0]], np.float32)
@@ -204,7 +205,7 @@ def test_rank_metrics_errors(num_queries, positives, match):
 def test_embed_batches_a_tower_and_equals_one_call():
     tower = Tower([NumericFeature("x")], hidden=(4,), output_dim=3)
     arrays = {"x": np.arange(7, dtype=np.float32), "ignored": np.zeros(7)}
-    chunked = evaluate.embed(tower, arrays, batch_size=3)
+    chunked = runner.embed(tower, arrays, batch_size=3)
     whole = tower({"x": tf.constant(arrays["x"])}).numpy()
     assert chunked.shape == (7, 3) and chunked.dtype == np.float32
     np.testing.assert_allclose(chunked, whole, atol=1e-6)
@@ -213,7 +214,7 @@ def test_embed_batches_a_tower_and_equals_one_call():
 def test_embed_empty_table_is_an_error():
     tower = Tower([NumericFeature("x")], hidden=(4,), output_dim=3)
     with pytest.raises(DataError, match="no rows"):
-        evaluate.embed(tower, {"x": np.zeros([0], np.float32)})
+        runner.embed(tower, {"x": np.zeros([0], np.float32)})
 
 
 def test_format_metrics_one_aligned_line_per_metric():

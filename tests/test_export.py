@@ -18,8 +18,9 @@ import pytest
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
-from tfdssm import export, hashing, unicode_table
+from tfdssm import export
 from tfdssm.errors import ExportError
+from tfdssm.text import hashing, unicode_table
 
 QUERY_TEXTS = ["apple recipe 3", "Café 北京", "", "LEMON   lemon!", "x" * 400]
 DOC_TEXTS = ["all about kiwi", "ünïcödé ß", "", "all about figs", "doc"]

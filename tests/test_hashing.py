@@ -2,7 +2,6 @@
 
 import unicodedata
 
-import tfdssm  # noqa: F401  (Keras 2 before TensorFlow)
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -10,9 +9,14 @@ import tensorflow_text as tf_text
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tfdssm import hashing
-from tfdssm.hashing import BOUNDARY, trigram_ids, trigram_ids_py, trigrams_py
-from tfdssm.text import TextNormalizer, normalize_code_points_py, to_valid_unicode
+import tfdssm  # noqa: F401  (Keras 2 before TensorFlow)
+from tfdssm.text import hashing
+from tfdssm.text.hashing import BOUNDARY, trigram_ids, trigram_ids_py, trigrams_py
+from tfdssm.text.normalize import (
+    TextNormalizer,
+    normalize_code_points_py,
+    to_valid_unicode,
+)
 
 BUCKETS = 30000
 

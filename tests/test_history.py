@@ -1,4 +1,4 @@
-"""Tests for tfdssm.history (history features) and tfdssm.pipelines.history
+"""Tests for tfdssm.features.history (history features) and tfdssm.data.history
 (history construction without leakage)."""
 
 from __future__ import annotations
@@ -14,19 +14,20 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from tfdssm import export, warmup
+from tfdssm import export
+from tfdssm.data import history as pipeline
 from tfdssm.errors import ConfigError, DataError
+from tfdssm.export import warmup
 from tfdssm.features import CategoricalFeature, feature_from_config
-from tfdssm.history import (
+from tfdssm.features.history import (
     ContextFeature,
     HistoryEmbedding,
     HistoryFeature,
     history_features,
-    link_shared_embeddings,
 )
-from tfdssm.model import DSSM
-from tfdssm.pipelines import history as pipeline
-from tfdssm.towers import Tower
+from tfdssm.model.dssm import DSSM
+from tfdssm.model.shared import link_shared_embeddings
+from tfdssm.model.towers import Tower
 
 ITEMS = tuple(str(i) for i in range(1, 21))
 DAY = 86400.0
@@ -361,7 +362,7 @@ def test_future_and_same_second_ratings_never_leak():
 
 
 def test_leave_last_out_test_row_gets_all_earlier_training_ratings(movielens_frame):
-    from tfdssm.pipelines import movielens
+    from tfdssm.recipes import movielens
 
     frame = movielens_frame(60)
     frame["timestamp"] = T0 + np.arange(len(frame)) * 100

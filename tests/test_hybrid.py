@@ -17,9 +17,9 @@ import pytest
 import tensorflow as tf
 from serving_helpers import running_server
 
-from tfdssm import hybrid as hybrid_lib
-from tfdssm import index, lexical
 from tfdssm.errors import ExportError
+from tfdssm.export import hybrid as hybrid_lib
+from tfdssm.export import index, lexical
 
 WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
 
@@ -162,8 +162,8 @@ def test_choose_weight_picks_the_weight_that_ranks_positives_best():
 
 @pytest.fixture(scope="module")
 def hybrid_export(tmp_path_factory, pairs_frame):
-    from tfdssm import train
-    from tfdssm.pipelines import pairs
+    from tfdssm.recipes import pairs
+    from tfdssm.training import run as train
 
     prepared = pairs.prepare(pairs_frame(120), "query", "doc", "doc_id",
                              num_buckets=500, hidden=(16,), dim=8, shared_towers=True)
@@ -229,7 +229,7 @@ def test_hybrid_export_serves_over_grpc_and_rest(hybrid_export):
 
 
 def test_hybrid_needs_text_towers(movielens_export):
-    from tfdssm import hybrid_export as builder
+    from tfdssm.export import hybrid_build as builder
 
     _, prepared, _ = movielens_export
     info = json.loads((movielens_export[0] / "export.json").read_text())

@@ -1,4 +1,4 @@
-"""Tests for tfdssm.index and the retrieval part of the export.
+"""Tests for tfdssm.export.index and the retrieval part of the export.
 
 The exported corpus is ~2000 synthetic MovieLens-like movies (serving_helpers);
 the ScaNN tree is also checked on 20,000 clustered vectors, where it prunes.
@@ -26,8 +26,9 @@ from serving_helpers import trained_export, user_features
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from tfdssm import candidates, export, index, warmup
+from tfdssm import export
 from tfdssm.errors import ExportError
+from tfdssm.export import candidates, index, warmup
 
 RETRIEVAL_MODELS = ("retrieval", "retrieval_brute_force")
 

@@ -12,8 +12,8 @@ import pytest
 import tensorflow as tf
 
 from tfdssm.features import CategoricalFeature
-from tfdssm.model import DSSM
-from tfdssm.towers import Tower
+from tfdssm.model.dssm import DSSM
+from tfdssm.model.towers import Tower
 
 QUERIES = tuple(f"q{i}" for i in range(8))
 DOCS = tuple(f"d{i}" for i in range(8))

@@ -1,4 +1,4 @@
-"""Tests for tfdssm.layers (feature layers) and tfdssm.features (feature specs)."""
+"""Tests for tfdssm.features.layers (feature layers) and tfdssm.features (specs)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import pytest
 import tensorflow as tf
 
 from tfdssm import features as F
-from tfdssm import layers
 from tfdssm.errors import ConfigError
-from tfdssm.hashing import BOUNDARY, trigram_hash_py, trigram_ids_py
-from tfdssm.text import normalize_code_points_py
+from tfdssm.features import layers
+from tfdssm.text.hashing import BOUNDARY, trigram_hash_py, trigram_ids_py
+from tfdssm.text.normalize import normalize_code_points_py
 
 
 def _reference_text(layer: layers.TextEmbedding, text: str) -> np.ndarray:

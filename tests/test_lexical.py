@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfdssm import lexical
 from tfdssm.errors import ConfigError
+from tfdssm.export import lexical
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",

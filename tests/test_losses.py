@@ -1,4 +1,4 @@
-"""Tests for tfdssm.losses and DSSM(loss=...): every loss against hand arithmetic."""
+"""Tests for tfdssm.model.losses and DSSM(loss=...): each loss against hand arithmetic."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
-from tfdssm import losses
 from tfdssm.errors import ConfigError
-from tfdssm.model import DSSM
+from tfdssm.model import losses
+from tfdssm.model.dssm import DSSM
 
 # Two queries, three candidates: the two positives (the diagonal) and one extra
 # sampled negative (column 2).
@@ -188,7 +188,7 @@ def test_dssm_loss_config_errors_and_round_trip():
 def test_ranking_losses_train(loss):
     """A few steps of each new loss separate 8 users' items (loss goes down)."""
     from tfdssm.features import CategoricalFeature
-    from tfdssm.towers import Tower
+    from tfdssm.model.towers import Tower
 
     ids = [str(i) for i in range(8)]
     query = Tower([CategoricalFeature("user", tuple(ids), 8)], hidden=(), output_dim=8)

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfdssm import evaluate
 from tfdssm.errors import ConfigError
 from tfdssm.features import CategoricalFeature, NumericFeature, TextFeature
-from tfdssm.model import DSSM
-from tfdssm.sampling import NegativeSampler
-from tfdssm.towers import SharedTower, Tower, paper_tower
+from tfdssm.model import runner
+from tfdssm.model.dssm import DSSM
+from tfdssm.model.sampling import NegativeSampler
+from tfdssm.model.towers import SharedTower, Tower, paper_tower
+from tfdssm.training import metrics as evaluate
 
 # --------------------------------------------------------------------------- #
 # A tiny learnable retrieval task.
@@ -64,8 +65,8 @@ class Task:
                 .shuffle(len(self.train["query"]), seed=0).batch(batch_size))
 
     def recall_at_10(self, model: DSSM) -> float:
-        queries = evaluate.embed(model.query_tower, {"query": self.test_queries})
-        candidates = evaluate.embed(model.candidate_tower, {"title": self.titles})
+        queries = runner.embed(model.query_tower, {"query": self.test_queries})
+        candidates = runner.embed(model.candidate_tower, {"title": self.titles})
         metrics = evaluate.rank_metrics(
             queries, self.test_items, candidates, ks=[10], auc_negatives=0
         )

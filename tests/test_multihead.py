@@ -1,4 +1,4 @@
-"""Tests for tfdssm.multihead: K query vectors per user, max over heads."""
+"""Tests for tfdssm.model.multihead: K query vectors per user, max over heads."""
 
 from __future__ import annotations
 
@@ -13,14 +13,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfdssm import candidates as candidate_files
-from tfdssm import evaluate, export, multihead, train
+from tfdssm import export
 from tfdssm.errors import ConfigError
+from tfdssm.export import candidates as candidate_files
 from tfdssm.features import CategoricalFeature, NumericFeature
-from tfdssm.model import DSSM
-from tfdssm.multihead import MultiHeadTower
+from tfdssm.model import multihead
+from tfdssm.model.dssm import DSSM
+from tfdssm.model.multihead import MultiHeadTower
+from tfdssm.model.towers import Tower
 from tfdssm.retrieve import LocalRetriever
-from tfdssm.towers import Tower
+from tfdssm.training import metrics as evaluate
+from tfdssm.training import run as train
 
 USERS = tuple(f"u{i}" for i in range(6))
 
@@ -132,7 +135,7 @@ def test_training_loss_is_max_over_heads():
 
 @pytest.fixture(scope="module")
 def multihead_export(tmp_path_factory, movielens_frame):
-    from tfdssm.pipelines import movielens
+    from tfdssm.recipes import movielens
 
     prepared = movielens.prepare(interactions=movielens_frame(80), hidden=(16,), dim=8,
                                  num_buckets=300, num_heads=3, verbose=False)

@@ -1,4 +1,4 @@
-"""tfdssm.optimizers.Adam: Keras Adam's update on the fused kernel."""
+"""tfdssm.model.optimizers.Adam: Keras Adam's update on the fused kernel."""
 
 import tfdssm  # noqa: F401  - selects Keras 2 before TensorFlow is imported
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfdssm.optimizers import Adam
+from tfdssm.model.optimizers import Adam
 
 
 def _train(optimizer, steps=5):

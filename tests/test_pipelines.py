@@ -1,4 +1,4 @@
-"""Tests for tfdssm.pipelines (movielens on a synthetic table, pairs)."""
+"""Tests for tfdssm.recipes (movielens on a synthetic table, pairs)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 import tensorflow as tf
 
 from tfdssm.errors import ConfigError, DataError
-from tfdssm.pipelines import movielens, pairs
-from tfdssm.towers import SharedTower, Tower
-from tfdssm.train import split_frame
+from tfdssm.model.towers import SharedTower, Tower
+from tfdssm.recipes import movielens, pairs
+from tfdssm.training.run import split_frame
 
 # --------------------------------------------------------------------------- #
 # movielens

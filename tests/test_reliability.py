@@ -40,8 +40,9 @@ import tensorflow as tf
 from serving_helpers import running_server
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from tfdssm import checkpoints, cli, export
+from tfdssm import cli, export
 from tfdssm.errors import ConfigError
+from tfdssm.training import checkpoints
 
 MODELS = ("towers", "retrieval_brute_force", "retrieval")
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
@@ -53,7 +54,7 @@ import sys
 import tfdssm
 import pandas as pd
 from tfdssm import export
-from tfdssm.pipelines import pairs
+from tfdssm.recipes import pairs
 
 prepared = pairs.prepare(pd.read_csv(sys.argv[2]), "query", "doc", "doc_id",
                          num_buckets=500, hidden=(16, 16), dim=8)
@@ -358,7 +359,8 @@ KILLED_TRAINER = """
 import os, sys
 import tfdssm
 import tensorflow as tf
-from tfdssm import cli, train
+from tfdssm import cli
+from tfdssm.training import run as train
 
 class KillMidEpoch(tf.keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):

@@ -1,4 +1,4 @@
-"""Tests for tfdssm.sampling.NegativeSampler."""
+"""Tests for tfdssm.model.sampling.NegativeSampler."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from tfdssm.errors import ConfigError
-from tfdssm.sampling import NegativeSampler
+from tfdssm.model.sampling import NegativeSampler
 
 IDS = np.array([f"item{i}" for i in range(8)])
 TITLES = np.array([f"title of item{i}" for i in range(8)])

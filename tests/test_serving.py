@@ -41,7 +41,8 @@ from tensorflow_serving.apis import (
 
 from tfdssm import cli
 from tfdssm.errors import ConfigError, ExportError
-from tfdssm.serving import config, json_codec
+from tfdssm.export import serving_config as config
+from tfdssm.serving import json_codec
 from tfdssm.serving.predict import InputSpec
 from tfdssm.serving.server import Server
 

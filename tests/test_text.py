@@ -9,14 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tfdssm  # noqa: F401
-from tfdssm.text import (
+from tfdssm.text.normalize import (
     PAD,
     TextNormalizer,
     _code_table,
     encode_text,
     normalize_code_points_py,
 )
-from tfdssm.unicode_table import UNICODE_VERSION, build_table_dict, load_table
+from tfdssm.text.unicode_table import UNICODE_VERSION, build_table_dict, load_table
 
 NORMALIZER = TextNormalizer()
 

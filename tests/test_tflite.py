@@ -2,15 +2,17 @@
 
 import json
 
-import tfdssm  # noqa: F401
 import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
 
-from tfdssm import cli, tflite, train
-from tfdssm.pipelines import movielens, pairs
-from tfdssm.text import TextNormalizer
+import tfdssm  # noqa: F401
+from tfdssm import cli
+from tfdssm.export import tflite
+from tfdssm.recipes import movielens, pairs
+from tfdssm.text.normalize import TextNormalizer
+from tfdssm.training import run as train
 
 TOLERANCE = 1e-5
 
@@ -126,7 +128,7 @@ def test_reference_encoder_matches_in_graph_code_points():
 
 def test_multi_valued_feature_in_tflite(tmp_path):
     from tfdssm.features import MultiValuedFeature, NumericFeature
-    from tfdssm.towers import Tower
+    from tfdssm.model.towers import Tower
 
     tower = Tower([MultiValuedFeature("tags", ("a", "b", "c"), 4),
                    NumericFeature("x", 1.0, 2.0)], hidden=(4,), output_dim=3)

@@ -1,4 +1,4 @@
-"""Tests for tfdssm.towers: Tower, SENet, paper_tower and SharedTower."""
+"""Tests for tfdssm.model.towers: Tower, SENet, paper_tower and SharedTower."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfdssm import layers
 from tfdssm.errors import ConfigError, DataError
 from tfdssm.features import (
     CategoricalFeature,
     MultiValuedFeature,
     NumericFeature,
     TextFeature,
+    layers,
 )
-from tfdssm.towers import SENet, SharedTower, Tower, paper_tower
+from tfdssm.model.towers import SENet, SharedTower, Tower, paper_tower
 
 TEXTS = tf.constant(["hello world", "good", "", "a b c d e"])
 

@@ -1,4 +1,4 @@
-"""Tests for tfdssm.youtube (the YoutubeDNN preset, example age) and the
+"""Tests for tfdssm.model.youtube (the YoutubeDNN preset, example age) and the
 history-aware MovieLens pipeline end to end: train -> export -> serve -> query."""
 
 from __future__ import annotations
@@ -14,18 +14,20 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from tfdssm import cli, export, train, warmup
-from tfdssm.datasets import GENRES
+from tfdssm import cli, export
+from tfdssm.data.movielens import GENRES
 from tfdssm.errors import ConfigError
+from tfdssm.export import warmup
 from tfdssm.features import CategoricalFeature, NumericFeature, feature_from_config
-from tfdssm.retrieve import LocalRetriever, tower_features
-from tfdssm.youtube import (
+from tfdssm.features.example_age import example_ages
+from tfdssm.model.youtube import (
     ExampleAgeFeature,
     ItemEmbeddingTower,
-    example_ages,
     model_features,
     youtube_dnn,
 )
+from tfdssm.retrieve import LocalRetriever, tower_features
+from tfdssm.training import run as train
 
 T0 = 881250949
 QUERY_COLUMNS = ["history", "age", "gender", "occupation", "zip_prefix"]
@@ -88,7 +90,7 @@ def test_preset_shares_the_item_embedding_and_samples_negatives():
 
 @pytest.fixture(scope="module")
 def youtube_export(tmp_path_factory, movielens_frame):
-    from tfdssm.pipelines import movielens
+    from tfdssm.recipes import movielens
 
     prepared = movielens.prepare(interactions=with_timestamps(movielens_frame(80)),
                                  user_tower="youtube", hidden=(16,), dim=8,

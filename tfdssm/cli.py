@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also hash word unigrams/bigrams, e.g. 1,2 (pairs)")
     train.add_argument("--loss", default="in_batch", choices=[
         "in_batch", "paper", "pair_ce", "triplet", "sigmoid"],
-        help="see tfdssm.losses for when to use which")
+        help="see tfdssm.model.losses for when to use which")
     train.add_argument("--temperature", type=float)
     train.add_argument("--shared-towers", action="store_true")
     train.add_argument("--senet", action="store_true", help="movielens: SENet block")
@@ -165,8 +165,8 @@ def _port(text: str) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from tfdssm import checkpoints, distribute  # noqa: PLC0415 - imports TensorFlow
-    from tfdssm import train as training  # noqa: PLC0415
+    from tfdssm.training import checkpoints, distribute  # noqa: PLC0415 - imports TF
+    from tfdssm.training import run as training  # noqa: PLC0415
 
     defaults = PIPELINE_DEFAULTS[args.pipeline]
     # First, before TensorFlow runs any op (MultiWorkerMirroredStrategy needs
@@ -184,7 +184,7 @@ def _train(args: argparse.Namespace) -> int:
         checkpoint_dir=args.checkpoint_dir or checkpoints.default_dir(args.export_dir),
         resume=args.resume,
     )
-    from tfdssm.evaluate import format_metrics  # noqa: PLC0415
+    from tfdssm.training.metrics import format_metrics  # noqa: PLC0415
 
     print(f"evaluation on {len(prepared.test)} held-out rows, "
           f"{len(prepared.corpus)} candidates:")
@@ -199,13 +199,13 @@ def _train(args: argparse.Namespace) -> int:
 
 def _prepare(args: argparse.Namespace, defaults: dict) -> Any:
     """The pipeline's model and data from the ``train`` arguments (a
-    :class:`tfdssm.train.Prepared`); call it inside the strategy's scope."""
+    :class:`tfdssm.training.run.Prepared`); call it inside the strategy's scope."""
     hidden = args.hidden or _sizes(defaults["hidden"])
     dim = args.dim or defaults["dim"]
     buckets = args.buckets or defaults["buckets"]
     if args.pipeline == "pairs":
         from tfdssm.errors import ConfigError  # noqa: PLC0415
-        from tfdssm.pipelines import pairs  # noqa: PLC0415
+        from tfdssm.recipes import pairs  # noqa: PLC0415
 
         if not args.data:
             raise ConfigError("--pipeline pairs needs --data FILE.csv.")
@@ -219,7 +219,7 @@ def _prepare(args: argparse.Namespace, defaults: dict) -> Any:
             test_fraction=0.1 if args.test_fraction is None else args.test_fraction,
         )
     else:
-        from tfdssm.pipelines import movielens  # noqa: PLC0415
+        from tfdssm.recipes import movielens  # noqa: PLC0415
 
         prepared = movielens.prepare(
             args.data, hidden=hidden, dim=dim, num_buckets=buckets,
@@ -232,46 +232,19 @@ def _prepare(args: argparse.Namespace, defaults: dict) -> Any:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import pathlib  # noqa: PLC0415
+    from tfdssm.data.readers import read_table  # noqa: PLC0415
+    from tfdssm.export.layout import read_export  # noqa: PLC0415
+    from tfdssm.training.evaluation import evaluate_export  # noqa: PLC0415
+    from tfdssm.training.metrics import format_metrics  # noqa: PLC0415
 
-    import pandas as pd  # noqa: PLC0415
-
-    from tfdssm import data, export, train  # noqa: PLC0415
-    from tfdssm.errors import DataError, ExportError  # noqa: PLC0415
-    from tfdssm.evaluate import format_metrics  # noqa: PLC0415
-    from tfdssm.retrieve import tower_features  # noqa: PLC0415
-
-    info = export.read_export(args.export_dir)
-    towers = export.load_towers(args.export_dir)
-    frame = data.read_table(args.data)
-    what = f"the evaluation data {args.data!r}"
-    if not len(frame):
-        raise DataError(f"{what} has a header but no rows.")
-    candidate_id = info["candidate_id"]
-    query_features = tower_features(info, "query")
-    candidate_features = tower_features(info, "candidate")
-    data.check_columns(frame, [f.name for f in query_features] + [candidate_id],
-                       what)
-    if candidate_id not in [f.name for f in candidate_features]:
-        data.check_ids(frame, candidate_id, what)  # an id column of its own
-    corpus_path = pathlib.Path(args.export_dir) / export.CORPUS_FILE
-    if not corpus_path.is_file():
-        raise ExportError(f"{str(corpus_path)!r} is missing; re-run the export.")
-    corpus = pd.read_parquet(corpus_path)
-    names = [candidate_id] + [f.name for f in candidate_features]
-    names = list(dict.fromkeys(names))
-    if all(n in frame.columns for n in names):
-        extra = train.corpus_of(frame, candidate_id, names[1:], what)
-        corpus = pd.concat([corpus.astype({candidate_id: str}), extra])
-        corpus = corpus.drop_duplicates(candidate_id, ignore_index=True)
-    metrics = train.evaluate_frame(
-        towers.signatures["query"], towers.signatures["candidate"], frame, corpus,
-        candidate_id, query_features, candidate_features, ks=args.k,
-    )
+    read_export(args.export_dir)  # not an export: say so before reading the data
+    frame = read_table(args.data)
+    metrics, candidates = evaluate_export(
+        args.export_dir, frame, ks=args.k, what=f"the evaluation data {args.data!r}")
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
-        print(f"evaluation on {len(frame)} rows, {len(corpus)} candidates:")
+        print(f"evaluation on {len(frame)} rows, {candidates} candidates:")
         print(format_metrics(metrics))
     return 0
 
@@ -341,9 +314,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _tflite(args: argparse.Namespace) -> int:
-    from tfdssm import export, tflite  # noqa: PLC0415
+    from tfdssm.export import layout, tflite  # noqa: PLC0415
 
-    export.read_export(args.export_dir)  # a clear error if this is not an export
+    layout.read_export(args.export_dir)  # a clear error if this is not an export
     tower = tflite.load_query_tower(args.export_dir)
     written = tflite.write_tflite(tower, args.export_dir, args.quantize)
     check = tflite.parity(args.export_dir, tflite.sample_queries(tower),

@@ -7,34 +7,18 @@ Loads ``towers/<newest>`` and ``corpus.parquet``, embeds the corpus once with th
 from __future__ import annotations
 
 import os
-import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import tensorflow as tf
 
-from tfdssm import data, evaluate, export, multihead
-from tfdssm.errors import ConfigError, DataError, ExportError
-from tfdssm.features import Feature, feature_from_config
-
-
-def tower_features(info: Mapping[str, Any], side: str) -> list[Feature]:
-    """Feature specs of one side (``query``/``candidate``) from ``export.json``.
-
-    Vocabularies are not needed to feed a SavedModel, only names and dtypes.
-    Training-only features (served as a constant: the example age) are left out.
-    """
-    out = []
-    for config in info[side]["features"]:
-        if config.get("serving_value") is not None:
-            continue
-        config = {k: v for k, v in config.items() if k != "vocabulary_size"}
-        if config["kind"] in ("categorical", "multi_valued"):
-            config.setdefault("vocabulary", ())
-        out.append(feature_from_config(config))
-    return out
+from tfdssm.data import readers as data
+from tfdssm.errors import ConfigError, DataError
+from tfdssm.export import layout
+from tfdssm.export.loading import load_towers, read_corpus, tower_features
+from tfdssm.model import multihead
+from tfdssm.model.runner import embed
 
 
 class LocalRetriever:
@@ -50,18 +34,15 @@ class LocalRetriever:
     """
 
     def __init__(self, export_dir: str | os.PathLike) -> None:
-        self.info = export.read_export(export_dir)
-        corpus_path = pathlib.Path(export_dir) / export.CORPUS_FILE
-        if not corpus_path.is_file():
-            raise ExportError(f"{str(corpus_path)!r} is missing; re-run the export.")
-        self.towers = export.load_towers(export_dir)
-        self.corpus = pd.read_parquet(corpus_path)
+        self.info = layout.read_export(export_dir)
+        self.corpus = read_corpus(export_dir)
+        self.towers = load_towers(export_dir)
         self.query_features = tower_features(self.info, "query")
         self.candidate_features = tower_features(self.info, "candidate")
         self.candidate_id = self.info["candidate_id"]
         self.ids = self.corpus[self.candidate_id].astype(str).to_numpy()
         self._position = {cid: i for i, cid in enumerate(self.ids)}
-        self.embeddings = evaluate.embed(
+        self.embeddings = embed(
             self.towers.signatures["candidate"],
             data.to_feature_arrays(self.corpus, self.candidate_features, "corpus"),
         )
@@ -84,7 +65,7 @@ class LocalRetriever:
             raise DataError("empty batch: pass at least one query row.")
         frame = pd.DataFrame({k: list(v) for k, v in features.items()})
         arrays = data.to_feature_arrays(frame, self.query_features, "the query")
-        return evaluate.embed(self.towers.signatures["query"], arrays)
+        return embed(self.towers.signatures["query"], arrays)
 
     def top_k(
         self,
@@ -96,7 +77,7 @@ class LocalRetriever:
 
         Multi-head exports (``query`` embedding ``[batch, heads, dim]``) return
         the union of the heads' top-k re-ranked by the best head's score
-        (:func:`tfdssm.multihead.union_top_k`).
+        (:func:`tfdssm.model.multihead.union_top_k`).
 
         Raises:
             ConfigError: ``k`` out of range.

@@ -31,7 +31,7 @@ import tensorflow as tf
 
 from tfdssm.errors import ServingError
 from tfdssm.serving.predict import InputSpec
-from tfdssm.text import to_valid_unicode
+from tfdssm.text.normalize import to_valid_unicode
 
 ROW, COLUMNAR = "row", "columnar"
 MAX_DEPTH = 32  # nesting of an input's lists

@@ -24,9 +24,9 @@ import tensorflow as tf
 from google.protobuf.message import DecodeError
 from tensorflow.core.protobuf import saved_model_pb2
 
-from tfdssm import warmup
 from tfdssm.errors import ServingError
-from tfdssm.export import versions
+from tfdssm.export import warmup
+from tfdssm.export.layout import versions
 from tfdssm.serving import predict
 
 LOG = logging.getLogger("tfdssm.serving")
@@ -132,7 +132,7 @@ class ModelManager:
 
     Args:
         models: ``[(name, base path)]``, e.g. from
-            :func:`tfdssm.serving.config.read_model_config`.
+            :func:`tfdssm.export.serving_config.read_model_config`.
         poll_seconds: How often to look for new versions.
     """
 

@@ -34,7 +34,8 @@ from collections.abc import Callable
 from typing import Any
 
 from tfdssm.errors import ConfigError
-from tfdssm.serving import config, grpc_server, rest
+from tfdssm.export import serving_config as config
+from tfdssm.serving import grpc_server, rest
 from tfdssm.serving.models import AVAILABLE, ModelManager
 from tfdssm.serving.predict import DEFAULT_MAX_BATCH_SIZE
 

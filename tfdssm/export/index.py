@@ -1,0 +1,454 @@
+"""Retrieval SavedModels: query features -> top-k candidate ids over the corpus.
+
+Two modules share one signature contract and differ only in how they search:
+
+* :class:`BruteForceRetrieval` scores every candidate with a matrix product
+  (exact; stock TensorFlow ops, so stock TF Serving serves it);
+* :class:`ScannRetrieval` searches a ScaNN index built with ScaNN's TensorFlow
+  ops (``scann.scann_ops``), saved with the ``Scann`` op namespace allowed; it
+  needs a server that has loaded those ops (``import scann``, or the
+  ``google/tf-serving-scann`` image).
+
+Signatures (inputs named after the query tower's columns, each ``[batch]``):
+
+==================  ==========================================  ===================
+signature           extra inputs                                outputs
+==================  ==========================================  ===================
+``serving_default``  (none)                                      top ``max_k``
+``top_k``            ``k`` int32 ``[batch]``                     top ``max(k)``
+``top_k_exclude``    ``k`` int32 ``[batch]``, ``exclude`` string  top ``max(k)``
+                     ``[batch, num_excluded]`` (pad with ``""``)
+==================  ==========================================  ===================
+
+Outputs: ``ids`` string ``[batch, width]`` and ``scores`` float32
+``[batch, width]`` (the query-candidate dot product; the cosine for normalised
+towers), best first. ``width`` is ``max_k`` for ``serving_default`` and
+``max(k)`` over the batch otherwise; row ``i`` holds ``k[i]`` results and is
+padded with id ``""`` and score ``-inf`` (also when exclusions leave fewer than
+``k[i]`` candidates). ``k`` outside ``[1, max_k]``, an empty batch, or ``k`` /
+``exclude`` with a different number of rows than the query fail inside the graph
+with ``INVALID_ARGUMENT`` and a message saying so (also on TF Serving).
+
+Exclusion retrieves ``max(k) + num_excluded`` candidates and drops the excluded
+ids, so every row still gets ``k`` results when the corpus has them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from tfdssm.errors import ConfigError, ExportError
+from tfdssm.export.hybrid import Hybrid
+from tfdssm.model import multihead
+
+DEFAULT_MAX_K = 100
+BRUTE_FORCE_BELOW = 1000  # ScaNN: exact float scoring below this corpus size.
+RESERVED_INPUTS = ("k", "exclude")
+
+
+def scann_options(num_candidates: int, max_k: int = DEFAULT_MAX_K) -> dict[str, Any]:
+    """ScaNN index parameters for a corpus size (measured in the README).
+
+    * ``< 1000`` candidates: exact brute-force scoring (no tree, no quantisation).
+    * otherwise a k-means tree with ``min(sqrt(N), N / 100)`` leaves (>= ~100
+      candidates each), searching ``max(25 %, 5000 / N)`` of them (all leaves
+      up to 5,000 candidates; 5 % lost a third of the recall@10 on diffuse
+      128-d data, ``benchmarks/retrieval.py``), anisotropic hashing (2 dimensions per block,
+      threshold 0.2) and exact float re-scoring of the best 200 (500 above
+      250,000 candidates; at least ``2 * max_k``, and more when a request asks
+      for more).
+
+    >>> scann_options(500)["mode"]
+    'brute_force'
+    >>> options = scann_options(1_000_000)
+    >>> options["num_leaves"], options["num_leaves_to_search"]
+    (1000, 250)
+    """
+    if num_candidates < BRUTE_FORCE_BELOW:
+        return {"mode": "brute_force"}
+    leaves = max(2, min(round(math.sqrt(num_candidates)), num_candidates // 100))
+    fraction = max(0.25, min(1.0, 5000 / num_candidates))
+    return {
+        "mode": "tree_ah",
+        "num_leaves": leaves,
+        "num_leaves_to_search": min(leaves, math.ceil(leaves * fraction)),
+        "training_sample_size": min(num_candidates, 100_000),
+        "dimensions_per_block": 2,
+        "anisotropic_quantization_threshold": 0.2,
+        "reorder": max(2 * max_k, 200 if num_candidates <= 250_000 else 500),
+    }
+
+
+class RetrievalModule(tf.Module):
+    """Base of the retrieval SavedModels: query tower + corpus + search.
+
+    Args:
+        query_encoder: Callable on ``{column: [batch] tensor}`` returning float32
+            ``[batch, dim]`` (a :class:`tfdssm.model.towers.Tower`, or a tf.Module
+            wrapping a SavedModel signature); tracked so its weights are saved.
+        input_spec: ``{column: TensorSpec([None], dtype, name=column)}``.
+        embeddings: float32 ``[num_candidates, dim]`` candidate embeddings.
+        ids: ``num_candidates`` distinct, non-empty candidate ids.
+        max_k: Largest ``k`` a request may ask for (capped at the corpus size).
+        hybrid: Fuse the dense score with BM25 (:mod:`tfdssm.export.hybrid`); its
+            lexical index must list the same candidates in the same order.
+    """
+
+    kind = "base"
+    keeps_embeddings = False
+
+    def __init__(
+        self,
+        query_encoder: Any,
+        input_spec: Mapping[str, tf.TensorSpec],
+        embeddings: np.ndarray,
+        ids: Sequence[str],
+        max_k: int = DEFAULT_MAX_K,
+        name: str | None = None,
+        hybrid: Hybrid | None = None,
+    ) -> None:
+        super().__init__(name=name or f"retrieval_{self.kind}")
+        embeddings = np.asarray(embeddings, dtype=np.float32)
+        ids = [str(i) for i in ids]
+        _check_corpus(embeddings, ids, input_spec, max_k)
+        _check_hybrid(hybrid, input_spec, len(ids))
+        self.query_encoder = query_encoder
+        self.input_spec = dict(input_spec)
+        self.num_candidates, self.dim = (int(n) for n in embeddings.shape)
+        self.max_k = min(int(max_k), self.num_candidates)
+        self.ids = tf.Variable(np.asarray(ids, dtype=object), dtype=tf.string,
+                               trainable=False, name="candidate_ids")
+        self.hybrid = hybrid
+        if self.keeps_embeddings or hybrid is not None:  # hybrid re-scores with them
+            self.embeddings = tf.Variable(embeddings, trainable=False,
+                                          name="candidate_embeddings")
+        self.embed_query = tf.function(
+            lambda features: self.query_encoder(features),
+            input_signature=[self.input_spec],
+        )
+
+    def search(self, queries: tf.Tensor, n: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Best ``n`` candidates per query: scores and indices ``[batch, <= n]``.
+
+        Missing results (fewer found than asked) have a NaN score.
+        """
+        raise NotImplementedError
+
+    def top_k(
+        self, features: Mapping[str, tf.Tensor], k: tf.Tensor, exclude: tf.Tensor
+    ) -> dict[str, tf.Tensor]:
+        """The retrieval contract (see the module docstring) for one batch.
+
+        Args:
+            features: ``{column: [batch]}`` query features.
+            k: int32 ``[batch]``, results wanted per row.
+            exclude: string ``[batch, num_excluded]``, ids to skip (``""`` = none).
+
+        Returns:
+            ``{"ids": string [batch, max(k)], "scores": float32 [batch, max(k)]}``.
+        """
+        queries = self.embed_query(features)
+        batch = tf.shape(queries)[0]
+        checks = [
+            tf.debugging.Assert(batch > 0,
+                                ["empty batch: send at least one query row."]),
+            tf.debugging.Assert(
+                tf.equal(tf.shape(k)[0], batch),
+                ["k needs one value per query row; received this many values:",
+                 tf.shape(k)[0], "for this many rows:", batch]),
+            tf.debugging.Assert(
+                tf.equal(tf.shape(exclude)[0], batch),
+                ["exclude needs one row per query row; received this many rows:",
+                 tf.shape(exclude)[0], "for this many query rows:", batch]),
+            tf.debugging.Assert(
+                tf.reduce_all((k >= 1) & (k <= self.max_k)),
+                [f"k must be between 1 and max_k={self.max_k} (set at export time "
+                 "with --max-k); received k =", k], summarize=20),
+        ]
+        with tf.control_dependencies(checks):
+            width = tf.reduce_max(k)
+        wanted = tf.minimum(width + tf.shape(exclude)[1], self.num_candidates)
+        # Multi-head queries [batch, heads, dim]: every head searches, the
+        # union is re-ranked by the best head's score below.
+        if self.hybrid is None:
+            scores, indices = multihead.search_heads(self.search, queries, wanted)
+        else:
+            scores, indices = self.hybrid.search(
+                self.search, self.embeddings, features, queries, wanted)
+        candidate_ids = tf.gather(self.ids, tf.maximum(indices, 0))
+        valid = tf.logical_not(tf.math.is_nan(scores)) & (indices >= 0)
+        valid &= tf.logical_not(excluded(candidate_ids, exclude))
+        minus_inf = tf.constant(-np.inf, tf.float32)
+        scores = tf.where(valid, scores, minus_inf)
+        take = tf.minimum(width, tf.shape(scores)[1])
+        best = tf.math.top_k(scores, take)
+        candidate_ids = tf.gather(candidate_ids, best.indices, batch_dims=1)
+        padding = [[0, 0], [0, width - take]]
+        candidate_ids = tf.pad(candidate_ids, padding, constant_values="")
+        scores = tf.pad(best.values, padding, constant_values=-np.inf)
+        keep = (tf.range(width)[None, :] < k[:, None]) & (scores > minus_inf)
+        return {"ids": tf.where(keep, candidate_ids, ""),
+                "scores": tf.where(keep, scores, minus_inf)}
+
+    def signatures(self) -> dict[str, Any]:
+        """``serving_default``, ``top_k`` and ``top_k_exclude`` concrete functions."""
+        spec = self.input_spec
+        k_spec = tf.TensorSpec([None], tf.int32, name="k")
+        exclude_spec = tf.TensorSpec([None, None], tf.string, name="exclude")
+
+        @tf.function(input_signature=[spec])
+        def serving_default(features):
+            batch = tf.shape(next(iter(features.values())))[0]
+            out = self.top_k(features, tf.fill([batch], self.max_k),
+                             tf.zeros([batch, 0], tf.string))
+            return {n: tf.ensure_shape(t, [None, self.max_k]) for n, t in out.items()}
+
+        @tf.function(input_signature=[spec, k_spec])
+        def top_k(features, k):
+            return self.top_k(features, k, tf.zeros([tf.shape(k)[0], 0], tf.string))
+
+        @tf.function(input_signature=[spec, k_spec, exclude_spec])
+        def top_k_exclude(features, k, exclude):
+            return self.top_k(features, k, exclude)
+
+        return {"serving_default": serving_default, "top_k": top_k,
+                "top_k_exclude": top_k_exclude}
+
+    def save_options(self) -> tf.saved_model.SaveOptions:
+        return tf.saved_model.SaveOptions()
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the SavedModel (no versioning; see :mod:`tfdssm.export`)."""
+        tf.saved_model.save(self, str(path), signatures=self.signatures(),
+                            options=self.save_options())
+
+    def describe(self) -> dict[str, Any]:
+        """What ``export.json`` records about this index."""
+        out = {"index": self.kind, "max_k": self.max_k,
+               "num_candidates": self.num_candidates, "dim": self.dim,
+               "signatures": ["serving_default", "top_k", "top_k_exclude"]}
+        if self.hybrid is not None:
+            out["hybrid"] = self.hybrid.describe()
+        return out
+
+
+def excluded(candidate_ids: tf.Tensor, exclude: tf.Tensor) -> tf.Tensor:
+    """Whether each retrieved id is in its row's exclusion list (``""`` = none).
+
+    Sort-and-search on 64-bit fingerprints, confirmed by string equality:
+    memory and time grow with ``batch * (retrieved + excluded)``, not with their
+    product, so a long exclusion list cannot exhaust the server.
+
+    Args:
+        candidate_ids: string ``[batch, n]``.
+        exclude: string ``[batch, m]``.
+
+    Returns:
+        bool ``[batch, n]``.
+
+    >>> excluded(tf.constant([["a", "b", "c"]]), tf.constant([["c", "", "a"]])
+    ...          ).numpy().tolist()
+    [[True, False, True]]
+    """
+    batch = tf.shape(exclude)[0]
+    # One sentinel column keeps gathers valid when there is nothing to exclude.
+    exclude = tf.concat([exclude, tf.fill([batch, 1], "")], axis=1)
+    fingerprints = tf.strings.to_hash_bucket_fast(exclude, _FINGERPRINTS)
+    fingerprints = tf.where(tf.equal(exclude, ""), tf.constant(-1, tf.int64),
+                            fingerprints)  # padding never matches (ids are >= 0)
+    order = tf.argsort(fingerprints, axis=1, stable=True)
+    sorted_prints = tf.gather(fingerprints, order, batch_dims=1)
+    sorted_ids = tf.gather(exclude, order, batch_dims=1)
+    wanted = tf.strings.to_hash_bucket_fast(candidate_ids, _FINGERPRINTS)
+    found = tf.searchsorted(sorted_prints, wanted, side="left")
+    found = tf.minimum(found, tf.shape(exclude, out_type=found.dtype)[1] - 1)
+    return (tf.equal(tf.gather(sorted_prints, found, batch_dims=1), wanted)
+            & tf.equal(tf.gather(sorted_ids, found, batch_dims=1), candidate_ids))
+
+
+_FINGERPRINTS = 2**63 - 1  # to_hash_bucket_fast buckets: the full int64 range
+
+
+class BruteForceRetrieval(RetrievalModule):
+    """Exact top-k by scoring the whole corpus (stock TensorFlow ops only).
+
+    Args: as :class:`RetrievalModule`.
+    """
+
+    kind = "brute_force"
+    keeps_embeddings = True
+
+    def search(self, queries: tf.Tensor, n: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        scores = tf.matmul(queries, self.embeddings, transpose_b=True)
+        best = tf.math.top_k(scores, n)
+        return best.values, best.indices
+
+
+class ScannRetrieval(RetrievalModule):
+    """Approximate top-k with a ScaNN index (needs ScaNN's TF ops to load).
+
+    Args:
+        query_encoder, input_spec, embeddings, ids, max_k, name, hybrid: As
+            :class:`RetrievalModule`.
+        options: Index parameters; default :func:`scann_options` for the corpus.
+    """
+
+    kind = "scann"
+
+    def __init__(
+        self,
+        query_encoder: Any,
+        input_spec: Mapping[str, tf.TensorSpec],
+        embeddings: np.ndarray,
+        ids: Sequence[str],
+        max_k: int = DEFAULT_MAX_K,
+        name: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        hybrid: Hybrid | None = None,
+    ) -> None:
+        super().__init__(query_encoder, input_spec, embeddings, ids, max_k, name,
+                         hybrid)
+        scann_ops = _scann_ops()
+        self.options = dict(options or scann_options(self.num_candidates, self.max_k))
+        builder = scann_ops.builder(np.asarray(embeddings, np.float32),
+                                    min(10, self.num_candidates), "dot_product")
+        mode = self.options.get("mode")
+        if mode == "brute_force":
+            builder = builder.score_brute_force()
+            self.reorder = 0
+        elif mode == "tree_ah":
+            o = self.options
+            builder = builder.tree(
+                num_leaves=o["num_leaves"],
+                num_leaves_to_search=o["num_leaves_to_search"],
+                training_sample_size=o["training_sample_size"],
+            ).score_ah(
+                o["dimensions_per_block"],
+                anisotropic_quantization_threshold=o["anisotropic_quantization_threshold"],
+            ).reorder(o["reorder"])
+            self.reorder = int(o["reorder"])
+        else:
+            raise ConfigError(
+                "ScaNN options need mode 'brute_force' or 'tree_ah', received "
+                f"{mode!r}.")
+        self.searcher = builder.build().serialize_to_module()
+
+    def search(self, queries: tf.Tensor, n: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        handle = self.searcher.recreate_handle()  # created once per loaded model
+        pre_reorder = tf.maximum(n, self.reorder) if self.reorder else n
+        parallel = tf.shape(queries)[0] >= 16
+        result = _scann_ops().scann_search_batched(
+            handle, queries, n, pre_reorder, -1, parallel)
+        return result.distances, result.indices
+
+    def save_options(self) -> tf.saved_model.SaveOptions:
+        return tf.saved_model.SaveOptions(namespace_whitelist=["Scann"])
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "scann": dict(self.options)}
+
+
+def _scann_ops() -> Any:
+    """ScaNN's TF ops module (importing it registers the ``Scann>`` ops)."""
+    try:
+        from scann.scann_ops.py import scann_ops  # noqa: PLC0415
+    except ImportError as error:
+        raise ExportError(
+            f"the ScaNN retrieval model needs scann's TensorFlow ops ({error}); "
+            "install the pinned stack: pip install 'scann[tf]==1.4.2'."
+        ) from None
+    return scann_ops
+
+
+class SignatureEncoder(tf.Module):
+    """Wraps a loaded towers SavedModel's ``query`` signature as an encoder.
+
+    Lets a retrieval model be rebuilt from an export directory without the
+    Keras model: ``SignatureEncoder(export.load_towers(export_dir))``.
+    """
+
+    def __init__(self, towers: Any, signature: str = "query") -> None:
+        super().__init__(name="signature_encoder")
+        self.towers = towers
+        self.signature = signature
+
+    @property
+    def input_spec(self) -> dict[str, tf.TensorSpec]:
+        specs = self.towers.signatures[self.signature].structured_input_signature[1]
+        return {n: tf.TensorSpec([None], s.dtype, name=n) for n, s in specs.items()}
+
+    def __call__(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
+        return self.towers.signatures[self.signature](**features)["embedding"]
+
+
+def _check_hybrid(
+    hybrid: Hybrid | None, spec: Mapping[str, tf.TensorSpec], num_candidates: int
+) -> None:
+    if hybrid is None:
+        return
+    column = hybrid.text_column
+    if column not in spec or spec[column].dtype != tf.string:
+        raise ExportError(
+            f"the hybrid model's lexical index reads the query text column "
+            f"{column!r}, but the query inputs are {dict(spec)}; pass the name of "
+            "a string query feature.")
+    if hybrid.lexical.num_documents != num_candidates:
+        raise ExportError(
+            f"the lexical index covers {hybrid.lexical.num_documents} documents "
+            f"but the corpus has {num_candidates} candidates; build it from the "
+            "same corpus, in the same order.")
+
+
+def _check_corpus(
+    embeddings: np.ndarray, ids: Sequence[str], spec: Mapping[str, Any], max_k: int
+) -> None:
+    if embeddings.ndim != 2 or not len(embeddings):
+        raise ExportError(
+            f"candidate embeddings must be a non-empty [num_candidates, dim] matrix, "
+            f"received shape {list(embeddings.shape)}."
+        )
+    if len(ids) != len(embeddings):
+        raise ExportError(
+            f"got {len(ids)} candidate ids for {len(embeddings)} embeddings; "
+            "they must match one to one."
+        )
+    if not np.isfinite(embeddings).all():
+        raise ExportError("candidate embeddings contain NaN or infinite values; "
+                          "the model diverged. Retrain with a lower learning rate.")
+    seen: dict[str, int] = {}
+    for row, cid in enumerate(ids):
+        if not cid:
+            raise ExportError("a candidate id is the empty string, which the "
+                              "retrieval models use as padding; give it an id.")
+        if cid in seen:
+            raise ExportError(
+                f"candidate id {cid!r} appears twice in the corpus (rows "
+                f"{seen[cid]} and {row}); ids must be unique, or retrieval would "
+                "return one id for two vectors. Deduplicate the corpus first "
+                "(tfdssm.export.unique_candidates does, for a DataFrame).")
+        seen[cid] = row
+    clash = [n for n in spec if n in RESERVED_INPUTS]
+    if clash:
+        raise ExportError(
+            f"query feature(s) {clash} clash with the retrieval inputs "
+            f"{list(RESERVED_INPUTS)}; rename those columns."
+        )
+    if max_k < 1:
+        raise ConfigError(f"max_k must be >= 1, received {max_k}.")
+
+
+__all__ = [
+    "BruteForceRetrieval",
+    "DEFAULT_MAX_K",
+    "RetrievalModule",
+    "ScannRetrieval",
+    "SignatureEncoder",
+    "excluded",
+    "scann_options",
+]

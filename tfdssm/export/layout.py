@@ -1,0 +1,73 @@
+"""The export directory's layout: file names, versions and ``export.json``.
+
+No TensorFlow, pandas or TFRS here: a model server imports this module to find
+versions, and a notebook to read what was exported.
+
+>>> import tempfile, pathlib
+>>> root = pathlib.Path(tempfile.mkdtemp())
+>>> (root / "towers" / "1").mkdir(parents=True)
+>>> versions(root / "towers"), next_version(root / "towers")
+([1], 2)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+from tfdssm.errors import ExportError
+
+EXPORT_JSON = "export.json"
+
+
+CORPUS_FILE = "corpus.parquet"
+
+
+FORMAT_VERSION = 1
+
+
+def versions(base: str | os.PathLike) -> list[int]:
+    """Integer version directories under ``base``, ascending."""
+    path = pathlib.Path(base)
+    if not path.is_dir():
+        return []
+    return sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def next_version(base: str | os.PathLike) -> int:
+    """One more than the newest version under ``base`` (1 for none)."""
+    found = versions(base)
+    return found[-1] + 1 if found else 1
+
+
+def write_json_atomic(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
+    """Writes JSON via a temporary file and rename (never half-written)."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def read_export(export_dir: str | os.PathLike) -> dict[str, Any]:
+    """Reads ``export.json``, with a clear error when ``export_dir`` is not an export.
+
+    Raises:
+        ExportError: no such directory, or no/invalid ``export.json``.
+    """
+    path = pathlib.Path(export_dir) / EXPORT_JSON
+    if not path.is_file():
+        raise ExportError(
+            f"{str(export_dir)!r} is not a tfdssm export: {EXPORT_JSON} not found. "
+            "Pass the --export-dir used with `tfdssm train`."
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ExportError(f"{str(path)!r} is not valid JSON: {error}") from None
+

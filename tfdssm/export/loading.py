@@ -1,0 +1,64 @@
+"""Reading an export back: its towers, feature specs and candidate corpus."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import pandas as pd
+import tensorflow as tf
+
+from tfdssm.errors import ExportError
+from tfdssm.export.layout import CORPUS_FILE, versions
+from tfdssm.features import Feature, feature_from_config
+
+
+def load_towers(export_dir: str | os.PathLike, version: int | None = None) -> Any:
+    """Loads ``towers/<version>`` (newest by default) with ``tf.saved_model.load``."""
+    base = pathlib.Path(export_dir) / "towers"
+    found = versions(base)
+    if not found:
+        raise ExportError(f"no towers/<version> SavedModel under {str(export_dir)!r}.")
+    chosen = found[-1] if version is None else version
+    if chosen not in found:
+        raise ExportError(f"towers version {chosen} not found; have {found}.")
+    path = base / str(chosen)
+    try:
+        return tf.saved_model.load(str(path))
+    except (OSError, ValueError, tf.errors.OpError) as error:
+        reason = str(error).strip().splitlines()[0][:300]
+        raise ExportError(
+            f"{str(path)!r} is not a loadable SavedModel ({type(error).__name__}: "
+            f"{reason}). Re-run `tfdssm train` to export a new version."
+        ) from None
+
+
+def tower_features(info: Mapping[str, Any], side: str) -> list[Feature]:
+    """Feature specs of one side (``query``/``candidate``) from ``export.json``.
+
+    Vocabularies are not needed to feed a SavedModel, only names and dtypes.
+    Training-only features (served as a constant: the example age) are left out.
+    """
+    out = []
+    for config in info[side]["features"]:
+        if config.get("serving_value") is not None:
+            continue
+        config = {k: v for k, v in config.items() if k != "vocabulary_size"}
+        if config["kind"] in ("categorical", "multi_valued"):
+            config.setdefault("vocabulary", ())
+        out.append(feature_from_config(config))
+    return out
+
+
+def read_corpus(export_dir: str | os.PathLike) -> pd.DataFrame:
+    """The exported candidate corpus (``corpus.parquet``).
+
+    Raises:
+        ExportError: the export has no corpus.
+    """
+    path = pathlib.Path(export_dir) / CORPUS_FILE
+    if not path.is_file():
+        raise ExportError(f"{str(path)!r} is missing; re-run the export.")
+    return pd.read_parquet(path)

@@ -1,0 +1,436 @@
+"""The query tower as a TFLite model with builtin ops only, for phones.
+
+TFLite builtins have no string ops, so the string step happens in the app, with the
+platform's Unicode library, exactly as :mod:`tfdssm.text` defines it; everything
+after it (trigram hashing, embedding bags, MLP) runs in the model and matches the
+served ``query`` signature.
+
+Model inputs, one per query feature (batch of 1):
+
+* text: int32 ``[1, max_length]``, code points of
+  ``NFKC(text).casefold()``, truncated to ``max_length``, padded with 0;
+* categorical: int32 ``[1]``, the value's line number in
+  ``query_tower_vocab/<name>.txt`` plus 1, or 0 for an unknown value;
+* multi-valued: int32 ``[1, max_tokens]``, token indices as above, padded with -1;
+* numeric: float32 ``[1]``, the raw value.
+
+Output: ``embedding`` float32 ``[1, dim]`` (``[1, heads, dim]`` for a multi-head
+tower). ``query_tower.json`` records this.
+
+Towers reading other kinds of features (a history of item ids, which needs
+string splitting; an example age, served as a constant) are not converted:
+:func:`unsupported` says why, ``tfdssm train`` skips the file and notes that in
+``export.json``; serve such query towers from the ``towers`` SavedModel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from tfdssm.errors import ConfigError, ExportError
+from tfdssm.export import layout, loading
+from tfdssm.features import Feature, layers
+from tfdssm.text import normalize as text
+from tfdssm.text.hashing import hashing_info
+
+TFLITE_FILE = "query_tower.tflite"
+SPEC_FILE = "query_tower.json"
+VOCAB_DIR = "query_tower_vocab"
+KERAS_DIR = "keras_towers"
+MAX_TOKENS = 16
+QUANTIZATIONS = ("none", "dynamic", "float16")
+
+
+SUPPORTED_KINDS = ("text", "categorical", "multi_valued", "numeric")
+
+
+def unsupported(tower: tf.keras.layers.Layer) -> str | None:
+    """Why the query tower cannot become a builtins-only TFLite model, or None."""
+    kinds = sorted({f.kind for f in tower.features} - set(SUPPORTED_KINDS))
+    if not kinds:
+        return None
+    return (f"the query tower reads {kinds} features; the TFLite query tower takes "
+            f"{list(SUPPORTED_KINDS)} features only (a history needs string "
+            "splitting, which is not a TFLite builtin). Serve this query tower from "
+            "the towers/ SavedModel (`query` signature) instead.")
+
+
+def input_spec(tower: tf.keras.layers.Layer) -> list[dict[str, Any]]:
+    """The TFLite model's inputs, in order (what ``query_tower.json`` lists)."""
+    specs = []
+    for feature in tower.features:
+        name = feature.name
+        if feature.kind == "text":
+            spec = {"shape": [1, feature.max_length], "dtype": "int32", "pad": text.PAD,
+                    "encoding": "code points of NFKC(text).casefold()"}
+        elif feature.kind == "categorical":
+            spec = {"shape": [1], "dtype": "int32", "unknown": 0,
+                    "vocabulary": f"{VOCAB_DIR}/{name}.txt"}
+        elif feature.kind == "multi_valued":
+            spec = {"shape": [1, MAX_TOKENS], "dtype": "int32", "pad": -1,
+                    "unknown": 0, "separator": feature.separator,
+                    "vocabulary": f"{VOCAB_DIR}/{name}.txt"}
+        else:
+            spec = {"shape": [1], "dtype": "float32"}
+        specs.append({"name": name, "kind": feature.kind, **spec})
+    return specs
+
+
+def _field(feature: Feature, layer: tf.keras.layers.Layer, x: tf.Tensor) -> tf.Tensor:
+    if feature.kind == "text":
+        return layer.embed_code_points(x, dense=True)
+    if feature.kind == "categorical":
+        return layer.embedding(x)
+    if feature.kind == "multi_valued":
+        valid = x >= 0
+        vectors = layer.embedding(tf.maximum(x, 0)) * tf.cast(valid, tf.float32)[..., None]
+        count = tf.reduce_sum(tf.cast(valid, tf.float32), axis=1, keepdims=True)
+        return layers.combine(tf.reduce_sum(vectors, axis=1), count, layer.combiner)
+    return layer(x)
+
+
+def query_function(tower: tf.keras.layers.Layer) -> tf.types.experimental.ConcreteFunction:
+    """Traces the tower's integer-input twin (the graph TFLite converts).
+
+    Args:
+        tower: A :class:`tfdssm.model.towers.Tower` (or ``SharedTower``).
+
+    Returns:
+        A concrete function ``(**inputs) -> {"embedding": [1, dim]}``.
+    """
+    specs = input_spec(tower)
+    signature = [
+        tf.TensorSpec(s["shape"], tf.int32 if s["dtype"] == "int32" else tf.float32,
+                      name=s["name"])
+        for s in specs
+    ]
+
+    def embed(*inputs: tf.Tensor) -> dict[str, tf.Tensor]:
+        fields = [
+            _field(f, layer, x)
+            for f, layer, x in zip(tower.features, tower.feature_layers, inputs)
+        ]
+        return {"embedding": tower.combine(fields)}
+
+    return tf.function(embed, input_signature=signature).get_concrete_function()
+
+
+def convert(
+    tower: tf.keras.layers.Layer, quantization: str = "none"
+) -> bytes:
+    """Converts the query tower with ``TFLITE_BUILTINS`` only.
+
+    Args:
+        tower: The query tower.
+        quantization: ``none`` (float32), ``dynamic`` (int8 weights, dynamic
+            range) or ``float16`` (float16 weights).
+
+    Returns:
+        The flatbuffer bytes.
+
+    Raises:
+        ConfigError: an unknown quantization.
+    """
+    if quantization not in QUANTIZATIONS:
+        raise ConfigError(
+            f"quantization must be one of {QUANTIZATIONS}, received {quantization!r}."
+        )
+    reason = unsupported(tower)
+    if reason:
+        raise ExportError(f"cannot convert to TFLite: {reason}")
+    function = query_function(tower)
+    # Track only the weights: the tower also owns the string-normalisation and
+    # vocabulary hash tables, whose initialisers are not TFLite builtins (and the
+    # integer-input graph never uses them).
+    holder = tf.Module()
+    holder.weights = list(tower.variables)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([function], holder)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    if quantization != "none":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantization == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    return converter.convert()
+
+
+def op_names(model: bytes) -> list[str]:
+    """Distinct operator names in a TFLite model (``FlexX`` would be select ops).
+
+    Read without the default XNNPACK delegate, so the list is the model's own.
+    """
+    interpreter = _interpreter(model, delegates=False)
+    return sorted({op["op_name"] for op in interpreter._get_ops_details()})
+
+
+def _interpreter(model: bytes, delegates: bool = True) -> Any:
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType  # noqa: PLC0415
+
+    resolver = (OpResolverType.AUTO if delegates
+                else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interpreter = Interpreter(model_content=model,
+                              experimental_op_resolver_type=resolver)
+    interpreter.allocate_tensors()
+    return interpreter
+
+
+class TFLiteQueryTower:
+    """Runs ``query_tower.tflite`` in the ``ai_edge_litert`` interpreter.
+
+    Args:
+        model: Path to the ``.tflite`` file, or its bytes.
+        spec: ``query_tower.json`` content (read next to the file by default).
+    """
+
+    def __init__(self, model: str | os.PathLike | bytes,
+                 spec: Mapping[str, Any] | None = None) -> None:
+        if not isinstance(model, bytes):
+            path = pathlib.Path(model)
+            if not path.is_file():
+                raise ExportError(f"{str(path)!r} not found; run `tfdssm tflite`.")
+            if spec is None:
+                spec = json.loads((path.parent / SPEC_FILE).read_text())
+            model = path.read_bytes()
+        self.spec = dict(spec or {})
+        self.interpreter = _interpreter(model)
+        self.inputs = {d["name"]: d for d in self.interpreter.get_input_details()}
+        (self.output,) = self.interpreter.get_output_details()
+
+    def __call__(self, encoded: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Embeds one encoded query (see :func:`encode_query`); ``[1, dim]``."""
+        for detail in self.inputs.values():
+            name = _input_name(detail["name"], encoded)
+            self.interpreter.set_tensor(
+                detail["index"], np.asarray(encoded[name], dtype=detail["dtype"])
+            )
+        self.interpreter.invoke()
+        return self.interpreter.get_tensor(self.output["index"]).copy()
+
+
+def _input_name(tensor_name: str, encoded: Mapping[str, Any]) -> str:
+    # The converter names inputs "serving_default_<name>:0" or "<name>".
+    for name in encoded:
+        if tensor_name in (name, f"serving_default_{name}:0") or tensor_name.startswith(
+            f"{name}:"
+        ):
+            return name
+    raise ConfigError(f"no encoded value for TFLite input {tensor_name!r}.")
+
+
+def encode_query(
+    features: Mapping[str, Any],
+    spec: Sequence[Mapping[str, Any]],
+    vocabularies: Mapping[str, Sequence[str]],
+) -> dict[str, np.ndarray]:
+    """Reference encoder: raw query values -> TFLite inputs (what an app does).
+
+    Args:
+        features: Feature name -> one raw value (str for text/ids, number).
+        spec: The ``inputs`` list of ``query_tower.json``.
+        vocabularies: Feature name -> vocabulary (for categorical features).
+
+    Returns:
+        Feature name -> numpy array shaped as the model input.
+
+    >>> spec = [{"name": "q", "kind": "text", "shape": [1, 4]}]
+    >>> encode_query({"q": "Ab"}, spec, {})["q"].tolist()
+    [[97, 98, 0, 0]]
+    """
+    out = {}
+    for item in spec:
+        name, kind = item["name"], item["kind"]
+        value = features[name]
+        if kind == "text":
+            out[name] = text.encode_text(str(value), item["shape"][1])[None, :]
+        elif kind == "categorical":
+            index = {v: i + 1 for i, v in enumerate(vocabularies[name])}
+            out[name] = np.asarray([index.get(str(value), 0)], np.int32)
+        elif kind == "multi_valued":
+            index = {v: i + 1 for i, v in enumerate(vocabularies[name])}
+            tokens = [t for t in str(value).split(item["separator"]) if t]
+            ids = [index.get(t, 0) for t in tokens][: item["shape"][1]]
+            row = np.full([1, item["shape"][1]], -1, np.int32)
+            row[0, : len(ids)] = ids
+            out[name] = row
+        else:
+            out[name] = np.asarray([float(value)], np.float32)
+    return out
+
+
+def save_keras_towers(model: Any, export_dir: str | os.PathLike) -> pathlib.Path:
+    """Saves tower configs and weights so the TFLite file can be rebuilt later."""
+    target = pathlib.Path(export_dir) / KERAS_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    config = {
+        "query_tower": tf.keras.layers.serialize(model.query_tower),
+        "candidate_tower": tf.keras.layers.serialize(model.candidate_tower),
+    }
+    layout.write_json_atomic(target / "config.json", config)
+    checkpoint = tf.train.Checkpoint(query_tower=model.query_tower)
+    checkpoint.write(str(target / "weights"))
+    return target
+
+
+def load_query_tower(export_dir: str | os.PathLike) -> tf.keras.layers.Layer:
+    """Rebuilds the trained query tower from :func:`save_keras_towers` output."""
+    from tfdssm.model import towers  # noqa: F401,PLC0415 - registers the Keras classes
+
+    source = pathlib.Path(export_dir) / KERAS_DIR
+    if not (source / "config.json").is_file():
+        raise ExportError(
+            f"{str(source)!r} is missing; this export predates TFLite support. "
+            "Re-run `tfdssm train`."
+        )
+    config = json.loads((source / "config.json").read_text())
+    tower = tf.keras.layers.deserialize(config["query_tower"])
+    reason = unsupported(tower)
+    if reason:
+        raise ExportError(f"this export has no TFLite query tower: {reason}")
+    status = tf.train.Checkpoint(query_tower=tower).read(str(source / "weights"))
+    dummy = {f.name: tf.zeros([1], f.dtype) if f.dtype != tf.string
+             else tf.constant([""]) for f in tower.features}
+    tower(dummy)  # creates the variables; the checkpoint restores into them
+    status.assert_existing_objects_matched()
+    return tower
+
+
+def write_tflite(
+    tower: tf.keras.layers.Layer,
+    export_dir: str | os.PathLike,
+    quantization: str = "none",
+) -> dict[str, Any]:
+    """Writes ``query_tower.tflite`` (+ ``.json`` spec and vocabularies).
+
+    Returns:
+        ``{"path", "bytes", "ops", "quantization"}``.
+    """
+    export_dir = pathlib.Path(export_dir)
+    model = convert(tower, quantization)
+    ops = op_names(model)
+    suffix = "" if quantization == "none" else f".{quantization}"
+    path = export_dir / TFLITE_FILE.replace(".tflite", f"{suffix}.tflite")
+    specs = input_spec(tower)
+    (export_dir / VOCAB_DIR).mkdir(exist_ok=True)
+    for feature in tower.features:
+        if feature.kind in ("categorical", "multi_valued"):
+            name = feature.name
+            vocab = export_dir / VOCAB_DIR / f"{name}.txt"
+            vocab.write_text("".join(f"{v}\n" for v in feature.vocabulary))
+    spec = {"inputs": specs, "output": {"name": "embedding", "dtype": "float32",
+                                        "shape": [1, *_heads(tower), tower.output_dim]},
+            "hashing": hashing_info(), "ops": ops}
+    layout.write_json_atomic(export_dir / SPEC_FILE, spec)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(model)
+    os.replace(tmp, path)
+    return {"path": str(path), "bytes": len(model), "ops": ops,
+            "quantization": quantization}
+
+
+MULTILINGUAL = (
+    "лучшие рестораны в Москве", "北京烤鸭", "Crème Brûlée", "ΣΟΦΊΑ και Φως",
+    "Straße ﬁne Ｔｏｋｙｏ", "🙂 emoji 👨\u200d👩\u200d👧", "Việt Nam naïve café",
+    "mixed Ελληνικά и русский 東京", "", "   ", "good", "x" * 1000,
+)
+
+
+def sample_queries(tower: tf.keras.layers.Layer, count: int = 12) -> list[dict[str, Any]]:
+    """Parity queries for a tower: the multilingual set for text features,
+    vocabulary values plus an unknown one for ids, spread values for numbers."""
+    queries: list[dict[str, Any]] = [{} for _ in range(count)]
+    for feature in tower.features:
+        name = feature.name
+        for i, query in enumerate(queries):
+            if feature.kind == "text":
+                query[name] = MULTILINGUAL[i % len(MULTILINGUAL)]
+            elif feature.kind in ("categorical", "multi_valued"):
+                vocab = list(feature.vocabulary) or [""]
+                unknown = i == count - 1
+                if feature.kind == "categorical":
+                    query[name] = "\u2400unknown" if unknown else vocab[i % len(vocab)]
+                else:
+                    query[name] = feature.separator.join(vocab[: 1 + i % 3])
+            else:
+                query[name] = feature.mean + (i - count / 2) * feature.std / 2
+    return queries
+
+
+def parity(
+    export_dir: str | os.PathLike,
+    queries: Sequence[Mapping[str, Any]],
+    model: str | os.PathLike | None = None,
+) -> dict[str, float]:
+    """Compares ``query_tower.tflite`` with the served ``query`` signature.
+
+    Args:
+        export_dir: The export directory.
+        queries: Raw query feature dicts (one value per feature).
+        model: A ``.tflite`` path (default: ``query_tower.tflite``).
+
+    Returns:
+        ``{"max_abs_diff", "min_cosine", "queries"}``.
+    """
+    export_dir = pathlib.Path(export_dir)
+    lite = TFLiteQueryTower(model or export_dir / TFLITE_FILE,
+                            json.loads((export_dir / SPEC_FILE).read_text()))
+    signature = loading.load_towers(export_dir).signatures["query"]
+    vocabularies = {
+        s["name"]: (export_dir / s["vocabulary"]).read_text().splitlines()
+        for s in lite.spec["inputs"] if "vocabulary" in s
+    }
+    worst, cosine = 0.0, 1.0
+    for query in queries:
+        got = lite(encode_query(query, lite.spec["inputs"], vocabularies))[0]
+        kwargs = {s["name"]: tf.constant(
+            [query[s["name"]]], tf.float32 if s["dtype"] == "float32" else tf.string)
+            for s in lite.spec["inputs"]}
+        want = signature(**kwargs)["embedding"].numpy()[0]
+        worst = max(worst, float(np.abs(got - want).max()))
+        denominator = float(np.linalg.norm(got) * np.linalg.norm(want)) or 1.0
+        cosine = min(cosine, float(got.ravel() @ want.ravel()) / denominator)
+    return {"max_abs_diff": worst, "min_cosine": cosine, "queries": len(queries)}
+
+
+def _heads(tower: tf.keras.layers.Layer) -> list[int]:
+    """``[heads]`` for a multi-head tower (output ``[1, heads, dim]``), else ``[]``."""
+    heads = int(getattr(tower, "num_heads", 1))
+    return [heads] if heads > 1 else []
+
+
+def add_tflite(
+    model: Any, export_dir: str | os.PathLike, info: dict[str, Any],
+    verbose: bool = True, quantization: str = "none",
+) -> dict[str, Any]:
+    """Writes ``query_tower.tflite`` (+ tower weights to rebuild it), checks its
+    parity with the exported ``query`` signature and records both in
+    ``export.json``. Query towers TFLite cannot take (history features) get no
+    file: ``export.json``'s ``tflite`` entry says why (``skipped``).
+    """
+    save_keras_towers(model, export_dir)
+    reason = unsupported(model.query_tower)
+    if reason:
+        info = {**info, "tflite": {"skipped": reason}}
+        layout.write_json_atomic(os.path.join(export_dir, layout.EXPORT_JSON), info)
+        if verbose:
+            print(f"tfdssm: no query_tower.tflite: {reason}", file=sys.stderr)
+        return info
+    written = write_tflite(model.query_tower, export_dir, quantization)
+    check = parity(export_dir, sample_queries(model.query_tower),
+                          written["path"])
+    entry = {"file": os.path.basename(written["path"]), "bytes": written["bytes"],
+             "ops": written["ops"], "quantization": quantization, "parity": check}
+    info = {**info, "tflite": entry}
+    layout.write_json_atomic(os.path.join(export_dir, layout.EXPORT_JSON), info)
+    if verbose:
+        print(f"tfdssm: wrote {written['path']} ({written['bytes']:,} bytes, builtin "
+              f"ops only); max |TFLite - SavedModel| = {check['max_abs_diff']:.2e} "
+              f"over {check['queries']} queries", file=sys.stderr)
+    return info
+

@@ -1,0 +1,111 @@
+"""The ``pairs`` pipeline: a DSSM on any table of (query, clicked document) rows.
+
+Both towers are the DSSM paper's letter-trigram towers (buckets -> hidden ->
+dim); by default separate, optionally shared for symmetric text matching.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import pandas as pd
+
+from tfdssm.data import readers as data
+from tfdssm.data.readers import corpus_of
+from tfdssm.errors import ConfigError, DataError
+from tfdssm.features import TextFeature
+from tfdssm.model.dssm import DSSM
+from tfdssm.model.towers import SharedTower, paper_tower
+from tfdssm.training.run import Prepared, split_frame
+
+
+def prepare(
+    source: str | os.PathLike | pd.DataFrame,
+    query_column: str = "query",
+    candidate_column: str = "doc",
+    candidate_id_column: str | None = None,
+    num_buckets: int = 30000,
+    hidden: Sequence[int] = (300, 300),
+    dim: int = 128,
+    activation: str = "tanh",
+    max_length: int = 256,
+    word_ngrams: Sequence[int] = (),
+    shared_towers: bool = False,
+    loss: str = "in_batch",
+    temperature: float | None = None,
+    test_fraction: float = 0.1,
+    seed: int = 42,
+) -> Prepared:
+    """Reads the pairs and builds the paper-style model.
+
+    Args:
+        source: CSV/TSV/Parquet path or DataFrame with one clicked pair per row.
+        query_column: Column with the query text.
+        candidate_column: Column with the document text.
+        candidate_id_column: Column identifying a document (default: its text).
+        num_buckets: Trigram hash buckets (paper: 30,000).
+        hidden: Hidden sizes (paper: 300, 300).
+        dim: Output embedding size (paper: 128).
+        activation: Activation of every layer (paper: tanh).
+        max_length: Code points kept per text.
+        word_ngrams: Also hash word unigrams/bigrams, e.g. ``(1, 2)``.
+        shared_towers: One tower (same weights) for queries and documents.
+        loss: ``in_batch`` or ``paper``.
+        temperature: Softmax temperature (default: 0.05, cosine towers).
+        test_fraction: Rows held out for evaluation.
+        seed: Split seed.
+
+    Returns:
+        A :class:`tfdssm.training.run.Prepared` to pass to
+        :func:`tfdssm.training.run.run`.
+    """
+    if query_column == candidate_column:
+        raise ConfigError(
+            f"--query-column and --candidate-column are both {query_column!r}; "
+            "they must name two different columns."
+        )
+    frame = data.read_table(source)
+    what = ("the pairs data" if isinstance(source, pd.DataFrame)
+            else f"the pairs data {str(source)!r}")
+    needed = list(dict.fromkeys([query_column, candidate_column] + (
+        [candidate_id_column] if candidate_id_column else []
+    )))
+    data.check_columns(frame, needed, what)
+    if len(frame) == 0:
+        raise DataError(f"{what} has a header but no rows.")
+    frame = frame[needed].copy()
+    for column in needed:
+        frame[column] = frame[column].astype(object).fillna("").astype(str)
+    candidate_id = candidate_id_column or candidate_column
+    query_feature = TextFeature(query_column)  # names and dtypes for tf.data
+    doc_feature = TextFeature(candidate_column)
+    kwargs = dict(num_buckets=num_buckets, hidden=hidden, output_dim=dim,
+                  activation=activation, max_length=max_length,
+                  word_ngrams=tuple(word_ngrams))
+    query_tower = paper_tower(query_column, name="query_tower", **kwargs)
+    if shared_towers:
+        candidate_tower = SharedTower(
+            query_tower, {query_column: candidate_column}, name="candidate_tower"
+        )
+    else:
+        candidate_tower = paper_tower(candidate_column, name="candidate_tower", **kwargs)
+    features = [query_feature, doc_feature]
+    if candidate_id_column not in (None, query_column, candidate_column):
+        features.append(TextFeature(candidate_id_column))  # fed as a raw string
+    model = DSSM(
+        query_tower, candidate_tower, candidate_id=candidate_id, loss=loss,
+        temperature=temperature, remove_accidental_hits=loss == "in_batch",
+    )
+    train, test = split_frame(frame, test_fraction, seed)
+    corpus = corpus_of(frame, candidate_id, [candidate_column], what)
+    return Prepared(
+        model=model, features=features, train=train, test=test, corpus=corpus,
+        candidate_id=candidate_id, query_key=None,
+        info={"pipeline": "pairs", "query_column": query_column,
+              "candidate_column": candidate_column,
+              "candidate_id_column": candidate_id_column,
+              "num_buckets": num_buckets, "hidden": list(hidden), "dim": dim,
+              "activation": activation, "shared_towers": shared_towers,
+              "word_ngrams": list(word_ngrams), "max_length": max_length},
+    )

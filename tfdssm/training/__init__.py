@@ -1,0 +1,7 @@
+"""Training: fit, evaluate and export a prepared run; checkpoints; tf.distribute.
+
+Modules: :mod:`.run` (:class:`~tfdssm.training.run.Prepared`, ``run``),
+:mod:`.evaluation` (rank metrics of towers over a corpus, and of an export
+over a table), :mod:`.metrics` (Recall/NDCG/MRR@K, AUC),
+:mod:`.checkpoints` and :mod:`.distribute`.
+"""

@@ -1,0 +1,330 @@
+"""One training run: fit a prepared pipeline, evaluate it, export it.
+
+Pipelines (:mod:`tfdssm.recipes`) turn a data source into a :class:`Prepared`
+(model, feature columns, train/test split, candidate corpus); this module runs it
+the same way for all of them, from the CLI or a notebook.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from tfdssm.data import readers as data
+from tfdssm.errors import ConfigError
+from tfdssm.export import layout
+from tfdssm.export import savedmodel as export
+from tfdssm.export.tflite import add_tflite
+from tfdssm.features import Feature
+from tfdssm.model import optimizers
+from tfdssm.model.dssm import DSSM
+from tfdssm.training import checkpoints, distribute
+from tfdssm.training import metrics as metrics_lib
+from tfdssm.training.early_stopping import RetrievalEarlyStopping
+from tfdssm.training.evaluation import evaluate_frame, features_of
+
+VALIDATION_CANDIDATES = 50_000  # corpus sample for each epoch's validation
+
+
+@dataclasses.dataclass
+class Prepared:
+    """Everything a training run needs, built by a pipeline.
+
+    Attributes:
+        model: The (untrained) model.
+        features: Specs of every column the model reads.
+        train: Training rows (one interaction each).
+        test: Held-out rows for evaluation.
+        corpus: One row per candidate (the candidate tower's columns + id).
+        candidate_id: Column identifying a candidate in all three tables.
+        query_key: Column grouping rows of the same query (e.g. ``user_id``) to
+            exclude a query's training candidates at evaluation, or ``None``.
+        info: Pipeline name and parameters, recorded in ``export.json``.
+    """
+
+    model: DSSM
+    features: list[Feature]
+    train: pd.DataFrame
+    test: pd.DataFrame
+    corpus: pd.DataFrame
+    candidate_id: str
+    query_key: str | None = None
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def split_frame(
+    frame: pd.DataFrame, test_fraction: float, seed: int = 42
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Random row split (TFRS protocol: shuffle with seed 42, then cut).
+
+    Tiny tables (< 10 rows) are evaluated on their training rows, with a warning.
+    """
+    if not 0.0 <= test_fraction < 1.0:
+        raise ConfigError(f"test_fraction must be in [0, 1), received {test_fraction}.")
+    order = np.random.default_rng(seed).permutation(len(frame))
+    num_test = int(round(len(frame) * test_fraction))
+    if len(frame) < 10 or num_test == 0:
+        print("tfdssm: warning: too few rows to hold out a test split; evaluating "
+              "on the training rows.", file=sys.stderr)
+        return frame, frame
+    test = frame.iloc[order[:num_test]].reset_index(drop=True)
+    train = frame.iloc[order[num_test:]].reset_index(drop=True)
+    return train, test
+
+
+def run(
+    prepared: Prepared,
+    export_dir: str | os.PathLike | None,
+    epochs: int = 3,
+    batch_size: int = 1024,
+    learning_rate: float = 0.003,
+    tensorboard_dir: str | None = None,
+    callbacks: Sequence[tf.keras.callbacks.Callback] = (),
+    verbose: int = 1,
+    seed: int = 0,
+    max_k: int = 100,
+    strategy: tf.distribute.Strategy | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    patience: int | None = None,
+    validation_fraction: float = 0.05,
+    hybrid: bool = False,
+) -> dict[str, Any]:
+    """Fits, evaluates and (optionally) exports a prepared pipeline.
+
+    Args:
+        prepared: Output of a pipeline's ``prepare``.
+        export_dir: Where to export; ``None`` to skip the export.
+        epochs: Passes over the training rows.
+        batch_size: Rows per step (also the number of in-batch negatives).
+        learning_rate: Adam learning rate.
+        tensorboard_dir: Write TensorBoard logs there.
+        callbacks: Extra Keras callbacks.
+        verbose: Keras progress output (0 silent, 1 progress bar, 2 one line).
+        seed: Seed for weights and shuffling.
+        max_k: Largest ``k`` the exported retrieval models accept per request.
+        strategy: A ``tf.distribute`` strategy (:mod:`tfdssm.training.distribute`); the
+            model must have been built inside its ``scope()``. Default: the
+            current one. With several replicas ``batch_size`` is the global
+            batch (each replica's in-batch negatives are its share of it), the
+            last partial batch is dropped and the input is sharded by data; only
+            the chief exports.
+        checkpoint_dir: Back up model and optimizer there after every epoch
+            (:mod:`tfdssm.training.checkpoints`); removed when training finishes.
+        resume: Continue a run that was killed from its backup in
+            ``checkpoint_dir`` (the same parameters are required).
+        patience: Early stopping: hold out ``validation_fraction`` of the
+            training rows, score them after every epoch (Recall@10 and MRR@10
+            over the corpus), stop after ``patience`` epochs without
+            improvement and keep the best epoch's weights (``epochs`` is then
+            the maximum; :mod:`tfdssm.training.early_stopping`). ``None``: train all
+            ``epochs``.
+        validation_fraction: Training rows held out for early stopping and for
+            choosing the hybrid fusion weight (used when either is on).
+        hybrid: Export retrieval models that fuse the dense score with BM25
+            over the candidates' text (:mod:`tfdssm.export.hybrid`).
+
+    Returns:
+        ``{"metrics": ..., "history": ..., "export": export.json content or None}``
+        (``export`` is ``None`` on non-chief workers).
+    """
+    if epochs < 1:
+        raise ConfigError(f"epochs must be >= 1, received {epochs}.")
+    tf.keras.utils.set_random_seed(seed)
+    model = prepared.model
+    strategy = strategy or tf.distribute.get_strategy()
+    replicas = _check_strategy(model, strategy, batch_size, len(prepared.train))
+    with strategy.scope():
+        model.compile(optimizer=optimizers.Adam(learning_rate))
+    train_rows, validation = prepared.train, None
+    if patience is not None or hybrid:
+        train_rows, validation = validation_split(prepared.train,
+                                                  validation_fraction, seed)
+    dataset = data.make_dataset(train_rows, prepared.features, batch_size,
+                                seed=seed, drop_remainder=replicas > 1)
+    if replicas > 1:
+        dataset = distribute.shard_by_data(dataset)
+    all_callbacks = list(callbacks)
+    stopper = None
+    if patience is not None:
+        stopper = RetrievalEarlyStopping(
+            _validation_scorer(prepared, validation, seed), patience=patience)
+        all_callbacks.append(stopper)
+    saver = None
+    if checkpoint_dir is not None:
+        run_params = {**prepared.info, "batch_size": batch_size, "seed": seed,
+                      "learning_rate": learning_rate, "replicas": replicas,
+                      "train_rows": len(train_rows), "epochs": epochs,
+                      "patience": patience}
+        saver = checkpoints.backup(checkpoint_dir, run_params, resume,
+                                   chief=distribute.is_chief(strategy))
+        all_callbacks.append(saver)
+    elif resume:
+        raise ConfigError("resume=True needs the checkpoint_dir of the run to "
+                          "continue.")
+    if tensorboard_dir:
+        all_callbacks.append(tf.keras.callbacks.TensorBoard(log_dir=tensorboard_dir))
+    start = time.perf_counter()
+    history = model.fit(dataset, epochs=epochs, verbose=verbose, callbacks=all_callbacks)
+    seconds = time.perf_counter() - start
+    if saver is not None:
+        checkpoints.finish(checkpoint_dir, chief=distribute.is_chief(strategy))
+    if verbose:
+        ran = len(history.history.get("loss", [])) or epochs
+        rate = len(train_rows) * ran / max(seconds, 1e-9)
+        print(f"tfdssm: trained {ran} epoch(s) on {len(train_rows)} rows in "
+              f"{seconds:.1f}s ({rate:,.0f} rows/s)", file=sys.stderr)
+        if stopper is not None and stopper.best_epoch is not None:
+            print(f"tfdssm: kept epoch {stopper.best_epoch + 1} of {ran} (best "
+                  f"validation Recall@10 + MRR@10 on {len(validation)} rows)",
+                  file=sys.stderr)
+    metrics = evaluate_frame(
+        model.query_tower, model.candidate_tower, prepared.test, prepared.corpus,
+        prepared.candidate_id, features_of(model.query_tower, prepared.features),
+        features_of(model.candidate_tower, prepared.features),
+        train=prepared.train, query_key=prepared.query_key,
+    )
+    info = None
+    if export_dir is not None:
+        training = {
+            **prepared.info, "epochs": epochs, "batch_size": batch_size,
+            "learning_rate": learning_rate, "train_rows": len(train_rows),
+            "validation_rows": 0 if validation is None else len(validation),
+            "test_rows": len(prepared.test), "train_seconds": round(seconds, 2),
+            "strategy": type(strategy).__name__, "replicas": replicas,
+            "workers": distribute.num_workers(strategy),
+            "loss_history": [float(x) for x in history.history.get("loss", [])],
+            **({"resumed_at_epoch": saver.first_epoch + 1}
+               if saver is not None and saver.first_epoch else {}),
+            **({"early_stopping": stopper.summary()} if stopper is not None else {}),
+        }
+        with distribute.write_dir(export_dir, strategy) as target:
+            info = export.export_model(
+                model, target, corpus=prepared.corpus, metrics=metrics,
+                training=training, max_k=max_k, hybrid=hybrid, validation=validation,
+            )
+            info = add_tflite(model, target, info, verbose=bool(verbose))
+        if not distribute.is_chief(strategy):
+            info = None
+        elif hybrid and info.get("hybrid"):
+            metrics["hybrid"] = served_metrics(export_dir, prepared)
+            info = {**info, "metrics": metrics}
+            export.write_json_atomic(os.path.join(export_dir, export.EXPORT_JSON), info)
+    return {
+        "metrics": metrics,
+        "history": {k: [float(x) for x in v] for k, v in history.history.items()},
+        "export": info,
+    }
+
+
+def served_metrics(
+    export_dir: str | os.PathLike, prepared: Prepared,
+    model: str = "retrieval_brute_force",
+) -> dict[str, float]:
+    """Recall@1/10/100 and MRR of an exported retrieval model on the test rows.
+
+    What a client of the served model gets (for a hybrid export, the fused
+    ranking), unlike the towers' metrics, which score by the dense embedding
+    alone.
+    """
+    base = os.path.join(export_dir, model)
+    newest = layout.versions(base)[-1]
+    loaded = tf.saved_model.load(os.path.join(base, str(newest)))
+    names = list(loaded.signatures["top_k"].structured_input_signature[1])
+    specs = [f for f in prepared.features if f.name in names and f.name != "k"]
+    arrays = data.to_feature_arrays(prepared.test, specs, "the test rows")
+    ks = [k for k in (1, 10, 100) if k <= int(loaded.max_k)] if hasattr(
+        loaded, "max_k") else [1, 10]
+    return metrics_lib.retrieval_metrics(
+        loaded.signatures["top_k"], arrays,
+        prepared.test[prepared.candidate_id].astype(str).tolist(), ks=ks)
+
+
+def validation_split(
+    train: pd.DataFrame, fraction: float, seed: int = 0
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Holds out ``fraction`` of the training rows (at least 1, at most half).
+
+    Raises:
+        ConfigError: ``fraction`` outside ``(0, 0.5]``, or fewer than 2 rows.
+    """
+    if not 0.0 < fraction <= 0.5:
+        raise ConfigError(
+            f"validation_fraction must be in (0, 0.5], received {fraction}.")
+    if len(train) < 2:
+        raise ConfigError(
+            f"early stopping and hybrid weight tuning hold out validation rows, "
+            f"but there are only {len(train)} training row(s); add data or turn "
+            "both off.")
+    order = np.random.default_rng([seed, 7]).permutation(len(train))
+    count = min(max(1, int(round(len(train) * fraction))), len(train) // 2)
+    return (train.iloc[order[count:]].reset_index(drop=True),
+            train.iloc[order[:count]].reset_index(drop=True))
+
+
+def _validation_scorer(
+    prepared: Prepared, validation: pd.DataFrame, seed: int,
+    max_candidates: int = VALIDATION_CANDIDATES,
+) -> Any:
+    """``model -> metrics`` on the validation rows, over the corpus (or, for a
+    corpus above ``max_candidates``, the validation positives plus a random
+    sample of the rest, so that an epoch's check stays cheap)."""
+    corpus = prepared.corpus
+    if len(corpus) > max_candidates:
+        ids = corpus[prepared.candidate_id].astype(str)
+        needed = ids.isin(set(validation[prepared.candidate_id].astype(str)))
+        rest = np.flatnonzero(~needed.to_numpy())
+        keep = max(0, max_candidates - int(needed.sum()))
+        rng = np.random.default_rng([seed, 11])
+        chosen = np.sort(np.concatenate([np.flatnonzero(needed.to_numpy()),
+                                         rng.choice(rest, min(keep, len(rest)),
+                                                    replace=False)]))
+        corpus = corpus.iloc[chosen].reset_index(drop=True)
+
+    def score(model: DSSM) -> dict[str, float]:
+        return evaluate_frame(
+            model.query_tower, model.candidate_tower, validation, corpus,
+            prepared.candidate_id,
+            features_of(model.query_tower, prepared.features),
+            features_of(model.candidate_tower, prepared.features),
+            ks=(10,),
+        )
+
+    return score
+
+
+def _check_strategy(
+    model: DSSM, strategy: tf.distribute.Strategy, batch_size: int, rows: int
+) -> int:
+    """Checks the model belongs to ``strategy`` and the batches fill every
+    replica; returns the number of replicas."""
+    built_under = getattr(model, "_distribution_strategy", None)
+    default = (not tf.distribute.has_strategy()
+               and strategy is tf.distribute.get_strategy())
+    if built_under is not strategy and not (built_under is None and default):
+        where = type(built_under).__name__ if built_under else "no strategy"
+        raise ConfigError(
+            f"the model was built under {where} but is trained with "
+            f"{type(strategy).__name__}. Build it inside the strategy's scope: "
+            "`with strategy.scope(): prepared = pairs.prepare(...)`, then "
+            "`train.run(prepared, ..., strategy=strategy)`."
+        )
+    replicas = int(strategy.num_replicas_in_sync)
+    if replicas > 1 and not replicas <= batch_size <= rows:
+        raise ConfigError(
+            f"with {replicas} replicas the global batch size must be at least "
+            f"{replicas} and at most the {rows} training rows (partial batches are "
+            f"dropped so that every worker runs the same steps); received "
+            f"batch_size={batch_size}. Pass a batch size in that range."
+        )
+    return replicas
+
+
