@@ -69,9 +69,29 @@ class Servable:
             raise ServingError(
                 f'signature "{key}" of model "{self.name}" is not callable (only '
                 "Predict signatures are).", "FAILED_PRECONDITION")
-        where = f'signature "{key}" of model "{self.name}" (version {self.version})'
-        return predict.run(function, signature_def, inputs, where, output_filter,
-                           max_batch_size)
+        return predict.run(function, signature_def, inputs, self.where(key),
+                           output_filter, max_batch_size)
+
+    def where(self, signature_name: str) -> str:
+        """``signature "x" of model "y" (version n)``, for messages."""
+        key = signature_name or predict.DEFAULT_SIGNATURE
+        return f'signature "{key}" of model "{self.name}" (version {self.version})'
+
+    def tensors(
+        self,
+        signature_name: str,
+        protos: Any,
+        max_bytes: int | None = None,
+        max_batch_size: int | None = None,
+    ) -> dict[str, tf.Tensor]:
+        """A request's ``TensorProto`` inputs as tensors, checked against the
+        signature and the limits before any is expanded (see
+        :func:`tfdssm.serving.predict.tensors_from_protos`)."""
+        signature_def = predict.find_signature(self.signature_defs, signature_name,
+                                               self.name)
+        return predict.tensors_from_protos(
+            protos, predict.input_specs(signature_def), self.where(signature_name),
+            max_bytes, max_batch_size)
 
 
 def load_servable(name: str, version: int, path: pathlib.Path) -> Servable:
@@ -101,8 +121,8 @@ def load_servable(name: str, version: int, path: pathlib.Path) -> Servable:
     servable = Servable(name, version, path, loaded,
                         dict(proto.meta_graphs[0].signature_def))
     for request in warmup.read_warmup(path):
-        inputs = {k: predict.tensor_from_proto(k, v) for k, v in request.inputs.items()}
         try:
+            inputs = servable.tensors(request.model_spec.signature_name, request.inputs)
             servable.predict(request.model_spec.signature_name, inputs)
         except ServingError as error:
             raise ServingError(f"warm-up request failed on {path}: {error}",
