@@ -107,14 +107,17 @@ def read_model_config(
     return models
 
 
-def _check_names(models: Sequence[tuple[str, pathlib.Path]], path: pathlib.Path) -> None:
+def _check_names(
+    models: Sequence[tuple[str, pathlib.Path]], path: pathlib.Path
+) -> None:
     """Refuses a config naming a model twice or a model without a name, as TF
     Serving does ("Illegal to list model X multiple times in config list")."""
     seen: dict[str, int] = {}
     for number, (name, _) in enumerate(models, 1):
         if not name:
-            raise ExportError(f"{str(path)!r}: model config entry {number} has no name; "
-                              'give every config a name: "...".')
+            raise ExportError(
+                f"{str(path)!r}: model config entry {number} has no name; give "
+                'every config a name: "...".')
         if name in seen:
             raise ExportError(
                 f"{str(path)!r} lists model {name!r} more than once (config entries "

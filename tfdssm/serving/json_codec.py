@@ -92,7 +92,8 @@ def parse_body(body: bytes) -> dict[str, Any]:
                            '"signature_name" and "instances" or "inputs".')
     name = request.get("signature_name", "")
     if not isinstance(name, str):
-        raise ServingError(f'"signature_name" must be a string, received {_show(name)}.')
+        raise ServingError(
+            f'"signature_name" must be a string, received {_show(name)}.')
     return request
 
 

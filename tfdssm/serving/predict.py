@@ -84,7 +84,7 @@ def find_signature(signature_defs: Mapping[str, Any], name: str, model: str) -> 
 
 
 def check_names(specs: Mapping[str, InputSpec], names: Any, where: str) -> None:
-    """Raises ``INVALID_ARGUMENT`` unless ``names`` are exactly the inputs of ``specs``."""
+    """``INVALID_ARGUMENT`` unless ``names`` are exactly the inputs of ``specs``."""
     missing = sorted(set(specs) - set(names))
     extra = sorted(set(names) - set(specs))
     if missing or extra:
