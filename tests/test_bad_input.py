@@ -163,7 +163,10 @@ def raw_tensor(dtype: int, dims: list[int], **fields) -> tensor_pb2.TensorProto:
         dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in dims])
     proto = tensor_pb2.TensorProto(dtype=dtype, tensor_shape=shape)
     for name, values in fields.items():
-        getattr(proto, name).extend(values)
+        if name == "float8_val":  # bytes, one per value
+            proto.float8_val = bytes(values)
+        else:
+            getattr(proto, name).extend(values)
     return proto
 
 
@@ -199,8 +202,9 @@ def http(port: int, method: str, path: str, body: bytes | None = None,
     if body is not None and "Content-Length" not in head:
         head["Content-Length"] = str(len(body))
     lines = [f"{method} {path} HTTP/1.1"] + [f"{k}: {v}" for k, v in head.items()]
+    head_bytes = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")  # as read
     with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
-        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b""))
+        sock.sendall(head_bytes + (body or b""))
         answer = b""
         while chunk := sock.recv(1 << 16):
             answer += chunk
@@ -345,6 +349,37 @@ def _duplicate_ids_to_index(e: Env) -> None:
                               ["a", "b", "a"])
 
 
+def _duplicate_config(e: Env) -> pathlib.Path:
+    path = e.tmp / "duplicate.config"
+    path.write_text("model_config_list {\n" + "".join(
+        f'  config {{ name: "{name}" base_path: "{e.served_dir / base}" '
+        'model_platform: "tensorflow" }\n'
+        for name, base in (("towers", "towers"), ("retrieval", "retrieval"),
+                           ("towers", "retrieval_brute_force"))) + "}\n")
+    return path
+
+
+def _odd_version_dirs(e: Env) -> None:
+    """A model base holding every kind of name: only real versions count, the
+    server starts and serves ``007`` as version 7 from ``007``."""
+    root = e.tmp / "odd_versions"
+    shutil.rmtree(root, ignore_errors=True)
+    towers = root / "towers"
+    shutil.copytree(e.pairs_dir / "towers" / "1", towers / "007")
+    for name in ("\u00b2", "99999999999999999999", "9" * 200,
+                 "-3", "1a", "\u0661", ".8"):
+        (towers / name).mkdir()
+    (towers / "12").write_text("a file, not a directory")
+    with running_server(root, rest_port=None, poll_seconds=0.2) as server:
+        assert server.manager.status("towers") == [(7, 30, "")]
+        assert server.manager.get("towers", 7).path == towers / "007"
+        with Client(f"127.0.0.1:{server.grpc_port}", timeout=30) as client:
+            out = client.predict("towers", {"query": ["kiwi"]}, "query")
+        assert next(iter(out.values())).shape == (1, 8)
+        time.sleep(0.5)  # a few polls over the odd names
+        assert server.manager.status("towers") == [(7, 30, "")]
+
+
 def _resolve(*steps: str) -> Callable[[Env], Any]:
     return lambda e: e.server.manager.get(os.path.join(*steps))
 
@@ -453,6 +488,16 @@ CASES = [
          rest=("POST", "/v1/models/retrieval:predict", None, 413,
                (f"at most {MAX_BYTES}", "--max-request-bytes")),
          rest_headers={"Content-Length": str(MAX_BYTES + 1)}),
+    # Over the limit: the body is read and dropped so the client sees the 413
+    # (not a reset); with Expect: 100-continue the 413 comes before the body.
+    Case("request body over the size limit, sent whole",
+         rest=("POST", "/v1/models/retrieval:predict",
+               lambda e: b" " * (MAX_BYTES + 1), 413, (f"at most {MAX_BYTES}",))),
+    Case("request over the size limit with Expect: 100-continue",
+         rest=("POST", "/v1/models/retrieval:predict", None, 413,
+               (f"at most {MAX_BYTES}",)),
+         rest_headers={"Content-Length": str(50 * MAX_BYTES),
+                       "Expect": "100-continue"}),
     Case("batch over the batch limit",
          grpc=(lambda e: predict_request("retrieval", "top_k", user_inputs(
              e, rows=MAX_BATCH + 1)), "INVALID_ARGUMENT",
@@ -461,11 +506,48 @@ CASES = [
          rest=("POST", "/v1/models/retrieval:predict",
                lambda e: rest_rows(e, MAX_BATCH + 1), 400,
                (f"maximum batch size {MAX_BATCH}",))),
+    # A TensorProto's shape is filled by repeating its last value: a tiny
+    # request may declare gigabytes. Shapes, rows and the expanded size are
+    # checked before anything is expanded (peak RSS: test_reliability).
     Case("tensor declaring more elements than it carries",
+         grpc=(lambda e: predict_request("retrieval", "top_k_exclude", user_inputs(
+             e, rows=1, exclude=raw_tensor(types_pb2.DT_STRING, [1, 2**30],
+                                           string_val=[b"x"]))),
+             "INVALID_ARGUMENT",
+             ('"exclude"', "1073741824 elements", "it carries 1",
+              f"at most {MAX_BYTES} bytes", "--max-request-bytes"))),
+    Case("numeric tensor declaring more rows than it carries",
          grpc=(lambda e: predict_request("retrieval", "top_k", user_inputs(
              e, rows=1, k=raw_tensor(types_pb2.DT_INT32, [2**33], int_val=[3]))),
              "INVALID_ARGUMENT",
-             ('"k"', "8589934592 elements", f"at most {MAX_BYTES}"))),
+             ('"k"', "batch of 8589934592 rows", "--max-batch-size"))),
+    Case("1 MiB string repeated over 5000 rows",
+         grpc=(lambda e: predict_request("retrieval", "top_k", user_inputs(
+             e, rows=1, user_id=raw_tensor(types_pb2.DT_STRING, [5000],
+                                           string_val=[b"u" * MB]))),
+             "INVALID_ARGUMENT",
+             ('"user_id"', "batch of 5000 rows", "--max-batch-size"))),
+    Case("1 MiB string repeated within the batch limit",
+         grpc=(lambda e: predict_request("retrieval", "top_k", user_inputs(
+             e, rows=MAX_BATCH, user_id=raw_tensor(types_pb2.DT_STRING, [MAX_BATCH],
+                                                   string_val=[b"u" * MB]))),
+             "INVALID_ARGUMENT",
+             ('"user_id"', f"{MAX_BATCH} elements", "it carries 1",
+              "--max-request-bytes"))),
+    Case("1 MiB string repeated with the wrong rank",
+         grpc=(lambda e: predict_request("retrieval", "top_k", user_inputs(
+             e, rows=1, user_id=raw_tensor(types_pb2.DT_STRING, [1, 5000],
+                                           string_val=[b"u" * MB]))),
+             "INVALID_ARGUMENT", ('"user_id"', "[1, 5000]", "string [batch]"))),
+    Case("a short tensor repeated within the limits (TensorFlow's rule)",
+         grpc=(lambda e: predict_request("retrieval", "top_k", user_inputs(
+             e, rows=2, k=raw_tensor(types_pb2.DT_INT32, [2], int_val=[3]))),
+             OK, ())),
+    Case("columnar batch over the batch limit",
+         rest=("POST", "/v1/models/retrieval:predict",
+               lambda e: body({"signature_name": "top_k", "inputs": {
+                   **{n: v * 5000 for n, v in e.users(1).items()}, "k": [3] * 5000}}),
+               400, ("batch of 5000 rows", f"maximum batch size {MAX_BATCH}"))),
     # ------------------------------------------------ dtypes, shapes, protos
     Case("wrong dtype",
          library=(lambda e: _client(e, lambda c: c.predict(
@@ -493,6 +575,26 @@ CASES = [
          grpc=(lambda e: predict_request("retrieval", "top_k", user_inputs(
              e, k=raw_tensor(types_pb2.DT_RESOURCE, [2]))), "INVALID_ARGUMENT",
              ('input "k"', "dtype resource"))),
+    # TF reads a float32 tensor's values from float_val only: double_val was
+    # read as zeros. Values in another dtype's field are refused.
+    Case("float32 input sent in double_val",
+         grpc=(lambda e: predict_request("towers", "query", user_inputs(
+             e, k=None, age=raw_tensor(types_pb2.DT_FLOAT, [2],
+                                       double_val=[30.0, 40.0]))),
+               "INVALID_ARGUMENT", ('"age"', "float32", "double_val", "float_val",
+                                    "tf.make_tensor_proto"))),
+    Case("int32 input sent in int64_val",
+         grpc=(lambda e: predict_request("retrieval", "top_k", user_inputs(
+             e, k=raw_tensor(types_pb2.DT_INT32, [2], int64_val=[3, 3]))),
+               "INVALID_ARGUMENT", ('"k"', "int32", "int64_val", "int_val"))),
+    Case("float64 tensor for a float32 input",
+         grpc=(lambda e: predict_request("towers", "query", user_inputs(
+             e, k=None, age=tensor([30.0, 40.0], tf.float64))),
+               "INVALID_ARGUMENT", ('"age"', "must be float32, received float64"))),
+    Case("more values than the shape holds",
+         grpc=(lambda e: predict_request("retrieval", "top_k", user_inputs(
+             e, k=raw_tensor(types_pb2.DT_INT32, [2], int_val=[3, 3, 3]))),
+               "INVALID_ARGUMENT", ('"k"', "carries 3 values", "2 elements"))),
     Case("tensor bytes that do not fit the dtype",
          grpc=(lambda e: _with_content(predict_request("retrieval", "top_k",
                                                        user_inputs(e))),
@@ -501,6 +603,20 @@ CASES = [
          rest=("POST", "/v1/models/retrieval:predict",
                lambda e: rest_rows(e, k=2**40), 400,
                ('"k"', "out of the range of int32"))),
+    # Python's int() refuses more than 4300 digits (ValueError): was a 500.
+    Case("integer with thousands of digits in k",
+         rest=("POST", "/v1/models/retrieval:predict",
+               lambda e: rest_rows(e, k=7).replace(b'"k": 7', b'"k": ' + b"9" * 5000),
+               400, ('"k"', "5000 digits", "out of the range of int32"))),
+    Case("integer with thousands of digits in a float input",
+         rest=("POST", "/v1/models/towers:predict",
+               lambda e: rest_rows(e, signature="query", k=None, age=7).replace(
+                   b'"age": 7', b'"age": -' + b"9" * 5000), 400,
+               ('"age"', "NaN or infinite"))),
+    Case("integer with thousands of digits as an instance",
+         rest=("POST", "/v1/models/retrieval:predict",
+               lambda e: b'{"signature_name": "top_k", "instances": [' + b"9" * 5000
+               + b"]}", 400, ("instance 0", "5000 digits"))),
     Case("deeply nested JSON",
          rest=("POST", "/v1/models/retrieval:predict",
                lambda e: b'{"instances": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
@@ -530,6 +646,30 @@ CASES = [
          rest=("POST", "/v1/models/towers/versions/7:predict",
                lambda e: rest_rows(e, signature="query", k=None), 404,
                ("Specific(towers, 7)",))),
+    # TF Serving reads a version with safe_strto64: ASCII digits, int64.
+    Case("version with leading zeros is that version",
+         rest=("POST", "/v1/models/towers/versions/001:predict",
+               lambda e: rest_rows(e, signature="query", k=None), 200, ())),
+    Case("version that str.isdigit accepts but int does not",
+         rest=("GET", "/v1/models/towers/versions/\u00b2", None, 400,
+               ("Failed to convert version: \u00b2",))),
+    Case("version with 5000 digits",
+         rest=("POST", "/v1/models/towers/versions/" + "9" * 5000 + ":predict",
+               lambda e: rest_rows(e, signature="query", k=None), 400,
+               ("Failed to convert version", "5000 characters"))),
+    Case("version above int64",
+         rest=("GET", "/v1/models/towers/versions/99999999999999999999/metadata",
+               None, 400, ("Failed to convert version: 99999999999999999999",))),
+    Case("model config naming a model twice",
+         cli=(lambda e: ["serve", "--export-dir", e.served_dir, "--grpc-port", "0",
+                         "--rest-port", "0", "--model-config-file",
+                         _duplicate_config(e)], 2,
+              ("'towers'", "more than once", "entries 1 and 3")),
+         library=(lambda e: Server(e.served_dir,
+                                   model_config_file=_duplicate_config(e)),
+                  ExportError, ("'towers'", "more than once"))),
+    Case("version directories that are not versions",
+         library=(_odd_version_dirs, None, ())),
     Case("unknown signature",
          library=(lambda e: _client(
              e, lambda c: c.predict("towers", e.users(1), "nope")),
@@ -863,3 +1003,75 @@ def test_path_traversal_touches_nothing_outside_the_export(env, stub):
             continue  # a file descriptor
         path = pathlib.Path(os.fsdecode(target)).resolve()
         assert path.is_relative_to(root), (event, str(path))
+
+
+# --------------------------------------------------------------------------- #
+# Expanded sizes and Expect: 100-continue (issue 17)
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("dtype", sorted(
+    __import__("tfdssm.serving.predict", fromlist=["x"]).VALUE_FIELDS))
+def test_every_dtype_is_bounded_before_it_is_expanded(dtype: str):
+    """For each dtype a request may carry: one value declaring 2**36 elements is
+    refused at once naming the limit; a short repeat within it expands as
+    TensorFlow expands it; a value in another dtype's field is refused."""
+    from tfdssm.serving.predict import VALUE_FIELDS, tensors_from_protos
+
+    tf_dtype = tf.as_dtype(dtype)
+    field = VALUE_FIELDS[dtype]
+    value = {"string_val": b"ab", "bool_val": True, "half_val": 15360,
+             "float8_val": 56}.get(field, 1)
+    values = [value, value] if field in ("scomplex_val", "dcomplex_val") else [value]
+    huge = raw_tensor(tf_dtype.as_datatype_enum, [64, 2**30], **{field: values})
+    start = time.perf_counter()
+    with pytest.raises(ServingError, match="--max-request-bytes") as caught:
+        tensors_from_protos({"x": huge}, max_bytes=MAX_BYTES, max_batch_size=MAX_BATCH)
+    assert time.perf_counter() - start < 0.5
+    assert '"x"' in str(caught.value) and "68719476736 elements" in str(caught.value)
+    small = raw_tensor(tf_dtype.as_datatype_enum, [2, 3], **{field: values})
+    got = tensors_from_protos({"x": small}, max_bytes=MAX_BYTES)["x"].numpy()
+    want = tf.make_ndarray(small)  # quantized / float8 dtypes: compare bytes
+    assert got.shape == want.shape == (2, 3)
+    assert got.tolist() == want.tolist() if dtype == "string" else (
+        got.tobytes() == want.tobytes())
+    other = "int64_val" if field != "int64_val" else "int_val"
+    foreign = raw_tensor(tf_dtype.as_datatype_enum, [2], **{other: [1, 2]})
+    with pytest.raises(ServingError, match=f"{other}.*{field}"):
+        tensors_from_protos({"x": foreign})
+
+
+def _exchange_with_expect(port: int, payload: bytes, length: int | None = None):
+    """Sends the head with ``Expect: 100-continue``, reads the interim answer,
+    then (after a 100) the body: ``(interim status line, final status, body)``."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            f"POST /v1/models/retrieval:predict HTTP/1.1\r\nHost: x\r\n"
+            f"Content-Length: {length or len(payload)}\r\nExpect: 100-continue\r\n"
+            "Connection: close\r\n\r\n".encode())
+        first = b""
+        while b"\r\n\r\n" not in first:
+            chunk = sock.recv(1 << 16)
+            assert chunk, first
+            first += chunk
+        interim, _, rest = first.partition(b"\r\n\r\n")
+        if not interim.startswith(b"HTTP/1.1 100"):
+            answer = first
+        else:
+            sock.sendall(payload)
+            answer = rest
+        while chunk := sock.recv(1 << 16):
+            answer += chunk
+    head, _, data = answer.partition(b"\r\n\r\n")
+    return interim.split(b"\r\n")[0], int(head.split()[1]), json.loads(data)
+
+
+def test_expect_100_continue_is_answered_before_the_body(env):
+    port = env.server.rest_port
+    start = time.perf_counter()
+    interim, status, answer = _exchange_with_expect(port, rest_rows(env, k=2))
+    assert interim == b"HTTP/1.1 100 Continue"
+    assert status == 200 and len(answer["predictions"][0]["ids"]) == 2
+    assert time.perf_counter() - start < 1.0  # curl waited 1 s for the 100
+    interim, status, answer = _exchange_with_expect(port, b"", 10 * MAX_BYTES)
+    assert status == 413 and f"at most {MAX_BYTES}" in answer["error"]

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 import grpc
 import numpy as np
@@ -498,3 +499,194 @@ def test_a_version_that_appears_during_an_export_is_never_overwritten(tmp_path):
     assert (base / "2" / "saved_model.pb").read_bytes() == b"theirs"
     assert (base / "3" / "saved_model.pb").read_bytes() == b"mine"
     assert sorted(p.name for p in base.iterdir()) == ["1", "2", "3"]
+
+
+# --------------------------------------------------------------------------- #
+# Adversarial requests and directories against the server (issue 17)
+# --------------------------------------------------------------------------- #
+
+AMPLIFY_LIMIT = 2 * 1024 * 1024  # --max-request-bytes of the server under test
+AMPLIFY_BATCH = 64  # --max-batch-size
+RSS_BOUND_MIB = 64  # peak RSS may grow this much over all amplification requests
+
+
+def _raw_tensor(dtype: int, dims: list[int], **fields) -> Any:
+    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2
+
+    proto = tensor_pb2.TensorProto(dtype=dtype, tensor_shape=(
+        tensor_shape_pb2.TensorShapeProto(
+            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in dims])))
+    for name, values in fields.items():
+        getattr(proto, name).extend(values)
+    return proto
+
+
+def _peak_rss_mib(pid: int) -> int:
+    status = pathlib.Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) // 1024
+
+
+@contextlib.contextmanager
+def _serve_process(export_dir: pathlib.Path, log: pathlib.Path, *extra: str):
+    """``tfdssm serve`` in a child process on free loopback ports:
+    ``(process, grpc port, rest port)``; stopped with SIGTERM (then SIGKILL)."""
+    code = "import sys; from tfdssm.cli import main; sys.exit(main(sys.argv[1:]))"
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, "serve", "--export-dir", str(export_dir),
+             "--host", "127.0.0.1", "--grpc-port", "0", "--rest-port", "0", *extra],
+            stdout=subprocess.DEVNULL, stderr=err, env=ENV)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            found = re.search(r"gRPC on 127\.0\.0\.1:(\d+), REST on "
+                              r"http://127\.0\.0\.1:(\d+)", log.read_text())
+            if found:
+                break
+            time.sleep(0.2)
+        assert found, log.read_text()[-3000:]
+        yield proc, int(found[1]), int(found[2])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def _post_json(port: int, path: str, payload: bytes) -> int:
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                     f"{len(payload)}\r\nConnection: close\r\n\r\n".encode() + payload)
+        answer = b""
+        while chunk := sock.recv(1 << 16):
+            answer += chunk
+    return int(answer.split()[1])
+
+
+def test_amplification_requests_keep_the_servers_peak_rss_bounded(
+        pairs_export, tmp_path):
+    """Small requests declaring huge tensors (every dtype, gRPC and REST) are
+    refused before anything is expanded: the server's peak RSS grows by less
+    than RSS_BOUND_MIB over all of them (before the fix: +393 MiB for four
+    1 MiB requests at these limits; 5 GB for one declaring [1, 5000]).
+    Odd version directory names are in the export too: serve starts."""
+    from tensorflow.core.framework import types_pb2
+
+    from tfdssm.serving.predict import VALUE_FIELDS
+
+    export_dir = tmp_path / "export"
+    shutil.copytree(pairs_export[0], export_dir)
+    for name in ("\u00b2", "99999999999999999999", "-1"):
+        (export_dir / "towers" / name).mkdir()
+    mib = b"q" * (1 << 20)
+    string = types_pb2.DT_STRING
+    requests = [  # (model, signature, {input: TensorProto})
+        ("towers", "query", {"query": _raw_tensor(string, [64], string_val=[mib])}),
+        ("towers", "query", {"query": _raw_tensor(string, [5000], string_val=[mib])}),
+        ("towers", "query", {"query": _raw_tensor(string, [1, 5000],
+                                                  string_val=[mib])}),
+        ("towers", "query", {"query": _raw_tensor(string, [2_000_000],
+                                                  string_val=[b"x"])}),
+        ("towers", "query", {"query": _raw_tensor(string, [2**40])}),
+        ("retrieval_brute_force", "top_k", {
+            "query": _raw_tensor(string, [64], string_val=[b"a"]),
+            "k": _raw_tensor(types_pb2.DT_INT32, [64, 2**30], int_val=[1])}),
+    ]
+    for dtype in sorted(VALUE_FIELDS):  # every dtype a request may carry
+        enum = tf.as_dtype(dtype).as_datatype_enum
+        requests.append(("towers", "query", {
+            "query": _raw_tensor(enum, [64, 2**24])}))
+    rows = json.dumps({"instances": [{"query": "x" * 200}] * 5000}).encode()
+    good = predict_pb2.PredictRequest()
+    good.model_spec.name, good.model_spec.signature_name = "towers", "query"
+    good.inputs["query"].CopyFrom(_raw_tensor(string, [1], string_val=[b"kiwi"]))
+    with _serve_process(export_dir, tmp_path / "serve.log", "--max-request-bytes",
+                        str(AMPLIFY_LIMIT), "--max-batch-size",
+                        str(AMPLIFY_BATCH)) as (proc, grpc_port, rest_port):
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            for _ in range(3):  # warm: the first calls allocate their buffers
+                stub.Predict(good, timeout=60)
+                assert _post_json(rest_port, "/v1/models/towers:predict",
+                                  b'{"instances": ["kiwi"]}') == 200
+            before = _peak_rss_mib(proc.pid)
+            for model, signature, inputs in requests:
+                request = predict_pb2.PredictRequest()
+                request.model_spec.name = model
+                request.model_spec.signature_name = signature
+                for name, proto in inputs.items():
+                    request.inputs[name].CopyFrom(proto)
+                start = time.monotonic()
+                with pytest.raises(grpc.RpcError) as caught:
+                    stub.Predict(request, timeout=60)
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (
+                    caught.value.details())
+                assert time.monotonic() - start < 5, caught.value.details()
+            assert _post_json(rest_port, "/v1/models/towers:predict", rows) == 400
+            growth = _peak_rss_mib(proc.pid) - before
+            stub.Predict(good, timeout=60)  # still serving
+        log = (tmp_path / "serve.log").read_text()
+    assert growth < RSS_BOUND_MIB, f"peak RSS grew {growth} MiB"
+    assert "Traceback" not in log and "is not a version of model 'towers'" in log
+    print(f"peak RSS growth over {len(requests) + 1} amplification requests: "
+          f"{growth} MiB (bound {RSS_BOUND_MIB})")
+
+
+def _manager(base: pathlib.Path):
+    from tfdssm.serving.models import ModelManager
+
+    return ModelManager([("towers", base)], poll_seconds=0.1)
+
+
+def test_a_version_filled_after_it_appeared_is_loaded(pairs_export, tmp_path):
+    """A slow ``cp -r``: the directory appears empty, is filled seconds later.
+    Failed attempts are bounded while it stays the same and start again when
+    it changes; the old version serves throughout."""
+    source = pathlib.Path(pairs_export[0]) / "towers" / "1"
+    base = tmp_path / "towers"
+    shutil.copytree(source, base / "1")
+    manager = _manager(base)
+    manager.load_all()
+    assert manager.get("towers").version == 1
+    (base / "2").mkdir()
+    for _ in range(6):  # polls while it is empty: at most 3 attempts
+        assert not manager.refresh("towers")
+    assert manager.get("towers").version == 1
+    (base / "2" / "variables").mkdir()  # partly copied: one more failed attempt
+    shutil.copy(source / "saved_model.pb", base / "2" / "saved_model.pb")
+    assert not manager.refresh("towers")
+    for item in (source / "variables").iterdir():
+        shutil.copy(item, base / "2" / "variables" / item.name)
+    for item in source.iterdir():
+        if item.is_dir() and item.name != "variables":
+            shutil.copytree(item, base / "2" / item.name)
+    assert manager.refresh("towers")
+    assert manager.get("towers").version == 2
+    assert manager.status("towers")[0] == (2, 30, "")
+    manager.stop()
+
+
+def test_odd_version_names_never_stop_the_watcher(pairs_export, tmp_path):
+    """Names that are not versions (``²``, > int64, a file named like a
+    version) appear while the server polls: later versions still load, the
+    other model is unaffected, status and requests keep working."""
+    source = pathlib.Path(pairs_export[0]) / "towers" / "1"
+    root = tmp_path / "export"
+    for model in ("towers", "other"):
+        shutil.copytree(source, root / model / "1")
+    with running_server(root, rest_port=None, poll_seconds=0.1) as server:
+        manager = server.manager
+        for name in ("\u00b2", "99999999999999999999", "1" * 200, "٣"):
+            (root / "towers" / name).mkdir()
+        (root / "towers" / "7").write_text("a file")
+        shutil.copytree(source, root / "towers" / "003")
+        deadline = time.monotonic() + 30
+        while manager.get("towers").version != 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert manager.get("towers").version == 3
+        assert manager.get("towers").path == root / "towers" / "003"
+        assert manager.status("towers") == [(3, 30, ""), (1, 50, "")]
+        assert manager.status("other") == [(1, 30, "")]
+        assert manager.get("other").version == 1

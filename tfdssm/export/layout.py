@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from tfdssm.errors import ExportError
+from tfdssm.export.versioning import version_dirs
 
 EXPORT_JSON = "export.json"
 
@@ -30,11 +31,10 @@ FORMAT_VERSION = 1
 
 
 def versions(base: str | os.PathLike) -> list[int]:
-    """Integer version directories under ``base``, ascending."""
-    path = pathlib.Path(base)
-    if not path.is_dir():
-        return []
-    return sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit())
+    """Version numbers under ``base``, ascending, by TF Serving's rule
+    (:func:`tfdssm.export.versioning.parse_version`: ``007`` is 7; ``²`` or a
+    number above int64 is no version)."""
+    return sorted(version_dirs(base))
 
 
 def next_version(base: str | os.PathLike) -> int:

@@ -23,6 +23,7 @@ from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
 from tfdssm.errors import ExportError
+from tfdssm.export.versioning import version_dirs
 
 CONFIG_FILE = "models.config"
 STOCK_CONFIG_FILE = "models.stock.config"
@@ -72,11 +73,12 @@ def read_model_config(
 ) -> list[tuple[str, pathlib.Path]]:
     """``[(model name, local base path)]`` from a config, else from the directory.
 
-    Without a config file, every subdirectory holding integer version
-    directories is a model named after it.
+    Without a config file, every subdirectory holding version directories
+    (:func:`tfdssm.export.versioning.parse_version`) is a model named after it.
 
     Raises:
-        ExportError: unreadable config, or nothing to serve.
+        ExportError: unreadable config, a model named twice or not at all, or
+            nothing to serve.
     """
     export_dir = pathlib.Path(export_dir)
     path = pathlib.Path(config_file) if config_file else export_dir / CONFIG_FILE
@@ -93,15 +95,35 @@ def read_model_config(
                               f"config: {error}") from None
         models = [(c.name, resolve_base_path(c.base_path, export_dir))
                   for c in config.model_config_list.config]
+        _check_names(models, path)
     elif config_file:
         raise ExportError(f"model config {str(path)!r} not found.")
     else:
         models = [(p.name, p) for p in sorted(export_dir.iterdir())
-                  if p.is_dir() and any(c.name.isdigit() for c in p.iterdir())]
+                  if p.is_dir() and version_dirs(p)]
     if not models:
         raise ExportError(f"nothing to serve in {str(export_dir)!r}: no {CONFIG_FILE} "
                           "and no <model>/<version> SavedModels.")
     return models
+
+
+def _check_names(
+    models: Sequence[tuple[str, pathlib.Path]], path: pathlib.Path
+) -> None:
+    """Refuses a config naming a model twice or a model without a name, as TF
+    Serving does ("Illegal to list model X multiple times in config list")."""
+    seen: dict[str, int] = {}
+    for number, (name, _) in enumerate(models, 1):
+        if not name:
+            raise ExportError(
+                f"{str(path)!r}: model config entry {number} has no name; give "
+                'every config a name: "...".')
+        if name in seen:
+            raise ExportError(
+                f"{str(path)!r} lists model {name!r} more than once (config entries "
+                f"{seen[name]} and {number}); TF Serving refuses such a config too. "
+                "Keep one entry per model name.")
+        seen[name] = number
 
 
 def resolve_base_path(base_path: str, export_dir: pathlib.Path) -> pathlib.Path:

@@ -85,11 +85,11 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         self,
         manager: ModelManager,
         max_batch_size: int | None = predict.DEFAULT_MAX_BATCH_SIZE,
-        max_elements: int | None = DEFAULT_MAX_MESSAGE_BYTES,
+        max_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self.manager = manager
         self.max_batch_size = max_batch_size
-        self.max_elements = max_elements
+        self.max_bytes = max_bytes  # the inputs' size once expanded
 
     def Predict(self, request: predict_pb2.PredictRequest,  # noqa: N802
                 context: grpc.ServicerContext) -> predict_pb2.PredictResponse:
@@ -97,8 +97,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             spec = request.model_spec
             servable = self.manager.get(spec.name, requested_version(spec))
             signature = spec.signature_name or predict.DEFAULT_SIGNATURE
-            inputs = {name: predict.tensor_from_proto(name, proto, self.max_elements)
-                      for name, proto in request.inputs.items()}
+            inputs = servable.tensors(signature, request.inputs, self.max_bytes,
+                                      self.max_batch_size)
             outputs = servable.predict(signature, inputs, list(request.output_filter),
                                        self.max_batch_size)
         except ServingError as error:
@@ -317,8 +317,10 @@ def start_grpc(
 ) -> tuple[GrpcServer, int]:
     """Starts a gRPC server; returns it and the bound port (``port=0``: any free).
 
-    ``max_message_bytes`` limits a request's size and each input's declared
-    number of elements; ``max_batch_size`` its rows.
+    ``max_message_bytes`` limits a request's size and the size its inputs
+    declare once expanded (checked before anything is expanded, see
+    :func:`tfdssm.serving.predict.tensors_from_protos`); ``max_batch_size``
+    its rows.
 
     Raises:
         ServingError: the address cannot be bound.

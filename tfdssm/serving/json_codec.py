@@ -35,12 +35,46 @@ from tfdssm.text.normalize import to_valid_unicode
 
 ROW, COLUMNAR = "row", "columnar"
 MAX_DEPTH = 32  # nesting of an input's lists
+# Digits of the largest integer any dtype holds (uint64: 18446744073709551615).
+MAX_INT_DIGITS = 20
+
+
+class LongInteger:
+    """A JSON integer with more digits than any integer dtype holds.
+
+    ``json`` would convert it with ``int()``, which refuses more than
+    ``sys.get_int_max_str_digits()`` (4300) digits with a ``ValueError``, and
+    would spend quadratic time below that; the text is kept instead and the
+    input it is sent for reports it (out of range for integers, ``float()`` of
+    it for floats).
+    """
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    @property
+    def digits(self) -> int:
+        return len(self.text.lstrip("-"))
+
+    def __repr__(self) -> str:
+        return f"{self.text[:12]}... ({self.digits} digits)"
+
+
+def _parse_int(text: str) -> int | LongInteger:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        return LongInteger(text)
+    return int(text)
+
+
+def _show(value: Any) -> str:
+    """``value`` as JSON for messages (a :class:`LongInteger` as its repr)."""
+    return json.dumps(value, default=repr)
 
 
 def parse_body(body: bytes) -> dict[str, Any]:
     """The request object, with clear errors for bad JSON or a missing key."""
     try:
-        request = json.loads(body.decode("utf-8") or "null")
+        request = json.loads(body.decode("utf-8") or "null", parse_int=_parse_int)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ServingError(f"the request body is not valid JSON: {error}.") from None
     except RecursionError:
@@ -58,14 +92,24 @@ def parse_body(body: bytes) -> dict[str, Any]:
                            '"signature_name" and "instances" or "inputs".')
     name = request.get("signature_name", "")
     if not isinstance(name, str):
-        raise ServingError(f'"signature_name" must be a string, received {name!r}.')
+        raise ServingError(
+            f'"signature_name" must be a string, received {_show(name)}.')
     return request
 
 
 def request_inputs(
-    request: Mapping[str, Any], specs: Mapping[str, InputSpec]
+    request: Mapping[str, Any],
+    specs: Mapping[str, InputSpec],
+    max_batch_size: int | None = None,
 ) -> tuple[dict[str, tf.Tensor], str]:
-    """Typed input tensors from a parsed request, and its format (row/columnar)."""
+    """Typed input tensors from a parsed request, and its format (row/columnar).
+
+    Args:
+        request: The parsed body (:func:`parse_body`).
+        specs: The signature's inputs.
+        max_batch_size: Most rows a request may have, checked on the JSON
+            lists before anything is converted.
+    """
     if "instances" in request:
         instances = request["instances"]
         if not isinstance(instances, list):
@@ -73,6 +117,7 @@ def request_inputs(
         if not instances:
             raise ServingError('empty batch: "instances" is an empty list; send at '
                                "least one row.")
+        _check_rows(len(instances), '"instances"', max_batch_size)
         if len(specs) == 1 and (not isinstance(instances[0], dict)
                                 or _is_b64(instances[0])):
             (name,) = specs
@@ -86,8 +131,19 @@ def request_inputs(
             raise ServingError('"inputs" must be an object of input name -> values, '
                                f"with the inputs {sorted(specs)}.")
         inputs = {next(iter(specs)): inputs}
+    for name, value in inputs.items():
+        if isinstance(value, list):
+            _check_rows(len(value), f'input "{name}"', max_batch_size)
     return {n: to_tensor(v, specs[n], n) if n in specs else _untyped(v, n)
             for n, v in inputs.items()}, COLUMNAR
+
+
+def _check_rows(rows: int, what: str, max_batch_size: int | None) -> None:
+    if max_batch_size is not None and rows > max_batch_size:
+        raise ServingError(
+            f"the batch of {rows} rows ({what}) is larger than the maximum batch size "
+            f"{max_batch_size} of this server (tfdssm serve --max-batch-size); split "
+            "the request into smaller batches.")
 
 
 def _is_b64(value: Any) -> bool:
@@ -100,7 +156,7 @@ def _columns_of(instances: list, specs: Mapping[str, InputSpec]) -> dict[str, li
         if not isinstance(instance, dict):
             raise ServingError(
                 f"instance {row} must be an object with the inputs {sorted(specs)}, "
-                f"received {json.dumps(instance)[:80]}.")
+                f"received {_show(instance)[:80]}.")
         missing = sorted(set(specs) - set(instance))
         extra = sorted(set(instance) - set(specs))
         if missing or extra:
@@ -163,6 +219,15 @@ def _flatten(value: Any):
 
 
 def _convert(value: Any, dtype: tf.DType, name: str) -> Any:
+    if isinstance(value, LongInteger):
+        if dtype.is_floating:
+            return float(value.text)  # inf beyond the dtype: the NaN check reports it
+        if dtype.is_integer:
+            raise ServingError(
+                f'input "{name}" holds an integer of {value.digits} digits, out of the '
+                f"range of {dtype.name} ({dtype.min} to {dtype.max}).")
+        raise ServingError(f'input "{name}" expects {dtype.name} values, received an '
+                           f"integer of {value.digits} digits.")
     if dtype == tf.string:
         if isinstance(value, str):  # lone surrogates ("\ud800") become U+FFFD
             return to_valid_unicode(value).encode("utf-8")
@@ -175,24 +240,24 @@ def _convert(value: Any, dtype: tf.DType, name: str) -> Any:
         hint = ('send "" for an empty text' if value is None
                 else f'quote it, e.g. "{value}"')
         raise ServingError(f'input "{name}" expects strings (DT_STRING), received '
-                           f"{json.dumps(value)}; {hint}.")
+                           f"{_show(value)}; {hint}.")
     if isinstance(value, bool) and dtype != tf.bool:
         raise ServingError(f'input "{name}" expects {dtype.name} numbers, received '
-                           f"{json.dumps(value)}.")
+                           f"{_show(value)}.")
     if dtype.is_integer:
         if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
             return int(value)
         raise ServingError(f'input "{name}" expects integers ({dtype.name}), received '
-                           f"{json.dumps(value)}.")
+                           f"{_show(value)}.")
     if dtype.is_floating:
         if isinstance(value, int | float):
             return value
         raise ServingError(f'input "{name}" expects numbers ({dtype.name}), received '
-                           f"{json.dumps(value)}.")
+                           f"{_show(value)}.")
     if dtype == tf.bool and isinstance(value, bool):
         return value
     raise ServingError(f'input "{name}" has dtype {dtype.name}, which the REST API '
-                       f"cannot fill from {json.dumps(value)}; use gRPC.")
+                       f"cannot fill from {_show(value)}; use gRPC.")
 
 
 def to_json_value(array: np.ndarray) -> Any:

@@ -2,12 +2,17 @@
 
 Like TF Serving's default version policy, each model serves its newest version.
 A background thread polls every model's base path (every ``poll_seconds``);
-when a newer integer version directory appears, it is loaded and warmed up
-(its ``assets.extra/tf_serving_warmup_requests`` replayed) *before* it replaces
+when a newer version directory appears (TF Serving's rules, see
+:mod:`tfdssm.export.versioning`: ``007`` is version 7, ``²`` or a number
+above int64 is no version and is ignored), it is loaded and warmed up (its
+``assets.extra/tf_serving_warmup_requests`` replayed) *before* it replaces
 the old one, then the old one is dropped: requests already running on it
 finish, new requests go to the new version. A version that fails to load is
 reported in the model status and retried at most :data:`MAX_LOAD_ATTEMPTS`
-times; the previous version keeps serving.
+times while its directory stays the same, and again whenever what it holds
+changes (a slow ``cp -r`` filling a directory that appeared empty); the
+previous version keeps serving. Nothing under one base path affects another
+model, and no directory content makes loading or polling raise.
 """
 
 from __future__ import annotations
@@ -26,8 +31,8 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 from tfdssm.errors import ServingError
 from tfdssm.export import warmup
-from tfdssm.export.layout import versions
 from tfdssm.serving import predict
+from tfdssm.export.versioning import fingerprint, version_dirs
 
 LOG = logging.getLogger("tfdssm.serving")
 MAX_LOAD_ATTEMPTS = 3
@@ -69,9 +74,29 @@ class Servable:
             raise ServingError(
                 f'signature "{key}" of model "{self.name}" is not callable (only '
                 "Predict signatures are).", "FAILED_PRECONDITION")
-        where = f'signature "{key}" of model "{self.name}" (version {self.version})'
-        return predict.run(function, signature_def, inputs, where, output_filter,
-                           max_batch_size)
+        return predict.run(function, signature_def, inputs, self.where(key),
+                           output_filter, max_batch_size)
+
+    def where(self, signature_name: str) -> str:
+        """``signature "x" of model "y" (version n)``, for messages."""
+        key = signature_name or predict.DEFAULT_SIGNATURE
+        return f'signature "{key}" of model "{self.name}" (version {self.version})'
+
+    def tensors(
+        self,
+        signature_name: str,
+        protos: Any,
+        max_bytes: int | None = None,
+        max_batch_size: int | None = None,
+    ) -> dict[str, tf.Tensor]:
+        """A request's ``TensorProto`` inputs as tensors, checked against the
+        signature and the limits before any is expanded (see
+        :func:`tfdssm.serving.predict.tensors_from_protos`)."""
+        signature_def = predict.find_signature(self.signature_defs, signature_name,
+                                               self.name)
+        return predict.tensors_from_protos(
+            protos, predict.input_specs(signature_def), self.where(signature_name),
+            max_bytes, max_batch_size)
 
 
 def load_servable(name: str, version: int, path: pathlib.Path) -> Servable:
@@ -101,8 +126,8 @@ def load_servable(name: str, version: int, path: pathlib.Path) -> Servable:
     servable = Servable(name, version, path, loaded,
                         dict(proto.meta_graphs[0].signature_def))
     for request in warmup.read_warmup(path):
-        inputs = {k: predict.tensor_from_proto(k, v) for k, v in request.inputs.items()}
         try:
+            inputs = servable.tensors(request.model_spec.signature_name, request.inputs)
             servable.predict(request.model_spec.signature_name, inputs)
         except ServingError as error:
             raise ServingError(f"warm-up request failed on {path}: {error}",
@@ -124,7 +149,9 @@ class _Model:
     base_path: pathlib.Path
     current: Servable | None = None
     states: dict[int, tuple[int, str]] = dataclasses.field(default_factory=dict)
-    failures: dict[int, int] = dataclasses.field(default_factory=dict)
+    # version -> (failed attempts, fingerprint of the directory they saw)
+    failures: dict[int, tuple[int, tuple]] = dataclasses.field(default_factory=dict)
+    reported: set[str] = dataclasses.field(default_factory=set)  # ignored names
 
 
 class ModelManager:
@@ -150,9 +177,13 @@ class ModelManager:
         return list(self._models)
 
     def load_all(self) -> None:
-        """Loads the newest version of every model (blocking; errors are logged)."""
+        """Loads the newest version of every model (blocking; errors are logged,
+        never raised: a model that cannot load is reported in its status)."""
         for name in self._models:
-            self.refresh(name)
+            try:
+                self.refresh(name)
+            except Exception:  # noqa: BLE001 - one model never stops the others
+                LOG.exception("tfdssm serve: error while loading %s", name)
 
     def start(self) -> None:
         """Starts the polling thread."""
@@ -191,34 +222,47 @@ class ModelManager:
 
     def _refresh(self, model: _Model) -> bool:
         name = model.name
-        found = versions(model.base_path)
+        ignored: list[str] = []
+        found = version_dirs(model.base_path, ignored)
+        for entry in sorted(set(ignored) - model.reported):
+            model.reported.add(entry)
+            LOG.warning("tfdssm serve: %s is not a version of model %r (a version "
+                        "directory is named with ASCII digits, at most %d); ignored",
+                        model.base_path / entry[:40], name, 2**63 - 1)
         if not found:
             if model.current is None and not model.states:
                 LOG.warning("tfdssm serve: no versions of model %r under %s yet",
                             name, model.base_path)
                 model.states[0] = (START, "")
             return False
-        newest = found[-1]
+        newest = max(found)
+        path = found[newest]
         current = model.current
-        if current is not None and current.version == newest:
+        if current is not None and current.version == newest and current.path == path:
             return False
-        if model.failures.get(newest, 0) >= MAX_LOAD_ATTEMPTS:
+        seen = (str(path), fingerprint(path))
+        attempts, before = model.failures.get(newest, (0, None))
+        if before != seen:
+            attempts = 0  # new, or its directory changed since it failed: retry
+        if attempts >= MAX_LOAD_ATTEMPTS:
             return False
         model.states.pop(0, None)
         model.states[newest] = (LOADING, "")
         start = time.perf_counter()
         try:
-            servable = load_servable(name, newest, model.base_path / str(newest))
+            servable = load_servable(name, newest, path)
         except Exception as error:  # noqa: BLE001 - any failure: keep the old one
-            model.failures[newest] = model.failures.get(newest, 0) + 1
+            model.failures[newest] = (attempts + 1, seen)
             model.states[newest] = (END, str(error))
-            LOG.error("tfdssm serve: model %r version %d failed to load (attempt "
-                      "%d): %s", name, newest, model.failures[newest], error)
+            LOG.error("tfdssm serve: model %r version %d failed to load (attempt %d; "
+                      "retried when %s changes): %s", name, newest, attempts + 1,
+                      path, error)
             return False
+        model.failures.pop(newest, None)
         with self._lock:
             old, model.current = model.current, servable
             model.states[newest] = (AVAILABLE, "")
-            if old is not None:
+            if old is not None and old.version != newest:
                 model.states[old.version] = (END, "")
         LOG.info("tfdssm serve: model %r version %d loaded in %.1fs%s", name, newest,
                  time.perf_counter() - start,

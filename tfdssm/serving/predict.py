@@ -8,9 +8,16 @@ status TF Serving uses:
   found.``, as TF Serving's ``predict_util.cc``), plus the available keys;
 * missing or unexpected inputs, wrong dtype, wrong rank, inputs with different
   batch sizes, an empty batch, a batch over the server's limit, NaN or infinite
-  numbers, a ``TensorProto`` that is malformed or declares more elements than
-  the request size limit allows, an unknown ``output_filter`` name:
-  ``INVALID_ARGUMENT``;
+  numbers, a ``TensorProto`` that is malformed, carries its values in another
+  dtype's field (``double_val`` for float32), or declares a shape whose
+  expansion would exceed the request size limit, an unknown ``output_filter``
+  name: ``INVALID_ARGUMENT``.
+
+A gRPC request's ``TensorProto`` inputs are checked from their headers alone
+(:func:`check_proto`: dtype, shape, rows, value counts) before any is expanded:
+TensorFlow fills a declared shape by repeating the last value, so a request of
+a few bytes could otherwise allocate gigabytes. Stock TF Serving fills a
+float32 tensor sent in ``double_val`` with zeros; this server refuses it.
 * errors raised inside the graph (e.g. the retrieval models' ``k`` range check)
   keep TensorFlow's code (``INVALID_ARGUMENT`` for ``tf.debugging.Assert``) with
   the message stripped of graph/traceback noise.
@@ -19,6 +26,7 @@ status TF Serving uses:
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -75,6 +83,18 @@ def find_signature(signature_defs: Mapping[str, Any], name: str, model: str) -> 
     return signature_defs[key]
 
 
+def check_names(specs: Mapping[str, InputSpec], names: Any, where: str) -> None:
+    """``INVALID_ARGUMENT`` unless ``names`` are exactly the inputs of ``specs``."""
+    missing = sorted(set(specs) - set(names))
+    extra = sorted(set(names) - set(specs))
+    if missing or extra:
+        expected = ", ".join(f"{n}: {specs[n].describe()}" for n in sorted(specs))
+        raise ServingError(
+            f"input size does not match {where}: it needs {{{expected}}}. "
+            f"Missing but required: {{{', '.join(missing)}}}. "
+            f"Sent extra: {{{', '.join(extra)}}}.")
+
+
 def check_inputs(
     specs: Mapping[str, InputSpec],
     inputs: Mapping[str, tf.Tensor],
@@ -93,14 +113,7 @@ def check_inputs(
     Raises:
         ServingError: ``INVALID_ARGUMENT`` naming what was wrong.
     """
-    missing = sorted(set(specs) - set(inputs))
-    extra = sorted(set(inputs) - set(specs))
-    if missing or extra:
-        expected = ", ".join(f"{n}: {specs[n].describe()}" for n in sorted(specs))
-        raise ServingError(
-            f"input size does not match {where}: it needs {{{expected}}}. "
-            f"Missing but required: {{{', '.join(missing)}}}. "
-            f"Sent extra: {{{', '.join(extra)}}}.")
+    check_names(specs, inputs, where)
     batch: dict[str, int] = {}
     for name, spec in specs.items():
         tensor = inputs[name]
@@ -217,39 +230,196 @@ _GRPC_CODES = {
 }
 
 
-def tensor_from_proto(
-    name: str, proto: tensor_pb2.TensorProto, max_elements: int | None = None
-) -> tf.Tensor:
-    """An eager tensor from a request ``TensorProto`` (bad protos: INVALID_ARGUMENT).
+# The value field of each dtype a request may carry (TF's ``ProtoHelper``).
+_INT_VAL = ("int32", "int16", "int8", "uint8", "uint16", "qint32", "qint16", "qint8",
+            "quint16", "quint8", "int4", "uint4", "int2", "uint2")
+VALUE_FIELDS: dict[str, str] = {
+    "float32": "float_val", "float64": "double_val", "int64": "int64_val",
+    "uint32": "uint32_val", "uint64": "uint64_val", "bool": "bool_val",
+    "string": "string_val", "float16": "half_val", "bfloat16": "half_val",
+    "complex64": "scomplex_val", "complex128": "dcomplex_val",
+    "float8_e5m2": "float8_val", "float8_e4m3fn": "float8_val",
+    **dict.fromkeys(_INT_VAL, "int_val"),
+}
+_ALL_FIELDS = sorted(set(VALUE_FIELDS.values()))
+# What a string value costs on the wire at least: a field tag and a length byte.
+# A tensor is charged what a request carrying every one of its values would
+# send (string bytes + 2 per value; numbers at their in-memory size).
+STRING_VALUE_OVERHEAD = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class ProtoCheck:
+    """What :func:`check_proto` learned about a ``TensorProto`` (nothing expanded).
+
+    Attributes:
+        dtype: Its dtype.
+        shape: Its declared shape.
+        elements: Elements the shape declares.
+        carried: Values the proto carries (the rest repeat the last one).
+        expanded_bytes: Bytes of the expanded tensor, as charged against
+            ``--max-request-bytes`` (see :data:`STRING_VALUE_OVERHEAD`).
+    """
+
+    dtype: tf.DType
+    shape: tuple[int, ...]
+    elements: int
+    carried: int
+    expanded_bytes: int
+
+
+def check_proto(
+    name: str,
+    proto: tensor_pb2.TensorProto,
+    spec: InputSpec | None = None,
+    where: str = "the request",
+    max_batch_size: int | None = None,
+) -> ProtoCheck:
+    """Validates a request ``TensorProto`` from its header and value counts alone.
+
+    Nothing is expanded: a ``TensorProto`` may carry one value and declare a
+    shape that TensorFlow fills by repeating it, so a request of a few bytes
+    could otherwise make the server allocate gigabytes before any limit applies.
 
     Args:
         name: The input name, for messages.
         proto: The received tensor.
-        max_elements: Most elements the tensor may declare (``None``: no limit).
-            A ``TensorProto`` may carry one value and a large shape that it is
-            broadcast to, so a tiny request could otherwise make the server
-            allocate gigabytes.
+        spec: The signature's input (``None``: dtype and shape not checked).
+        where: ``signature "x" of model "y"``, for messages.
+        max_batch_size: Most rows (first dimension) it may declare.
+
+    Returns:
+        Its dtype, shape, element counts and expanded size.
+
+    Raises:
+        ServingError: ``INVALID_ARGUMENT``: a negative dimension, a dtype a
+            request cannot carry or that is not the signature's, a shape that
+            is not the signature's, more rows than ``max_batch_size``, values in
+            a field of another dtype (``double_val`` for a float32 input: TF
+            would read zeros), more values than the shape holds, or
+            ``tensor_content`` of the wrong size.
     """
-    dims = [d.size for d in proto.tensor_shape.dim]
+    dims = tuple(int(d.size) for d in proto.tensor_shape.dim)
     if any(d < 0 for d in dims):
         raise ServingError(f'input "{name}" has a negative dimension in its shape '
-                           f"{dims}; send a fully defined shape.")
-    count = int(np.prod(dims, dtype=object)) if dims else 1
-    if max_elements is not None and count > max_elements:
-        raise ServingError(
-            f'input "{name}" declares shape {dims} = {count} elements; this server '
-            f"accepts at most {max_elements} per input (tfdssm serve "
-            "--max-request-bytes). Send smaller batches.")
+                           f"{list(dims)}; send a fully defined shape.")
     try:
         dtype = tf.as_dtype(proto.dtype)
     except TypeError:
         raise ServingError(f'input "{name}" has an unknown dtype (enum value '
                            f"{proto.dtype}); send a TensorFlow dtype.") from None
-    if dtype in (tf.resource, tf.variant) or dtype._is_ref_dtype:
+    field = VALUE_FIELDS.get(dtype.name)
+    if field is None or dtype._is_ref_dtype:
         raise ServingError(f'input "{name}" has dtype {dtype.name}, which a request '
                            "cannot carry; send the signature's dtype.")
+    if spec is not None and dtype != spec.dtype:
+        raise ServingError(
+            f'input "{name}" of {where} must be {spec.dtype.name}, received '
+            f"{dtype.name}. Expected {spec.describe()}.")
+    if spec is not None and spec.shape is not None and not (
+            len(dims) == len(spec.shape) and all(
+                want is None or want == got
+                for want, got in zip(spec.shape, dims, strict=True))):
+        raise ServingError(
+            f'input "{name}" of {where} must have shape {spec.describe()}, '
+            f"received shape {list(dims)}.")
+    if max_batch_size is not None and dims and dims[0] > max_batch_size:
+        raise ServingError(
+            f'the batch of {dims[0]} rows (input "{name}") is larger than the maximum '
+            f"batch size {max_batch_size} of this server (tfdssm serve "
+            "--max-batch-size); split the request into smaller batches.")
+    elements = math.prod(dims)
+    foreign = [f for f in _ALL_FIELDS if f != field and len(getattr(proto, f))]
+    if foreign:
+        raise ServingError(
+            f'input "{name}" is {dtype.name} but carries its values in '
+            f"{', '.join(foreign)}; a {dtype.name} tensor holds them in {field} or "
+            "tensor_content (TensorFlow would read zeros). Build it with "
+            f"tf.make_tensor_proto(values, tf.{dtype.name}).")
+    itemsize = 0 if dtype == tf.string else np.dtype(dtype.as_numpy_dtype).itemsize
+    if proto.tensor_content:
+        if dtype == tf.string or len(proto.tensor_content) != elements * itemsize:
+            raise ServingError(
+                f'input "{name}" is not a valid TensorProto: its tensor_content has '
+                f"{len(proto.tensor_content)} bytes, its shape {list(dims)} of "
+                f"{dtype.name} needs {elements * itemsize}; build it with "
+                "tf.make_tensor_proto.")
+        return ProtoCheck(dtype, dims, elements, elements, elements * itemsize)
+    values = getattr(proto, field)
+    carried = len(values) // (2 if field in ("scomplex_val", "dcomplex_val") else 1)
+    if carried > elements:
+        raise ServingError(
+            f'input "{name}" is not a valid TensorProto: it carries {carried} values '
+            f"for its shape {list(dims)} of {elements} elements; build it with "
+            "tf.make_tensor_proto.")
+    if dtype == tf.string:
+        payload = sum(len(v) for v in values)
+        if carried < elements:
+            payload += (elements - carried) * (len(values[-1]) if carried else 0)
+        size = payload + STRING_VALUE_OVERHEAD * elements
+    else:
+        size = elements * itemsize
+    return ProtoCheck(dtype, dims, elements, carried, size)
+
+
+def tensors_from_protos(
+    protos: Mapping[str, tensor_pb2.TensorProto],
+    specs: Mapping[str, InputSpec] | None = None,
+    where: str = "the request",
+    max_bytes: int | None = None,
+    max_batch_size: int | None = None,
+) -> dict[str, tf.Tensor]:
+    """Checks every input with :func:`check_proto`, then expands them.
+
+    Args:
+        protos: The request's inputs.
+        specs: The signature's inputs (``None``: not checked against them).
+        where: ``signature "x" of model "y"``, for messages.
+        max_bytes: Most bytes all inputs may take once expanded.
+        max_batch_size: Most rows an input may declare.
+
+    Raises:
+        ServingError: ``INVALID_ARGUMENT`` before anything is expanded.
+    """
+    if specs is not None:
+        check_names(specs, protos, where)
+    total = 0
+    for name, proto in protos.items():
+        spec = None if specs is None else specs.get(name)
+        check = check_proto(name, proto, spec, where, max_batch_size)
+        total += check.expanded_bytes
+        if max_bytes is not None and total > max_bytes:
+            raise ServingError(
+                f'input "{name}" declares shape {list(check.shape)} of '
+                f"{check.dtype.name} = {check.elements} elements (it carries "
+                f"{check.carried}; TensorFlow repeats the last one), "
+                f"{check.expanded_bytes} bytes once expanded; this server accepts at "
+                f"most {max_bytes} bytes per request (tfdssm serve "
+                "--max-request-bytes). Send the values themselves, in smaller "
+                "batches.")
+    return {name: tensor_from_proto(name, proto) for name, proto in protos.items()}
+
+
+def tensor_from_proto(
+    name: str, proto: tensor_pb2.TensorProto, max_elements: int | None = None
+) -> tf.Tensor:
+    """An eager tensor from a request ``TensorProto`` (bad protos: INVALID_ARGUMENT).
+
+    Requests should go through :func:`tensors_from_protos`, which bounds the
+    expansion first.
+
+    Args:
+        name: The input name, for messages.
+        proto: The received tensor.
+        max_elements: Most elements the tensor may declare (``None``: no limit).
+    """
+    check = check_proto(name, proto)
+    if max_elements is not None and check.elements > max_elements:
+        raise ServingError(
+            f'input "{name}" declares shape {list(check.shape)} = {check.elements} '
+            f"elements; at most {max_elements} are accepted. Send smaller batches.")
     try:
-        return tf.constant(tf.make_ndarray(proto), dtype=dtype)
+        return tf.constant(tf.make_ndarray(proto), dtype=check.dtype)
     except Exception as error:  # noqa: BLE001 - any malformed proto is the client's
         raise ServingError(
             f'input "{name}" is not a valid TensorProto ({type(error).__name__}: '

@@ -15,6 +15,13 @@ Errors are ``{"error": "..."}`` with TF Serving's HTTP codes (400 for
 body over the size limit, 501 ``UNIMPLEMENTED``, 503 ``UNAVAILABLE``). Each
 connection serves one request (HTTP/1.0 style), so shutting down drains cleanly.
 
+A body over ``--max-request-bytes`` is answered 413 without being kept: with
+``Expect: 100-continue`` the 413 comes before the body is sent (and a body
+within the limit gets ``100 Continue`` at once, so curl does not wait a
+second); without it, the body is read and discarded (up to
+:data:`MAX_DISCARD_BYTES`, in small chunks) so that a client that sends the
+whole body before reading sees the 413 rather than a reset connection.
+
 Stopping (:meth:`RestServer.stop_accepting`, then ``server_close``) loses no
 request that reached the server: the connections waiting in the listener's
 queue when the stop comes (the accept loop may lag behind under load) are
@@ -38,12 +45,17 @@ from google.protobuf import json_format
 from tfdssm.errors import ServingError
 from tfdssm.serving import grpc_server, json_codec, predict
 from tfdssm.serving.models import ModelManager
+from tfdssm.export.versioning import parse_version
 
 LOG = logging.getLogger("tfdssm.serving")
 HTTP_CODES = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "OUT_OF_RANGE": 400,
               "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429, "UNIMPLEMENTED": 501,
               "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "CANCELLED": 499,
               "REQUEST_TOO_LARGE": 413}
+MAX_DISCARD_BYTES = 64 * 1024 * 1024  # most of an oversized body read to answer 413
+_DISCARD_SECONDS = 10.0  # and for how long
+_DISCARD_IDLE_SECONDS = 1.0  # and how long to wait for more of it
+_CHUNK = 64 * 1024
 _MODEL = r"/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+))?"
 _LABEL = re.compile(r"(?i)/v1/models/[^/:]+/labels/")
 _STATUS = re.compile(rf"(?i){_MODEL}/?")
@@ -157,6 +169,26 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     server_version = "tfdssm-serve"
     timeout = 30  # seconds a client may take to send a request
 
+    def parse_request(self) -> bool:
+        """``BaseHTTPRequestHandler.parse_request``, plus ``Expect: 100-continue``
+        (which the base class honours for HTTP/1.1 servers only)."""
+        if not super().parse_request():
+            return False
+        expect = self.headers.get("Expect", "").strip().lower()
+        if expect != "100-continue" or self.request_version < "HTTP/1.1":
+            return True
+        if self.request in self.server.late:
+            self._send(503, {"error": grpc_server.SHUTTING_DOWN})
+            return False
+        try:
+            self._body_size()
+        except ServingError as error:  # the final answer now: no body will come
+            self._send(HTTP_CODES.get(error.code, 400), {"error": str(error)})
+            return False
+        self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.wfile.flush()
+        return True
+
     def do_GET(self) -> None:  # noqa: N802
         self._dispatch(self._get)
 
@@ -213,38 +245,62 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         signature = request.get("signature_name") or predict.DEFAULT_SIGNATURE
         signature_def = predict.find_signature(servable.signature_defs, signature,
                                                servable.name)
-        inputs, fmt = json_codec.request_inputs(request,
-                                                predict.input_specs(signature_def))
+        inputs, fmt = json_codec.request_inputs(
+            request, predict.input_specs(signature_def), self.server.max_batch_size)
         outputs = servable.predict(signature, inputs,
                                    max_batch_size=self.server.max_batch_size)
         return 200, json_codec.response_body(outputs, fmt)
 
-    def _read_body(self) -> bytes:
+    def _body_size(self) -> int:
+        """The Content-Length, checked against the limit (nothing is read).
+
+        Raises:
+            ServingError: no or a bad Content-Length (``INVALID_ARGUMENT``), or
+                a body over ``--max-request-bytes`` (413).
+        """
         length = self.headers.get("Content-Length")
         if length is None:
             raise ServingError("the request has no Content-Length header; send the "
                                "JSON body with a length.", "INVALID_ARGUMENT")
-        try:
-            size = int(length)
-        except ValueError:
-            size = -1
+        text = length.strip()
+        size = int(text) if text.isascii() and text.isdigit() and len(text) < 20 else -1
         if size < 0:
-            raise ServingError(f"bad Content-Length {length!r}: send the body's "
+            raise ServingError(f"bad Content-Length {length[:40]!r}: send the body's "
                                "size in bytes.")
         if size > self.server.max_body_bytes:
             raise ServingError(
                 f"the request body is {size} bytes; this server accepts at most "
                 f"{self.server.max_body_bytes} (tfdssm serve --max-request-bytes). "
                 "Send smaller batches.", "REQUEST_TOO_LARGE")
+        return size
+
+    def _read_body(self) -> bytes:
+        try:
+            size = self._body_size()
+        except ServingError as error:
+            if error.code == "REQUEST_TOO_LARGE":
+                self._discard_body()
+            raise
         return self.rfile.read(size)
 
     def _discard_body(self) -> None:
-        """Reads the body (so that closing does not reset the connection)."""
+        """Reads and drops the body (up to :data:`MAX_DISCARD_BYTES`, 10 s, or
+        1 s without data), so that closing does not reset the connection
+        before the client has read the answer."""
         try:
-            size = int(self.headers.get("Content-Length", "0"))
-            if 0 < size <= self.server.max_body_bytes:
-                self.rfile.read(size)
-        except (ValueError, OSError):
+            left = min(int(self.headers.get("Content-Length", "0")), MAX_DISCARD_BYTES)
+        except ValueError:
+            return
+        deadline = time.monotonic() + _DISCARD_SECONDS
+        try:
+            while left > 0 and (remaining := deadline - time.monotonic()) > 0:
+                # A client that waits for the answer first sends nothing more.
+                self.connection.settimeout(min(remaining, _DISCARD_IDLE_SECONDS))
+                chunk = self.rfile.read1(min(left, _CHUNK))
+                if not chunk:
+                    return
+                left -= len(chunk)
+        except OSError:  # the idle timeout too
             pass
 
     def _send(self, status: int, body: Any) -> None:
@@ -266,11 +322,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 def _version(text: str | None) -> int | None:
+    """A path's version segment as TF Serving reads it (``007`` is 7).
+
+    Raises:
+        ServingError: ``INVALID_ARGUMENT`` for anything but a non-negative
+            int64 in ASCII digits (``²``, 5,000 digits, ``-1``).
+    """
     if text is None:
         return None
-    if not text.isdigit():
-        raise ServingError(f"Failed to convert version: {text} to numeric.")
-    return int(text)
+    number = parse_version(text)
+    if number is None:
+        shown = text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
+        raise ServingError(f"Failed to convert version: {shown} to numeric. A "
+                           "version is a non-negative 64-bit integer in ASCII digits, "
+                           "e.g. /versions/3.")
+    return number
 
 
 def _malformed(method: str, path: str) -> ServingError:
