@@ -31,8 +31,8 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 from tfdssm.errors import ServingError
 from tfdssm.export import warmup
-from tfdssm.serving import predict
 from tfdssm.export.versioning import fingerprint, version_dirs
+from tfdssm.serving import predict
 
 LOG = logging.getLogger("tfdssm.serving")
 MAX_LOAD_ATTEMPTS = 3

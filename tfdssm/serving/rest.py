@@ -43,9 +43,9 @@ from typing import Any
 from google.protobuf import json_format
 
 from tfdssm.errors import ServingError
+from tfdssm.export.versioning import parse_version
 from tfdssm.serving import grpc_server, json_codec, predict
 from tfdssm.serving.models import ModelManager
-from tfdssm.export.versioning import parse_version
 
 LOG = logging.getLogger("tfdssm.serving")
 HTTP_CODES = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "OUT_OF_RANGE": 400,
