@@ -8,7 +8,6 @@ words of each section, in order, for a retrieval corpus.
 
 from __future__ import annotations
 
-import re
 import shlex
 
 # Font-alternating macros: arguments are joined without spaces.

@@ -49,7 +49,7 @@ STDLIB_SKIP = frozenset({
     "xxlimited", "xxlimited_35", "msilib", "winreg", "winsound", "_winapi",
     "msvcrt", "nt", "nturl2path", "_msi", "_overlapped", "curses", "readline",
     "sre_compile", "sre_constants", "sre_parse", "asynchat", "asyncore", "smtpd",
-    "imp", "distutils", "tkinter", "crypt", "nis", "spwd", "ossaudiodev",
+    "imp", "distutils", "crypt", "nis", "spwd", "ossaudiodev",
     "sqlite3", "dbm", "venv",
 })
 SUBMODULE_SKIP = ("test", "tests", "idle_test", "__main__")
@@ -71,7 +71,8 @@ def load(name: str, rebuild: bool = False) -> pd.DataFrame:
     """
     builders: dict[str, Callable[[], pd.DataFrame]] = {
         "stdlib": build_stdlib, "manpages": build_manpages, "debian": build_debian}
-    suffix = f"-py{sys.version_info[0]}{sys.version_info[1]}" if name == "stdlib" else ""
+    python = f"-py{sys.version_info[0]}{sys.version_info[1]}"
+    suffix = python if name == "stdlib" else ""
     path = cache_dir() / f"{name}{suffix}-v{VERSION}.parquet"
     if path.exists() and not rebuild:
         return pd.read_parquet(path)
