@@ -327,14 +327,22 @@ def markdown(results: dict[str, Any], quick: bool = False) -> str:
     return "\n\n".join(parts)
 
 
-def run(quick: bool = False, corpora: Sequence[str] = ("stdlib", "manpages", "debian"),
-        max_pairs: int = 60_000, configs: Sequence[Config] | None = None
-        ) -> dict[str, Any]:
+CORPORA = ("stdlib", "manpages", "debian")
+# Documents kept per corpus (a seeded sample) so that one run stays within a
+# few minutes on 2 cores: every epoch re-embeds the whole corpus.
+MAX_DOCS = {"debian": 12_000}
+
+
+def run(quick: bool = False, corpora: Sequence[str] = CORPORA,
+        max_pairs: int = 60_000, configs: Sequence[Config] | None = None,
+        max_docs: dict[str, int] | None = None) -> dict[str, Any]:
     """Runs the suite; returns Markdown and the raw results (also text.json)."""
     configs = list(configs) if configs is not None else sweep(quick=quick)
+    max_docs = MAX_DOCS if max_docs is None else max_docs
     if quick:
         corpora, max_pairs = ("stdlib",), 2000
-    results = {name: run_corpus(name, configs, max_pairs) for name in corpora}
+    results = {name: run_corpus(name, configs, max_pairs,
+                                max_docs=max_docs.get(name)) for name in corpora}
     common.RESULTS.mkdir(parents=True, exist_ok=True)
     if not quick:
         (common.RESULTS / "text.json").write_text(json.dumps(results, indent=1))
@@ -346,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", action="append",
                         choices=("stdlib", "manpages", "debian"))
     parser.add_argument("--max-pairs", type=int, default=60_000)
-    parser.add_argument("--max-docs", type=int, help="subsample each corpus first")
+    parser.add_argument("--max-docs", type=int,
+                        help=f"subsample each corpus first (default: {MAX_DOCS})")
     parser.add_argument("--config", action="append",
                         help="run only the sweep's configurations with these names")
     parser.add_argument("--max-epochs", type=int, default=20)
@@ -358,7 +367,11 @@ def main(argv: list[str] | None = None) -> int:
     configs = sweep(args.max_epochs, args.quick)
     if args.config:
         configs = [c for c in configs if c.name in args.config]
-    corpora = args.corpus or ("stdlib", "manpages", "debian")
+    corpora = args.corpus or (("stdlib",) if args.quick else CORPORA)
+    if args.quick:
+        args.max_pairs = min(args.max_pairs, 2000)
+    max_docs = ({c: args.max_docs for c in corpora} if args.max_docs
+                else MAX_DOCS)
     if args.out:
         results: dict[str, Any] = {}
 
@@ -368,11 +381,11 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump(results, handle, indent=1)
 
         for name in corpora:
-            save(run_corpus(name, configs, args.max_pairs, max_docs=args.max_docs,
+            save(run_corpus(name, configs, args.max_pairs, max_docs=max_docs.get(name),
                             progress=lambda r, n=name: save(r, n)), name)
         print(markdown(results, args.quick))
     else:
-        print(run(args.quick, corpora, args.max_pairs, configs)["markdown"])
+        print(run(args.quick, corpora, args.max_pairs, configs, max_docs)["markdown"])
     return 0
 
 
