@@ -324,7 +324,27 @@ def markdown(results: dict[str, Any], quick: bool = False) -> str:
             ["model", "epochs", *(f"R@{k}" for k in KS), f"MRR@{MRR_K}",
              "best val epoch: test R@10 / MRR@10", "train s",
              "val R@10 per epoch"], rows))
+    plot = plot_curves(results)
+    if plot is not None:
+        parts.append(f"![validation Recall@10 per epoch]"
+                     f"({plot.relative_to(common.RESULTS.parent)})")
     return "\n\n".join(parts)
+
+
+def plot_curves(results: dict[str, Any]) -> Any:
+    """Validation Recall@10 per epoch: shared vs separate towers, batch 1024."""
+    series = {}
+    for name, r in results.items():
+        for run in r["runs"]:
+            if run["config"]["name"] in (BASE.name, "separate, batch 1024"):
+                series[f"{name}: {run['config']['name']}"] = (
+                    [e["epoch"] for e in run["curve"]],
+                    [e["validation"]["recall@10"] for e in run["curve"]])
+    if not series:
+        return None
+    return common.plot_lines(common.RESULTS / "text_curves.png",
+                             "Text retrieval: validation Recall@10 per epoch",
+                             "epoch", "Recall@10", series)
 
 
 CORPORA = ("stdlib", "manpages", "debian")
