@@ -134,6 +134,7 @@ class Config:
     hidden: tuple[int, ...] = (300, 300)
     dim: int = 128
     activation: str = "tanh"
+    max_length: int = 256
 
 
 DEFAULTS = Config("defaults (separate, batch 256, 5 ep)", shared_towers=False,
@@ -164,6 +165,8 @@ def sweep(max_epochs: int = 20, quick: bool = False) -> list[Config]:
         dataclasses.replace(base, name="shared, words (1,)", word_ngrams=(1,), **vary),
         dataclasses.replace(base, name="shared, words (1,2)", word_ngrams=(1, 2),
                             **vary),
+        dataclasses.replace(base, name="shared, max_length 1024", max_length=1024,
+                            **vary),
     ]
 
 
@@ -176,6 +179,7 @@ def _prepare(config: Config, splits: dict[str, pd.DataFrame], seed: int) -> Any:
         candidate_column="doc", candidate_id_column="doc_id",
         num_buckets=config.num_buckets, hidden=config.hidden, dim=config.dim,
         activation=config.activation, word_ngrams=config.word_ngrams,
+        max_length=config.max_length,
         shared_towers=config.shared_towers, temperature=config.temperature,
         seed=seed,
     )
