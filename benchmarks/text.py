@@ -328,7 +328,7 @@ def markdown(results: dict[str, Any], quick: bool = False) -> str:
             ["model", "epochs", *(f"R@{k}" for k in KS), f"MRR@{MRR_K}",
              "best val epoch: test R@10 / MRR@10", "train s",
              "val R@10 per epoch"], rows))
-    plot = plot_curves(results)
+    plot = None if quick else plot_curves(results)  # quick runs keep the plot
     if plot is not None:
         parts.append(f"![validation Recall@10 per epoch]"
                      f"({plot.relative_to(common.RESULTS.parent)})")
