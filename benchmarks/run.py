@@ -19,7 +19,8 @@ import time
 import tfdssm  # noqa: F401  (Keras 2 before TensorFlow)
 from benchmarks import common
 
-SUITES = ("quality", "hashing", "training", "tflite", "retrieval", "memory", "serving")
+SUITES = ("quality", "hashing", "training", "tflite", "retrieval", "memory", "serving",
+          "text")
 
 
 def main(argv: list[str] | None = None) -> int:
