@@ -32,7 +32,8 @@ LAYERS: list[tuple[str, ...]] = [
 ]
 # What the model server may import from tfdssm (besides itself).
 SERVING_MAY_IMPORT = ("tfdssm.errors", "tfdssm.text.normalize", "tfdssm.export.layout",
-                      "tfdssm.export.serving_config", "tfdssm.export.warmup")
+                      "tfdssm.export.versioning", "tfdssm.export.serving_config",
+                      "tfdssm.export.warmup")
 
 
 def module_name(path: pathlib.Path) -> str:

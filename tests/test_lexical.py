@@ -100,3 +100,15 @@ def test_saved_and_reloaded_index_scores_the_same(tmp_path):
     loaded = tf.saved_model.load(str(tmp_path))
     np.testing.assert_allclose(loaded.score(tf.constant(QUERIES)).numpy(),
                                index(tf.constant(QUERIES)).numpy(), rtol=1e-6)
+
+
+def test_tokenize_reads_every_text_in_full_whatever_its_batch():
+    # Short and long texts batched together, a text that expands under NFKC
+    # (U+FDFA is 18 code points) and one longer than its batch's first read.
+    texts = ["a b", "ﷺ" * 40, "x" * 3000 + " y z", "", "short one"] * 3
+    words = lexical.WordIds()
+    for max_length in (64, 16384):
+        got = lexical.tokenize(texts, max_length=max_length, batch_size=4)
+        for text, ids in zip(texts, got, strict=True):
+            want, valid = words(tf.constant([text]), max_length)
+            np.testing.assert_array_equal(ids, want.numpy()[0][valid.numpy()[0]])

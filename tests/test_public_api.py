@@ -52,7 +52,7 @@ def test_the_server_needs_neither_tfrs_nor_pandas():
     assert not {m for m in loaded if m.startswith(
         ("tfdssm.model", "tfdssm.training", "tfdssm.data", "tfdssm.features",
          "tfdssm.export.savedmodel", "tfdssm.export.index", "tfdssm.recipes"))}
-    assert "tfdssm.export.layout" in loaded
+    assert {"tfdssm.export.versioning", "tfdssm.export.warmup"} <= loaded
 
 
 def test_import_tfdssm_serving_loads_neither_tfrs_nor_pandas():

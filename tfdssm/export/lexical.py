@@ -37,7 +37,7 @@ import tensorflow as tf
 
 from tfdssm.errors import ConfigError
 from tfdssm.text.hashing import MODULUS, word_ngram_ids
-from tfdssm.text.normalize import TextNormalizer
+from tfdssm.text.normalize import PAD, TextNormalizer
 
 LEXICAL_VERSION = 1
 DEFAULT_K1 = 1.5
@@ -45,7 +45,7 @@ DEFAULT_B = 0.75
 QUERY_MAX_LENGTH = 1024  # code points of a query that count
 DOCUMENT_MAX_LENGTH = 16384  # code points of a document that are indexed
 _SENTINEL = np.iinfo(np.int32).max  # word ids are < MODULUS = 2**31 - 1
-_INDEX_BATCH = 64
+_INDEX_BATCH = 256
 # Anything but letters, digits and combining marks separates words (RE2 syntax;
 # invalid UTF-8 is left to the normaliser, which replaces it).
 _NOT_WORD = r"[^\p{L}\p{N}\p{M}]+"
@@ -76,8 +76,16 @@ class WordIds(tf.Module):
     def __call__(
         self, texts: tf.Tensor, max_length: int
     ) -> tuple[tf.Tensor, tf.Tensor]:
+        return self.ids(self.code_points(texts, max_length))
+
+    def code_points(self, texts: tf.Tensor, max_length: int) -> tf.Tensor:
+        """int32 ``[batch, max_length]``: words kept, everything else a space."""
         texts = tf.strings.regex_replace(tf.reshape(texts, [-1]), _NOT_WORD, " ")
-        code_points = self.normalizer(texts, max_length)
+        return self.normalizer(texts, max_length)
+
+    @staticmethod
+    def ids(code_points: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """``(ids, valid)`` of :meth:`code_points`' words."""
         return word_ngram_ids(code_points, MODULUS, (1,))
 
 
@@ -99,13 +107,33 @@ def tokenize(
     [3, 0, 1]
     """
     words = WordIds()
-    call = tf.function(lambda t: words(t, max_length), reduce_retracing=True)
+
+    @tf.function(reduce_retracing=True)
+    def call(batch: tf.Tensor, length: int) -> tuple[tf.Tensor, ...]:
+        code_points = words.code_points(batch, length)
+        ids, valid = words.ids(code_points)
+        return ids, valid, code_points[:, -1] != PAD  # filled: may go on
+
     texts = [str(t) for t in texts]
-    out: list[np.ndarray] = []
-    for start in range(0, len(texts), batch_size):
-        ids, valid = call(tf.constant(texts[start:start + batch_size]))
-        ids, valid = ids.numpy(), valid.numpy()
-        out.extend(row[mask] for row, mask in zip(ids, valid, strict=True))
+    out: list[np.ndarray] = [np.zeros([0], np.int32)] * len(texts)
+    # Similar lengths batched together, each batch read to a power of two
+    # above its longest text; a text that fills it is read again in full.
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        longest = max(len(texts[i]) for i in chunk)
+        length = min(max_length,
+                     1 << max(5, (longest + longest // 4 + 8).bit_length()))
+        ids, valid, full = (t.numpy() for t in call(
+            tf.constant([texts[i] for i in chunk]), length))
+        again = [i for i, f in zip(chunk, full, strict=True) if f]
+        for i, row, mask in zip(chunk, ids, valid, strict=True):
+            out[i] = row[mask]
+        if again and length < max_length:
+            ids, valid, _ = (t.numpy() for t in call(
+                tf.constant([texts[i] for i in again]), max_length))
+            for i, row, mask in zip(again, ids, valid, strict=True):
+                out[i] = row[mask]
     return out
 
 
@@ -218,12 +246,16 @@ class LexicalIndex(tf.Module):
         position = tf.minimum(position, tf.shape(self.terms)[0] - 1)
         found = tf.equal(tf.gather(self.terms, position), flat)
         found &= tf.reshape(valid, [-1])
-        starts = tf.gather(self.offsets, position)
-        limits = tf.where(found, tf.gather(self.offsets, position + 1), starts)
-        postings = tf.ragged.range(starts, limits)  # [batch * length, (postings)]
-        posting = postings.flat_values
-        token = tf.cast(postings.value_rowids(), tf.int32)
-        row = token // length
+        tokens = tf.cast(tf.where(found)[:, 0], tf.int32)  # query words in the corpus
+        position = tf.gather(position, tokens)
+        postings = tf.ragged.range(tf.gather(self.offsets, position),
+                                   tf.gather(self.offsets, position + 1))
+        posting = postings.flat_values  # [num_postings]: every posting once
+        # The query word each posting belongs to (value_rowids is slow here).
+        owner = tf.searchsorted(postings.row_splits[1:],
+                                tf.range(tf.size(posting, out_type=tf.int64)),
+                                side="right")
+        row = tf.gather(tokens, owner) // length
         segment = row * self.num_documents + tf.gather(self.docs, posting)
         scores = tf.math.unsorted_segment_sum(
             tf.gather(self.weights, posting), segment, batch * self.num_documents)
