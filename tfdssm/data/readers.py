@@ -187,6 +187,7 @@ def make_dataset(
     shuffle: bool = True,
     seed: int = 0,
     drop_remainder: bool = False,
+    row_index: str | None = None,
 ) -> tf.data.Dataset:
     """Builds a batched ``tf.data.Dataset`` of raw feature columns.
 
@@ -197,6 +198,8 @@ def make_dataset(
         shuffle: Reshuffle rows each epoch.
         seed: Shuffle seed.
         drop_remainder: Drop a last partial batch.
+        row_index: Also yield each row's position in the table (int64) under
+            this name (e.g. for :mod:`tfdssm.negatives`).
 
     Returns:
         Dataset of ``{name: [batch]}`` dicts (strings stay ``tf.string``).
@@ -213,6 +216,8 @@ def make_dataset(
     if len(frame) == 0:
         raise DataError("the data has a header but no rows.")
     arrays = to_feature_arrays(frame, features)
+    if row_index is not None:
+        arrays[row_index] = np.arange(len(frame), dtype=np.int64)
     dataset = tf.data.Dataset.from_tensor_slices(arrays)
     if shuffle:
         dataset = dataset.shuffle(min(len(frame), 100_000), seed=seed,

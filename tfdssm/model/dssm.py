@@ -26,6 +26,8 @@ from tfdssm.model.shared import link_shared_embeddings
 from tfdssm.model.towers import Tower
 
 LOSSES = losses.LOSSES
+# Batch key of the mined hard negatives' candidate columns (tfdssm.training.negatives).
+HARD_NEGATIVES = "__hard_negatives__"
 
 
 @tf.keras.utils.register_keras_serializable(package="tfdssm")
@@ -175,6 +177,15 @@ class DSSM(tfrs.Model):
                 ids = tf.concat([tf.reshape(ids, [-1]), extra[self.candidate_id]], 0)
             if expected is not None:
                 expected = tf.concat([expected, draws * probability], axis=0)
+        hard = features.get(HARD_NEGATIVES) if training else None
+        if hard is not None:  # mined negatives (tfdssm.training.negatives), [batch * m]
+            if expected is not None:
+                raise ConfigError("hard negatives cannot be combined with "
+                                  "candidate_probabilities (logQ correction).")
+            candidates = tf.concat([candidates, self.candidate_tower(hard)], axis=0)
+            if ids is not None:
+                ids = tf.concat([tf.reshape(ids, [-1]),
+                                 tf.reshape(hard[self.candidate_id], [-1])], 0)
         if ids is not None and self.remove_accidental_hits:
             ids = _comparable_ids(ids)
         if self.loss_name in losses.SCORE_LOSSES:

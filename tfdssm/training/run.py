@@ -30,6 +30,7 @@ from tfdssm.training import checkpoints, distribute
 from tfdssm.training import metrics as metrics_lib
 from tfdssm.training.early_stopping import RetrievalEarlyStopping
 from tfdssm.training.evaluation import evaluate_frame, features_of
+from tfdssm.training.negatives import ROW_INDEX, HardNegatives
 
 VALIDATION_CANDIDATES = 50_000  # corpus sample for each epoch's validation
 
@@ -97,6 +98,9 @@ def run(
     patience: int | None = None,
     validation_fraction: float = 0.05,
     hybrid: bool = False,
+    hard_negatives: str | None = None,
+    hard_negatives_every: int = 1,
+    hard_negatives_per_row: int = 1,
 ) -> dict[str, Any]:
     """Fits, evaluates and (optionally) exports a prepared pipeline.
 
@@ -131,6 +135,15 @@ def run(
             choosing the hybrid fusion weight (used when either is on).
         hybrid: Export retrieval models that fuse the dense score with BM25
             over the candidates' text (:mod:`tfdssm.export.hybrid`).
+        hard_negatives: ``None``, ``"bm25"`` (BM25 of each training query's
+            text against the training documents, mined once before training)
+            or ``"self"`` (the towers' own top-scoring documents, re-mined
+            every ``hard_negatives_every`` epochs; ANCE-style). Each training
+            row's mined negatives join the batch's candidates; the positive
+            and documents sharing its id are never mined
+            (:mod:`tfdssm.training.negatives`). Not with ``candidate_probabilities``.
+        hard_negatives_every: ``"self"``: re-mine after every N epochs.
+        hard_negatives_per_row: Hard negatives added per training row.
 
     Returns:
         ``{"metrics": ..., "history": ..., "export": export.json content or None}``
@@ -148,11 +161,17 @@ def run(
     if patience is not None or hybrid:
         train_rows, validation = validation_split(prepared.train,
                                                   validation_fraction, seed)
-    dataset = data.make_dataset(train_rows, prepared.features, batch_size,
-                                seed=seed, drop_remainder=replicas > 1)
+    miner = _hard_negatives(prepared, train_rows, hard_negatives, replicas,
+                            hard_negatives_every, hard_negatives_per_row)
+    dataset = data.make_dataset(
+        train_rows, prepared.features, batch_size, seed=seed,
+        drop_remainder=replicas > 1,
+        row_index=None if miner is None else ROW_INDEX)
+    if miner is not None:
+        dataset = miner.attach(dataset)
     if replicas > 1:
         dataset = distribute.shard_by_data(dataset)
-    all_callbacks = list(callbacks)
+    all_callbacks = list(callbacks) + ([miner] if miner is not None else [])
     stopper = None
     if patience is not None:
         stopper = RetrievalEarlyStopping(
@@ -205,6 +224,7 @@ def run(
             **({"resumed_at_epoch": saver.first_epoch + 1}
                if saver is not None and saver.first_epoch else {}),
             **({"early_stopping": stopper.summary()} if stopper is not None else {}),
+            **({"hard_negatives": miner.describe()} if miner is not None else {}),
         }
         with distribute.write_dir(export_dir, strategy) as target:
             info = export.export_model(
@@ -246,6 +266,30 @@ def served_metrics(
     return metrics_lib.retrieval_metrics(
         loaded.signatures["top_k"], arrays,
         prepared.test[prepared.candidate_id].astype(str).tolist(), ks=ks)
+
+
+def _hard_negatives(
+    prepared: Prepared, train_rows: pd.DataFrame, mode: str | None, replicas: int,
+    every: int, per_row: int,
+) -> HardNegatives | None:
+    """The hard-negative miner of a run (``None`` without hard negatives)."""
+    if mode is None:
+        return None
+    model = prepared.model
+    if model.loss_name == "paper":
+        raise ConfigError("loss='paper' draws its own random negatives; it cannot "
+                          "take hard negatives.")
+    if model._probabilities is not None:
+        raise ConfigError(
+            "hard negatives cannot be combined with candidate_probabilities (logQ "
+            "correction): mined candidates have no sampling probability. Build "
+            "the model without candidate_probabilities or pass hard_negatives=None.")
+    if replicas > 1:
+        raise ConfigError("hard negatives are not supported with several replicas "
+                          "yet; train on one device or pass hard_negatives=None.")
+    return HardNegatives(mode, model, train_rows, prepared.corpus,
+                         prepared.features, prepared.candidate_id,
+                         per_row=per_row, every=every)
 
 
 def validation_split(
