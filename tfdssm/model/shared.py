@@ -11,7 +11,10 @@ from tfdssm.errors import ConfigError
 
 
 def _feature_layers(tower: Any) -> list[tuple[Any, tf.keras.layers.Layer]]:
-    return list(zip(tower.features, tower.feature_layers, strict=True))
+    # Any layer with `feature_names` can be a tower; one without feature specs
+    # (a hand-written tower) has no history to link.
+    features = getattr(tower, "features", ())
+    return list(zip(features, getattr(tower, "feature_layers", ()), strict=True))
 
 
 def link_shared_embeddings(*towers: Any) -> int:
