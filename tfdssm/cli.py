@@ -12,12 +12,24 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-PIPELINE_DEFAULTS = {
-    "movielens": {"epochs": 6, "batch_size": 1024, "learning_rate": 0.003,
-                  "hidden": "128", "dim": 64, "buckets": 10000, "activation": "relu"},
-    "pairs": {"epochs": 5, "batch_size": 256, "learning_rate": 0.003,
-              "hidden": "300,300", "dim": 128, "buckets": 30000, "activation": "tanh"},
-}
+from tfdssm.recipes import PIPELINES
+from tfdssm.recipes.defaults import DEFAULTS, HARD_NEGATIVES, LOSSES
+
+# Per-pipeline defaults live in the library: tfdssm.recipes.defaults.
+
+
+
+def _per_pipeline(option: str) -> str:
+    """Help text naming an option's default for each pipeline."""
+    shown = []
+    for name, values in DEFAULTS.items():
+        value = values[option]
+        if isinstance(value, (tuple, list)):
+            value = ",".join(str(v) for v in value)
+        elif isinstance(value, bool):
+            value = "on" if value else "off"
+        shown.append(f"{name}: {value}")
+    return "default " + "; ".join(shown)
 
 
 def _sizes(text: str) -> list[int]:
@@ -49,6 +61,7 @@ def _number(convert: type, kind: str, ok, rule: str):
 
 
 _positive = _number(int, "an integer", lambda v: v >= 1, ">= 1")
+_non_negative = _number(int, "an integer", lambda v: v >= 0, ">= 0")
 _positive_float = _number(float, "a number", lambda v: v > 0, "> 0")
 
 
@@ -59,29 +72,55 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a pipeline and export it")
-    train.add_argument("--pipeline", choices=["movielens", "pairs"], required=True)
+    train.add_argument("--pipeline", choices=PIPELINES, required=True)
     train.add_argument("--data", help="pairs: CSV/TSV/Parquet file; movielens: an "
                        "extracted ml-100k directory (default: fetched and cached)")
     train.add_argument("--export-dir", required=True)
     train.add_argument("--query-column", default="query")
     train.add_argument("--candidate-column", default="doc")
     train.add_argument("--candidate-id-column")
-    train.add_argument("--epochs", type=_positive)
-    train.add_argument("--batch-size", type=_positive)
-    train.add_argument("--learning-rate", type=_positive_float)
-    train.add_argument("--hidden", type=_sizes, help="e.g. 300,300")
-    train.add_argument("--dim", type=_positive)
-    train.add_argument("--buckets", type=_positive, help="trigram hash buckets")
-    train.add_argument("--activation", choices=["tanh", "relu", "gelu", "swish"])
-    train.add_argument("--max-length", type=_positive, default=256,
-                       help="code points kept per text (pairs)")
+    train.add_argument("--epochs", type=_positive, help="passes over the training "
+                       "rows; with early stopping, the most (" +
+                       _per_pipeline("epochs") + ")")
+    train.add_argument("--batch-size", type=_positive, help="rows per step, also "
+                       "the in-batch negatives (" + _per_pipeline("batch_size") + ")")
+    train.add_argument("--learning-rate", type=_positive_float,
+                       help=_per_pipeline("learning_rate"))
+    train.add_argument("--hidden", type=_sizes, help="hidden layer sizes, e.g. "
+                       "300,300 (" + _per_pipeline("hidden") + ")")
+    train.add_argument("--dim", type=_positive, help="embedding size (" +
+                       _per_pipeline("dim") + ")")
+    train.add_argument("--buckets", type=_positive, help="trigram hash buckets (" +
+                       _per_pipeline("buckets") + ")")
+    train.add_argument("--activation", choices=["tanh", "relu", "gelu", "swish"],
+                       help=_per_pipeline("activation"))
+    train.add_argument("--max-length", type=_positive, help="code points kept per "
+                       "text, pairs (" + _per_pipeline("max_length") + ")")
     train.add_argument("--word-ngrams", type=_sizes, default=[],
                        help="also hash word unigrams/bigrams, e.g. 1,2 (pairs)")
-    train.add_argument("--loss", default="in_batch", choices=[
-        "in_batch", "paper", "pair_ce", "triplet", "sigmoid"],
-        help="see tfdssm.model.losses for when to use which")
-    train.add_argument("--temperature", type=float)
-    train.add_argument("--shared-towers", action="store_true")
+    train.add_argument("--loss", default="in_batch", choices=LOSSES,
+                       help="see tfdssm.model.losses for when to use which")
+    train.add_argument("--temperature", type=_positive_float,
+                       help="softmax temperature (" + _per_pipeline("temperature")
+                       + ")")
+    train.add_argument("--shared-towers", action=argparse.BooleanOptionalAction,
+                       help="pairs: one tower (same weights) for queries and "
+                       "documents (" + _per_pipeline("shared_towers") + ")")
+    train.add_argument("--patience", type=_non_negative, help="early stopping: "
+                       "hold out 5 %% of the training rows, score them after every "
+                       "epoch (Recall@10, MRR@10), stop after N epochs without "
+                       "improvement and keep the best epoch; 0 = train all epochs (" +
+                       _per_pipeline("patience") + ")")
+    train.add_argument("--hybrid", action=argparse.BooleanOptionalAction,
+                       help="retrieval models fuse the towers' score with BM25 over "
+                       "the candidates' text, weight chosen on the validation rows "
+                       "(" + _per_pipeline("hybrid") + ")")
+    train.add_argument("--hard-negatives", choices=HARD_NEGATIVES,
+                       help="extra negatives per training row: bm25 (mined once "
+                       "by BM25) or self (the towers' own top documents, re-mined "
+                       "every --hard-negatives-every epochs); default none")
+    train.add_argument("--hard-negatives-every", type=_positive, default=1,
+                       help="with --hard-negatives self: re-mine every N epochs")
     train.add_argument("--senet", action="store_true", help="movielens: SENet block")
     train.add_argument("--user-tower", choices=["features", "history", "youtube"],
                        default="features", help="movielens: user id + demographics, "
@@ -168,12 +207,13 @@ def _train(args: argparse.Namespace) -> int:
     from tfdssm.training import checkpoints, distribute  # noqa: PLC0415 - imports TF
     from tfdssm.training import run as training  # noqa: PLC0415
 
-    defaults = PIPELINE_DEFAULTS[args.pipeline]
+    defaults = DEFAULTS[args.pipeline]
     # First, before TensorFlow runs any op (MultiWorkerMirroredStrategy needs
     # that); the model is built in its scope so that its variables are mirrored.
     strategy = distribute.make_strategy(args.strategy)
     with strategy.scope():
         prepared = _prepare(args, defaults)
+    patience = defaults["patience"] if args.patience is None else args.patience
     result = training.run(
         prepared, args.export_dir, epochs=args.epochs or defaults["epochs"],
         batch_size=args.batch_size or defaults["batch_size"],
@@ -182,7 +222,10 @@ def _train(args: argparse.Namespace) -> int:
         tensorboard_dir=args.tensorboard_dir, verbose=0 if args.quiet else 2,
         seed=args.seed, strategy=strategy, max_k=args.max_k,
         checkpoint_dir=args.checkpoint_dir or checkpoints.default_dir(args.export_dir),
-        resume=args.resume,
+        resume=args.resume, patience=patience or None,
+        hybrid=defaults["hybrid"] if args.hybrid is None else args.hybrid,
+        hard_negatives=args.hard_negatives,
+        hard_negatives_every=args.hard_negatives_every,
     )
     from tfdssm.training.metrics import format_metrics  # noqa: PLC0415
 
@@ -200,7 +243,7 @@ def _train(args: argparse.Namespace) -> int:
 def _prepare(args: argparse.Namespace, defaults: dict) -> Any:
     """The pipeline's model and data from the ``train`` arguments (a
     :class:`tfdssm.training.run.Prepared`); call it inside the strategy's scope."""
-    hidden = args.hidden or _sizes(defaults["hidden"])
+    hidden = args.hidden or list(defaults["hidden"])
     dim = args.dim or defaults["dim"]
     buckets = args.buckets or defaults["buckets"]
     if args.pipeline == "pairs":
@@ -213,20 +256,27 @@ def _prepare(args: argparse.Namespace, defaults: dict) -> Any:
             args.data, args.query_column, args.candidate_column,
             args.candidate_id_column, num_buckets=buckets, hidden=hidden, dim=dim,
             activation=args.activation or defaults["activation"],
-            max_length=args.max_length, word_ngrams=args.word_ngrams,
-            shared_towers=args.shared_towers,
-            loss=args.loss, temperature=args.temperature,
-            test_fraction=0.1 if args.test_fraction is None else args.test_fraction,
+            max_length=args.max_length or defaults["max_length"],
+            word_ngrams=args.word_ngrams,
+            shared_towers=(defaults["shared_towers"] if args.shared_towers is None
+                           else args.shared_towers),
+            loss=args.loss,
+            temperature=(defaults["temperature"] if args.temperature is None
+                         else args.temperature),
+            test_fraction=(defaults["test_fraction"] if args.test_fraction is None
+                           else args.test_fraction),
         )
     else:
         from tfdssm.recipes import movielens  # noqa: PLC0415
 
         prepared = movielens.prepare(
             args.data, hidden=hidden, dim=dim, num_buckets=buckets,
-            temperature=0.05 if args.temperature is None else args.temperature,
+            temperature=(defaults["temperature"] if args.temperature is None
+                         else args.temperature),
             senet=args.senet, user_tower=args.user_tower, num_heads=args.num_heads,
             loss=args.loss,
-            test_fraction=0.2 if args.test_fraction is None else args.test_fraction,
+            test_fraction=(defaults["test_fraction"] if args.test_fraction is None
+                           else args.test_fraction),
         )
     return prepared
 

@@ -261,8 +261,8 @@ def served_metrics(
     names = list(loaded.signatures["top_k"].structured_input_signature[1])
     specs = [f for f in prepared.features if f.name in names and f.name != "k"]
     arrays = data.to_feature_arrays(prepared.test, specs, "the test rows")
-    ks = [k for k in (1, 10, 100) if k <= int(loaded.max_k)] if hasattr(
-        loaded, "max_k") else [1, 10]
+    max_k = layout.read_export(export_dir)[model]["max_k"]
+    ks = [k for k in (1, 10, 100) if k <= max_k] or [max_k]
     return metrics_lib.retrieval_metrics(
         loaded.signatures["top_k"], arrays,
         prepared.test[prepared.candidate_id].astype(str).tolist(), ks=ks)
