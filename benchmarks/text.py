@@ -359,10 +359,30 @@ CORPORA = ("stdlib", "manpages", "debian")
 MAX_DOCS = {"debian": 12_000}
 
 
-def run(quick: bool = False, corpora: Sequence[str] = CORPORA,
-        max_pairs: int = 60_000, configs: Sequence[Config] | None = None,
-        max_docs: dict[str, int] | None = None) -> dict[str, Any]:
-    """Runs the suite; returns Markdown and the raw results (also text.json)."""
+def run(quick: bool = False) -> dict[str, Any]:
+    """The ``text`` suite of ``make bench``: the pairs defaults as a user gets
+    them against BM25 (:mod:`benchmarks.text_defaults`, on every corpus; the
+    results also go to ``text_defaults.json``). The one-change-at-a-time sweep
+    that chose those defaults is :func:`run_sweep` (``python -m benchmarks.text``,
+    35-60 min; its last table is ``results/text.md``)."""
+    from benchmarks import text_defaults  # noqa: PLC0415
+
+    out = text_defaults.run(quick=quick)
+    if not quick:
+        common.RESULTS.mkdir(parents=True, exist_ok=True)
+        (common.RESULTS / "text_defaults.json").write_text(
+            json.dumps(out["results"], indent=1))
+    head = ("### Text retrieval: `tfdssm train --pipeline pairs` defaults vs BM25 "
+            f"({'quick: ' if quick else ''}held-out queries, retrieval over every "
+            "document; BM25 = bm25s with English stemming and stop words; the sweep "
+            "behind the defaults: [text.md](results/text.md))")
+    return {"markdown": head + "\n\n" + out["markdown"], "results": out["results"]}
+
+
+def run_sweep(quick: bool = False, corpora: Sequence[str] = CORPORA,
+              max_pairs: int = 60_000, configs: Sequence[Config] | None = None,
+              max_docs: dict[str, int] | None = None) -> dict[str, Any]:
+    """Runs the sweep; returns Markdown and the raw results (also text.json)."""
     configs = list(configs) if configs is not None else sweep(quick=quick)
     max_docs = MAX_DOCS if max_docs is None else max_docs
     if quick:
@@ -411,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
                             progress=lambda r, n=name: save(r, n)), name)
         print(markdown(results, args.quick))
     else:
-        print(run(args.quick, corpora, args.max_pairs, configs, max_docs)["markdown"])
+        print(run_sweep(args.quick, corpora, args.max_pairs, configs,
+                        max_docs)["markdown"])
     return 0
 
 

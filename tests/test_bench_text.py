@@ -107,3 +107,25 @@ def test_debian_translations_parse_short_and_long_descriptions():
                        "Frob frobnicates files in place.\n\nIt is fast.")
     frame = text_corpora.to_frame(rows)  # frob-doc: no long description, dropped
     assert frame["doc_id"].tolist() == ["frob"]
+
+
+def test_defaults_table_shows_bm25_towers_and_served_rows():
+    from benchmarks import text_defaults
+
+    metrics = {"recall@1": 0.25, "recall@10": 0.5, "recall@100": 0.75, "mrr@10": 0.375}
+    served = {**metrics, "recall@10": 0.625}
+    results = {"stdlib": {
+        "corpus": {"documents": 1234, "test_pairs": 56},
+        "bm25": {**metrics, "seconds": 1.5},
+        "variants": {
+            "defaults": {"towers": metrics, "served": served, "hybrid_weight": 0.3,
+                         "epochs_run": 6, "epoch_kept": 4, "seconds": 20.0},
+            "previous": {"towers": metrics, "served": metrics, "hybrid_weight": None,
+                         "epochs_run": 5, "epoch_kept": 5, "seconds": 9.0}}}}
+    text = text_defaults.markdown(results)
+    assert "**stdlib** (1,234 documents, 56 held-out queries)" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ")][1:]
+    names = [row.split("|")[1].strip() for row in rows]
+    assert names == ["BM25 (bm25s, stemmed)", "defaults: towers",
+                     "defaults: served (hybrid)", "previous: towers"]
+    assert "| 0.625 |" in rows[2] and "| 4 of 6 |" in rows[2] and "| 0.3 |" in rows[2]
