@@ -17,7 +17,7 @@ import pytest
 import tensorflow as tf
 from serving_helpers import running_server
 
-from tfdssm.errors import ExportError
+from tfdssm.errors import ConfigError, ExportError
 from tfdssm.export import hybrid as hybrid_lib
 from tfdssm.export import index, lexical
 
@@ -236,3 +236,23 @@ def test_hybrid_needs_text_towers(movielens_export):
     with pytest.raises(ExportError, match="exactly one text feature in the query"):
         builder.build_hybrid(pd.DataFrame(prepared.corpus), info["query"],
                              info["candidate"])
+
+
+def test_local_retriever_and_cli_query_answer_as_the_served_hybrid(hybrid_export):
+    from tfdssm import cli
+    from tfdssm.retrieve import LocalRetriever
+
+    export_dir = hybrid_export[0]
+    loaded = tf.saved_model.load(str(export_dir / "retrieval_brute_force" / "1"))
+    want = loaded.signatures["top_k_exclude"](
+        query=tf.constant(["kiwi recipe 2", "lemon"]), k=tf.constant([4, 4]),
+        exclude=tf.constant([["D8"], [""]]))
+    retriever = LocalRetriever(export_dir)
+    ids, scores = retriever.top_k({"query": ["kiwi recipe 2", "lemon"]}, k=4,
+                                  exclude=[["D8"], []])
+    assert ids.tolist() == [[i.decode() for i in row] for row in want["ids"].numpy()]
+    np.testing.assert_allclose(scores, want["scores"].numpy(), rtol=1e-6)
+    with pytest.raises(ConfigError, match="between 1 and the corpus size 10"):
+        retriever.top_k({"query": ["kiwi"]}, k=11)
+    assert cli.main(["query", "--export-dir", str(export_dir), "--k", "4",
+                     "kiwi recipe 2"]) == 0

@@ -1,12 +1,15 @@
 """Top-k retrieval from an export directory, in process (exact, brute force).
 
 Loads ``towers/<newest>`` and ``corpus.parquet``, embeds the corpus once with the
-``candidate`` signature, and scores queries from the ``query`` signature.
+``candidate`` signature, and scores queries from the ``query`` signature. A
+hybrid export (dense + BM25) answers through its ``retrieval_brute_force``
+SavedModel instead, so that ``tfdssm query`` returns what the server serves.
 """
 
 from __future__ import annotations
 
 import os
+import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,6 +38,8 @@ class LocalRetriever:
 
     def __init__(self, export_dir: str | os.PathLike) -> None:
         self.info = layout.read_export(export_dir)
+        self.export_dir = pathlib.Path(export_dir)
+        self._served: Any = None  # a hybrid export's brute-force model, loaded once
         self.corpus = read_corpus(export_dir)
         self.towers = load_towers(export_dir)
         self.query_features = tower_features(self.info, "query")
@@ -87,6 +92,8 @@ class LocalRetriever:
             raise ConfigError(
                 f"k must be between 1 and the corpus size {len(self.ids)}, received {k}."
             )
+        if self.info.get("hybrid"):
+            return self._served_top_k(features, k, exclude)
         queries = self.embed_queries(features)
         if exclude is not None and len(exclude) != len(queries):
             raise DataError(f"exclude has {len(exclude)} rows for {len(queries)} "
@@ -102,6 +109,43 @@ class LocalRetriever:
                 scores[row, columns] = -np.inf
         top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return self.ids[top], np.take_along_axis(scores, top, axis=1)
+
+    def _served_top_k(
+        self,
+        features: Mapping[str, Sequence[Any]],
+        k: int,
+        exclude: Sequence[Sequence[str]] | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """A hybrid export's answer: its ``retrieval_brute_force`` model's, which
+        fuses the towers' score with BM25 in the graph (numpy cannot)."""
+        import tensorflow as tf  # noqa: PLC0415
+
+        max_k = int(self.info["retrieval_brute_force"]["max_k"])
+        if k > max_k:
+            raise ConfigError(f"k must be at most {max_k}, the max_k this hybrid "
+                              f"export was made with (--max-k); received {k}.")
+        if self._served is None:
+            path = self.export_dir / self.info["retrieval_brute_force"]["path"]
+            self._served = tf.saved_model.load(str(path))
+        sizes = {name: len(values) for name, values in features.items()}
+        if len(set(sizes.values())) > 1 or not any(sizes.values()):
+            raise DataError("give every query feature the same, non-zero number of "
+                            f"values (one per query row); received {sizes}.")
+        frame = pd.DataFrame({n: list(v) for n, v in features.items()})
+        arrays = data.to_feature_arrays(frame, self.query_features, "the query")
+        rows = len(frame)
+        exclude = [list(e) for e in exclude] if exclude is not None else [[]] * rows
+        if len(exclude) != rows:
+            raise DataError(f"exclude has {len(exclude)} rows for {rows} query rows; "
+                            "give one list of ids per query row.")
+        width = max(1, max(len(e) for e in exclude))
+        padded = [e + [""] * (width - len(e)) for e in exclude]
+        out = self._served.signatures["top_k_exclude"](
+            **{n: tf.constant(v) for n, v in arrays.items()},
+            k=tf.fill([rows], k), exclude=tf.constant(padded, tf.string))
+        ids = np.vectorize(lambda b: b.decode("utf-8"), otypes=[object])(
+            out["ids"].numpy()).astype(str)
+        return ids, out["scores"].numpy()
 
     def describe(self, candidate_ids: Sequence[str], column: str | None = None) -> list[str]:
         """A display string per candidate id (its first text column)."""
