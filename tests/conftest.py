@@ -67,8 +67,9 @@ def pairs_export(tmp_path_factory):
     """A one-epoch tiny pairs model, exported: ``(dir, prepared, result)``."""
     from tfdssm.recipes import pairs
 
+    # Two towers (the recipe shares one by default; the CLI tests cover that).
     prepared = pairs.prepare(pairs_frame(), "query", "doc", "doc_id", num_buckets=500,
-                             hidden=(16, 16), dim=8)
+                             hidden=(16, 16), dim=8, shared_towers=False)
     return _train_and_export(prepared, tmp_path_factory.mktemp("pairs_export"))
 
 

@@ -108,8 +108,10 @@ def test_pairs_prepare_default_towers_and_corpus(pairs_frame):
     frame = pairs_frame(30)
     prepared = pairs.prepare(frame, num_buckets=200, hidden=(8, 6), dim=4)
     model = prepared.model
-    assert isinstance(model.candidate_tower, Tower)
-    assert model.candidate_tower is not model.query_tower
+    # Shared by default (the text benchmark's choice), one tower's weights.
+    assert isinstance(model.candidate_tower, SharedTower)
+    assert model.candidate_tower.tower is model.query_tower
+    assert model.query_tower.features[0].max_length == 1024
     assert model.query_tower.feature_names == ["query"]
     assert model.candidate_tower.feature_names == ["doc"]
     assert (model.query_tower.hidden, model.query_tower.output_dim) == ([6], 4)
@@ -117,6 +119,14 @@ def test_pairs_prepare_default_towers_and_corpus(pairs_frame):
     assert prepared.candidate_id == "doc" and prepared.query_key is None
     assert sorted(prepared.corpus["doc"]) == sorted(set(frame["doc"]))
     assert (len(prepared.train), len(prepared.test)) == (27, 3)  # 10% held out
+
+
+def test_pairs_prepare_separate_towers(pairs_frame):
+    prepared = pairs.prepare(pairs_frame(20), "query", "doc", "doc_id",
+                             num_buckets=200, hidden=(8,), dim=4, shared_towers=False)
+    assert isinstance(prepared.model.candidate_tower, Tower)
+    assert prepared.model.candidate_tower is not prepared.model.query_tower
+    assert prepared.model.candidate_tower.feature_names == ["doc"]
 
 
 def test_pairs_prepare_shared_towers(pairs_frame):
