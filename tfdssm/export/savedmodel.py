@@ -33,9 +33,9 @@ import pathlib
 import re
 import shutil
 import socket
-import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,7 +43,7 @@ import pandas as pd
 import tensorflow as tf
 
 from tfdssm.data import readers as data
-from tfdssm.errors import ExportError
+from tfdssm.errors import DataWarning, ExportError
 from tfdssm.export import candidates, hybrid_build, index, serving_config, warmup
 from tfdssm.export.layout import (
     CORPUS_FILE,
@@ -247,9 +247,9 @@ def export_retrieval(
     corpus = unique_candidates(corpus, candidate_id, tower)
     named = corpus[candidate_id].fillna("").astype(str) != ""
     if not named.all():
-        print(f"tfdssm: warning: {int((~named).sum())} candidate(s) with an empty "
-              f"{candidate_id!r} are left out of the retrieval models.",
-              file=sys.stderr)
+        warnings.warn(f"{int((~named).sum())} candidate(s) with an empty "
+                      f"{candidate_id!r} are left out of the retrieval models.",
+                      DataWarning, stacklevel=3)
         corpus = corpus[named]
     if not len(corpus):
         return {}
@@ -302,9 +302,9 @@ def unique_candidates(
     key = corpus[list(dict.fromkeys(columns))].astype(str)
     repeated = key.duplicated() & (key[candidate_id] != "")
     if repeated.any():
-        print(f"tfdssm: warning: the corpus repeats {int(repeated.sum())} "
-              f"candidate(s) (same {candidate_id!r} and features); keeping one row "
-              "each.", file=sys.stderr)
+        warnings.warn(f"the corpus repeats {int(repeated.sum())} candidate(s) "
+                      f"(same {candidate_id!r} and features); keeping one row each.",
+                      DataWarning, stacklevel=2)
         corpus = corpus[~repeated.to_numpy()].reset_index(drop=True)
     return corpus
 
