@@ -332,7 +332,7 @@ def _duplicate_rows_export(e: Env) -> dict:
     doubled = pd.concat([corpus, corpus.head(3)], ignore_index=True)
     with pytest.warns(DataWarning, match=r"repeats 3 candidate\(s\)"):
         info = export.export_model(e.pairs_prepared.model, e.tmp / "dup_rows_export",
-                                   corpus=doubled)
+                                   corpus=doubled, tflite=False)
     assert info["num_candidates"] == len(corpus) == 10
     assert info["retrieval_brute_force"]["num_candidates"] == 10
     saved = pd.read_parquet(e.tmp / "dup_rows_export" / export.CORPUS_FILE)

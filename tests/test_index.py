@@ -317,7 +317,8 @@ def test_export_without_corpus_has_towers_only(exported, tmp_path):
     info = export.export_model(prepared.model, tmp_path)
     assert "retrieval" not in info and info["model_config"]["models"] == ["towers"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "export.json", "models.config", "models.stock.config", "towers"]
+        "export.json", "keras_towers", "models.config", "models.stock.config",
+        "query_tower.json", "query_tower.tflite", "query_tower_vocab", "towers"]
 
 
 def test_export_with_custom_max_k_and_scann_options(exported, tmp_path):
@@ -428,6 +429,7 @@ def test_candidates_without_an_id_are_left_out(exported, tmp_path):
     corpus = prepared.corpus.head(30).copy()
     corpus.loc[[3, 7], "movie_id"] = ""
     with pytest.warns(DataWarning, match=r"2 candidate\(s\) with an empty 'movie_id'"):
-        info = export.export_model(prepared.model, tmp_path, corpus=corpus)
+        info = export.export_model(prepared.model, tmp_path, corpus=corpus,
+                                   tflite=False)
     assert info["retrieval_brute_force"]["num_candidates"] == 28
     assert "" not in candidates.read_candidates(tmp_path)[1]

@@ -379,13 +379,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _tflite(args: argparse.Namespace) -> int:
-    from tfdssm.export import layout, tflite  # noqa: PLC0415
+    from tfdssm.export import tflite  # noqa: PLC0415
 
-    layout.read_export(args.export_dir)  # a clear error if this is not an export
-    tower = tflite.load_query_tower(args.export_dir)
-    written = tflite.write_tflite(tower, args.export_dir, args.quantize)
-    check = tflite.parity(args.export_dir, tflite.sample_queries(tower),
-                          written["path"])
+    written = tflite.rebuild(args.export_dir, args.quantize)
+    check = written["parity"]
     print(f"wrote {written['path']}: {written['bytes']:,} bytes, "
           f"{args.quantize} quantization")
     print(f"ops (TFLite builtins only): {', '.join(written['ops'])}")

@@ -52,6 +52,7 @@ from tfdssm.export.layout import (
     next_version,
     write_json_atomic,
 )
+from tfdssm.export.tflite import add_tflite
 from tfdssm.features import NumericFeature, TextFeature
 from tfdssm.model.dssm import DSSM
 from tfdssm.model.runner import embed
@@ -349,8 +350,10 @@ def export_model(
     candidate_id: str | None = None,
     hybrid: bool = False,
     validation: pd.DataFrame | None = None,
+    tflite: bool = True,
 ) -> dict[str, Any]:
-    """Exports towers, retrieval models, the candidate corpus and ``export.json``.
+    """Exports towers, retrieval models, the candidate corpus, the TFLite query
+    tower and ``export.json``.
 
     Args:
         model: The trained model.
@@ -367,6 +370,9 @@ def export_model(
             model's ``candidate_id``, else the candidate tower's first column).
         hybrid: Fuse BM25 into both retrieval models (see :func:`export_retrieval`).
         validation: Rows to choose the hybrid's fusion weight on.
+        tflite: Also write ``query_tower.tflite`` (and the Keras towers to
+            rebuild it) and its ``tflite`` entry in ``export.json``; see
+            :func:`tfdssm.export.tflite.add_tflite`.
 
     Returns:
         The ``export.json`` content.
@@ -418,6 +424,8 @@ def export_model(
         "warmup": f"<model>/<version>/{warmup.WARMUP_DIR}/{warmup.WARMUP_FILE}",
     }
     write_json_atomic(export_dir / EXPORT_JSON, info)
+    if tflite:
+        info = add_tflite(model, export_dir, info)
     return info
 
 

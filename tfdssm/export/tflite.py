@@ -502,7 +502,9 @@ def add_tflite(
     ``export.json``. Query towers TFLite cannot take (history features) get no
     file: ``export.json``'s ``tflite`` entry says why (``skipped``).
 
-    Progress goes to the ``tfdssm`` logger (info) when ``verbose``.
+    :func:`tfdssm.export.savedmodel.export_model` calls this (unless
+    ``tflite=False``); progress goes to the ``tfdssm`` logger (info) when
+    ``verbose``.
     """
     save_keras_towers(model, export_dir)
     reason = unsupported(model.query_tower)

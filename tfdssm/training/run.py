@@ -23,7 +23,6 @@ from tfdssm.data import readers as data
 from tfdssm.errors import ConfigError, DataWarning
 from tfdssm.export import layout
 from tfdssm.export import savedmodel as export
-from tfdssm.export.tflite import add_tflite
 from tfdssm.features import Feature
 from tfdssm.model import optimizers
 from tfdssm.model.dssm import DSSM
@@ -233,7 +232,6 @@ def run(
                 model, target, corpus=prepared.corpus, metrics=metrics,
                 training=training, max_k=max_k, hybrid=hybrid, validation=validation,
             )
-            info = add_tflite(model, target, info, verbose=bool(verbose))
         if not distribute.is_chief(strategy):
             info = None
         elif hybrid and info.get("hybrid"):
