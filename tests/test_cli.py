@@ -304,3 +304,58 @@ def test_learning_rate_must_be_positive(capsys):
                   "--export-dir", "d", "--learning-rate", "0"])
     assert exit_info.value.code == 2
     assert "must be > 0" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- #
+# Output: tfdssm's messages as `tfdssm: ...` lines, TensorFlow's noise hidden
+# --------------------------------------------------------------------------- #
+
+
+def test_warnings_and_progress_are_tfdssm_lines(tiny_csv, tmp_path):
+    frame = tiny_csv.read_text().splitlines()
+    holes = tmp_path / "holes.csv"
+    # Row 3's query cell emptied: a DataWarning, shown as one `tfdssm: warning:` line.
+    header, *rows = frame
+    rows[2] = "," + rows[2].split(",", 1)[1]
+    holes.write_text("\n".join([header, *rows]) + "\n")
+    argv = ["train", "--pipeline", "pairs", "--data", holes, "--export-dir",
+            tmp_path / "E", *[a for a in TINY if a != "--quiet"], "--patience", "0"]
+    code, out, err = _run_main(argv)
+    assert code == 0, err
+    assert ("tfdssm: warning: data column 'query' has 1 missing or empty cell(s); "
+            "they are used as empty text.\n") in err
+    assert re.search(r"^tfdssm: trained 1 epoch\(s\) on \d+ rows in ", err, re.M), err
+    assert re.search(r"^tfdssm: wrote \S+query_tower\.tflite \(", err, re.M), err
+    assert all(line.startswith("tfdssm: ") for line in err.splitlines()), err
+    # --quiet: warnings only.
+    code, _, quiet = _run_main([*argv, "--quiet", "--export-dir", tmp_path / "Q"])
+    assert code == 0, quiet
+    assert quiet.splitlines() == [
+        "tfdssm: warning: data column 'query' has 1 missing or empty cell(s); they "
+        "are used as empty text."]
+
+
+def test_verbose_is_a_global_and_a_subcommand_option():
+    parser = cli.build_parser()
+    assert parser.parse_args(["--verbose", "tflite", "--export-dir", "x"]).verbose
+    assert parser.parse_args(["tflite", "--export-dir", "x", "-v"]).verbose
+    assert not parser.parse_args(["tflite", "--export-dir", "x"]).verbose
+
+
+NOISE = re.compile(r"cuInit|oneDNN|cpu_feature_guard|cudart_stub|^[IWE]0000 |"
+                   r"absl::InitializeLog|^WARNING:|XNNPACK", re.M)
+
+
+def test_commands_keep_tensorflow_noise_out_of_stderr(trained, tmp_path):
+    export_dir = trained[0]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_USE_LEGACY_KERAS",
+                        "GRPC_VERBOSITY")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tfdssm.cli", "query", "--export-dir", str(export_dir),
+         "--k", "2", "pasta"], capture_output=True, text=True, env=env, cwd=tmp_path,
+        timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"^  1\. ", proc.stdout, re.M), proc.stdout
+    assert not NOISE.search(proc.stderr), proc.stderr
+    assert proc.stderr == ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import pathlib
 import zipfile
 
@@ -362,17 +363,19 @@ def test_cached_copy_is_used_without_downloading(
     tmp_path: pathlib.Path,
     monkeypatch: pytest.MonkeyPatch,
     no_download: None,
-    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="tfdssm")
     write_recbole(tmp_path / "cache" / "ml-100k-recbole")
     # A hidden staging directory left by a killed run must be ignored.
     write_grouplens(tmp_path / "cache" / ".tmp-ml-100k-dead")
     monkeypatch.setenv("TFDSSM_CACHE", str(tmp_path / "cache"))
     found = find_movielens_100k()
     assert found == (tmp_path / "cache" / "ml-100k-recbole").resolve()
-    assert "cached" in capsys.readouterr().err
+    assert "cached" in caplog.text
+    caplog.clear()
     assert find_movielens_100k(verbose=False) == found
-    assert capsys.readouterr().err == ""
+    assert caplog.text == ""
 
 
 def make_fake_wheel(path: pathlib.Path, source: pathlib.Path) -> pathlib.Path:
@@ -388,8 +391,9 @@ def test_pip_route_extracts_into_cache(
     tmp_path: pathlib.Path,
     recbole_dir: pathlib.Path,
     monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="tfdssm")
     wheel = make_fake_wheel(tmp_path / "recbole-1.2.1-py3-none-any.whl", recbole_dir)
     monkeypatch.setattr(datasets, "_pip_download_wheel", lambda _: wheel)
     cache = tmp_path / "cache"
@@ -399,7 +403,7 @@ def test_pip_route_extracts_into_cache(
     assert sorted(p.name for p in ml.source.iterdir()) == sorted(
         p.name for p in recbole_dir.iterdir()
     )
-    err = capsys.readouterr().err
+    err = caplog.text
     assert "fetching MovieLens-100k from the recbole wheel on PyPI" in err
     assert "cached at" in err
     expected = load_movielens_100k(recbole_dir, verbose=False)

@@ -27,7 +27,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
 from tfdssm import export
-from tfdssm.errors import ExportError
+from tfdssm.errors import DataWarning, ExportError
 from tfdssm.export import candidates, index, warmup
 
 RETRIEVAL_MODELS = ("retrieval", "retrieval_brute_force")
@@ -317,7 +317,8 @@ def test_export_without_corpus_has_towers_only(exported, tmp_path):
     info = export.export_model(prepared.model, tmp_path)
     assert "retrieval" not in info and info["model_config"]["models"] == ["towers"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "export.json", "models.config", "models.stock.config", "towers"]
+        "export.json", "keras_towers", "models.config", "models.stock.config",
+        "query_tower.json", "query_tower.tflite", "query_tower_vocab", "towers"]
 
 
 def test_export_with_custom_max_k_and_scann_options(exported, tmp_path):
@@ -423,11 +424,12 @@ def test_signature_encoder_rebuilds_retrieval_from_an_export(exported, loaded,
     np.testing.assert_allclose(got["scores"].numpy(), want["scores"].numpy(), atol=1e-6)
 
 
-def test_candidates_without_an_id_are_left_out(exported, tmp_path, capsys):
+def test_candidates_without_an_id_are_left_out(exported, tmp_path):
     _, prepared, _ = exported
     corpus = prepared.corpus.head(30).copy()
     corpus.loc[[3, 7], "movie_id"] = ""
-    info = export.export_model(prepared.model, tmp_path, corpus=corpus)
-    assert "2 candidate(s) with an empty 'movie_id'" in capsys.readouterr().err
+    with pytest.warns(DataWarning, match=r"2 candidate\(s\) with an empty 'movie_id'"):
+        info = export.export_model(prepared.model, tmp_path, corpus=corpus,
+                                   tflite=False)
     assert info["retrieval_brute_force"]["num_candidates"] == 28
     assert "" not in candidates.read_candidates(tmp_path)[1]

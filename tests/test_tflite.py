@@ -167,3 +167,21 @@ def test_rebuild_from_export_and_cli(pairs_export, capsys):
 def test_cli_tflite_on_a_non_export(tmp_path, capsys):
     assert cli.main(["tflite", "--export-dir", str(tmp_path)]) == 2
     assert "not a tfdssm export" in capsys.readouterr().err
+
+
+def test_native_log_lines_follow_tf_cpp_min_log_level():
+    lines = {
+        "I": "I0000 00:00:1796051369.261591 548 mlir_graph_optimization_pass.cc:437]"
+             " MLIR V1 optimization pass is not enabled",
+        "W": "W0000 00:00:1796051369.256220     548 tf_tfl_flatbuffer_helpers.cc:364]"
+             " Ignored output_format.",
+        "absl": "WARNING: All log messages before absl::InitializeLog() is called are "
+                "written to STDERR",
+        "xnnpack": "INFO: Created TensorFlow Lite XNNPACK delegate for CPU.",
+        "E": "E0000 00:00:1796051369.2 1 x.cc:1] failed",
+        "ours": "tfdssm: wrote query_tower.tflite",
+    }
+    hidden = {level: sorted(k for k, v in lines.items() if tflite._hidden(v, level))
+              for level in (0, 1, 2, 3)}
+    assert hidden == {0: [], 1: ["I", "xnnpack"], 2: ["I", "W", "absl", "xnnpack"],
+                      3: ["E", "I", "W", "absl", "xnnpack"]}

@@ -32,9 +32,11 @@ from tfdssm._lazy import lazy_attributes  # noqa: E402
 from tfdssm.errors import (  # noqa: E402
     ConfigError,
     DataError,
+    DataWarning,
     ExportError,
     ServingError,
     TfdssmError,
+    TfdssmWarning,
 )
 
 __version__ = "0.1.0"
@@ -81,9 +83,11 @@ __getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS)
 __all__ = [
     "ConfigError",
     "DataError",
+    "DataWarning",
     "ExportError",
     "ServingError",
     "TfdssmError",
+    "TfdssmWarning",
     "__version__",
     *_EXPORTS,
 ]

@@ -7,9 +7,13 @@ unexpected failure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from tfdssm.recipes import PIPELINES
@@ -69,9 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tfdssm", description="Train, evaluate and query DSSM two-tower models."
     )
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("--verbose", "-v", action="store_true",
+                         default=argparse.SUPPRESS, help="also show TensorFlow's "
+                         "logs and tfdssm's debug messages")
+    parser.add_argument("--verbose", "-v", action="store_true", default=False,
+                        help="also show TensorFlow's logs and tfdssm's debug messages")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train a pipeline and export it")
+    train = sub.add_parser("train", parents=[verbose],
+                           help="train a pipeline and export it")
     train.add_argument("--pipeline", choices=PIPELINES, required=True)
     train.add_argument("--data", help="pairs: CSV/TSV/Parquet file; movielens: an "
                        "extracted ml-100k directory (default: fetched and cached)")
@@ -144,21 +155,24 @@ def build_parser() -> argparse.ArgumentParser:
                        "(local GPUs) or multi_worker (the cluster in TF_CONFIG; "
                        "every worker runs this command, the chief exports)")
 
-    ev = sub.add_parser("evaluate", help="Recall/NDCG/MRR@K of an export on a table")
+    ev = sub.add_parser("evaluate", parents=[verbose],
+                        help="Recall/NDCG/MRR@K of an export on a table")
     ev.add_argument("--export-dir", required=True)
     ev.add_argument("--data", required=True, help="CSV/TSV/Parquet with the query "
                     "columns and the candidate id column")
     ev.add_argument("--k", type=_sizes, default=[10, 50, 100])
     ev.add_argument("--json", action="store_true", help="print JSON")
 
-    lite = sub.add_parser("tflite", help="(re)build query_tower.tflite, print size "
+    lite = sub.add_parser("tflite", parents=[verbose],
+                          help="(re)build query_tower.tflite, print size "
                           "and parity with the SavedModel")
     lite.add_argument("--export-dir", required=True)
     lite.add_argument("--quantize", choices=["none", "dynamic", "float16"],
                       default="none", help="none writes query_tower.tflite; the "
                       "others write query_tower.<mode>.tflite beside it")
 
-    query = sub.add_parser("query", help="top-k candidates for a query")
+    query = sub.add_parser("query", parents=[verbose],
+                           help="top-k candidates for a query")
     where = query.add_mutually_exclusive_group(required=True)
     where.add_argument("--export-dir", help="retrieve in process from an export")
     where.add_argument("--server", metavar="HOST:PORT", help="ask a running model "
@@ -174,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a query feature (repeat for several)")
     query.add_argument("text", nargs="*", help="query texts (single text feature)")
 
-    serve = sub.add_parser("serve", help="serve an export over TF Serving's gRPC "
+    serve = sub.add_parser("serve", parents=[verbose],
+                           help="serve an export over TF Serving's gRPC "
                            "and REST APIs (newest versions, reloaded live)")
     serve.add_argument("--export-dir", required=True)
     serve.add_argument("--grpc-port", type=_port, default=8500, help="0: any free port")
@@ -364,13 +379,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _tflite(args: argparse.Namespace) -> int:
-    from tfdssm.export import layout, tflite  # noqa: PLC0415
+    from tfdssm.export import tflite  # noqa: PLC0415
 
-    layout.read_export(args.export_dir)  # a clear error if this is not an export
-    tower = tflite.load_query_tower(args.export_dir)
-    written = tflite.write_tflite(tower, args.export_dir, args.quantize)
-    check = tflite.parity(args.export_dir, tflite.sample_queries(tower),
-                          written["path"])
+    written = tflite.rebuild(args.export_dir, args.quantize)
+    check = written["parity"]
     print(f"wrote {written['path']}: {written['bytes']:,} bytes, "
           f"{args.quantize} quantization")
     print(f"ops (TFLite builtins only): {', '.join(written['ops'])}")
@@ -380,24 +392,109 @@ def _tflite(args: argparse.Namespace) -> int:
     return 0
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler that writes to ``sys.stderr`` as it is when a message comes
+    (so that redirecting it, as tests do, works)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+class _Formatter(logging.Formatter):
+    """``tfdssm: <message>``; ``tfdssm: warning: <message>`` from level warning
+    on. The server's messages already start with ``tfdssm serve``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        if record.name.startswith("tfdssm.serving"):
+            return message
+        if record.levelno >= logging.WARNING:
+            return f"tfdssm: {record.levelname.lower()}: {message}"
+        return f"tfdssm: {message}"
+
+
+# TensorFlow's C++ and Python-side logs, quiet unless --verbose.
+_TF_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3", "GRPC_VERBOSITY": "ERROR"}
+_TF_LOGGERS = ("tensorflow", "absl", "h5py")
+
+
+@contextlib.contextmanager
+def _output(verbose: bool, quiet: bool = False) -> Iterator[None]:
+    """Where messages go while a command runs: the ``tfdssm`` logger (and
+    tfdssm's warnings) to stderr as ``tfdssm: ...`` lines; TensorFlow's C++ and
+    Python logs hidden unless ``verbose``. Call it before TensorFlow is
+    imported: ``TF_CPP_MIN_LOG_LEVEL`` is read once, at import."""
+    saved_env = {name: os.environ.get(name) for name in _TF_ENV}
+    # 3 also hides the `E ... cuInit ... CUDA error` line of CPU machines.
+    os.environ.update(_TF_ENV if not verbose else {"TF_CPP_MIN_LOG_LEVEL": "0"})
+    from tfdssm.errors import TfdssmWarning  # noqa: PLC0415 - no TensorFlow
+
+    logger = logging.getLogger("tfdssm")
+    handler = _StderrHandler()
+    handler.setFormatter(_Formatter())
+    saved = (logger.level, logger.propagate,
+             {name: logging.getLogger(name).level for name in _TF_LOGGERS})
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else
+                    logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+    if not verbose:
+        for name in _TF_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def show_warning(message: Warning | str, category: type[Warning],
+                         *args: Any, **kwargs: Any) -> None:
+            if issubclass(category, TfdssmWarning):
+                logger.warning("%s", message)
+            else:
+                show(message, category, *args, **kwargs)
+
+        warnings.showwarning = show_warning
+        warnings.simplefilter("always", TfdssmWarning)
+        try:
+            yield
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(saved[0])
+            logger.propagate = saved[1]
+            for name, level in saved[2].items():
+                logging.getLogger(name).setLevel(level)
+            for name, value in saved_env.items():  # for in-process callers
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tfdssm`` console script."""
     args = build_parser().parse_args(argv)
-    import tfdssm  # noqa: PLC0415 - sets Keras 2 before TensorFlow loads
-    from tfdssm.errors import TfdssmError  # noqa: PLC0415
+    with _output(args.verbose, getattr(args, "quiet", False)):
+        import tfdssm  # noqa: PLC0415 - sets Keras 2 before TensorFlow loads
+        from tfdssm.errors import TfdssmError  # noqa: PLC0415
 
-    handlers = {"train": _train, "evaluate": _evaluate, "query": _query,
-                "tflite": _tflite, "serve": _serve}
-    try:
-        return handlers[args.command](args)
-    except TfdssmError as error:
-        print(f"tfdssm: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("tfdssm: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        del tfdssm
+        handlers = {"train": _train, "evaluate": _evaluate, "query": _query,
+                    "tflite": _tflite, "serve": _serve}
+        try:
+            return handlers[args.command](args)
+        except TfdssmError as error:
+            print(f"tfdssm: error: {error}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("tfdssm: interrupted", file=sys.stderr)
+            return 130
+        finally:
+            del tfdssm
 
 
 if __name__ == "__main__":

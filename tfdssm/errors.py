@@ -3,6 +3,12 @@
 All inherit from :class:`TfdssmError`, so ``except tfdssm.TfdssmError`` catches
 anything tfdssm raises on purpose. The ``ValueError`` bases keep ``except
 ValueError`` code working.
+
+Problems tfdssm can work around (empty cells, repeated candidates, a table too
+small to split) are warnings of class :class:`DataWarning`, a
+:class:`TfdssmWarning`; silence them with
+``warnings.simplefilter("ignore", tfdssm.TfdssmWarning)``. Progress goes to the
+``logging.getLogger("tfdssm")`` logger; tfdssm itself never prints.
 """
 
 
@@ -33,3 +39,11 @@ class ServingError(TfdssmError):
     def __init__(self, message: str, code: str = "INVALID_ARGUMENT") -> None:
         super().__init__(message)
         self.code = code
+
+
+class TfdssmWarning(UserWarning):
+    """Base class of every warning tfdssm issues."""
+
+
+class DataWarning(TfdssmWarning):
+    """Input data has a problem tfdssm works around (the message says how)."""

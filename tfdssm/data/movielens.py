@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import logging
 import os
 import pathlib
 import re
@@ -59,6 +60,8 @@ import numpy as np
 import pandas as pd
 
 from tfdssm.errors import DataError
+
+logger = logging.getLogger("tfdssm")
 
 __all__ = [
     "GENRES",
@@ -201,7 +204,8 @@ def find_movielens_100k(
         data_dir: Directory with an extracted MovieLens-100k (either format).
         cache_dir: Where downloads are kept. Defaults to ``$TFDSSM_CACHE`` or
             ``~/.cache/tfdssm``.
-        verbose: Print short progress lines to stderr when fetching.
+        verbose: Log short progress lines (``tfdssm`` logger, info) when
+            fetching.
 
     Returns:
         The directory that directly contains the data files.
@@ -267,7 +271,8 @@ def load_movielens_100k(
         data_dir: Directory with an extracted MovieLens-100k (either format).
         cache_dir: Where downloads are kept. Defaults to ``$TFDSSM_CACHE`` or
             ``~/.cache/tfdssm``.
-        verbose: Print short progress lines to stderr when fetching.
+        verbose: Log short progress lines (``tfdssm`` logger, info) when
+            fetching.
 
     Returns:
         The parsed :class:`MovieLens`; for the real data 100,000 ratings, 943
@@ -396,7 +401,7 @@ def _resolve_cache_dir(cache_dir: str | os.PathLike[str] | None) -> pathlib.Path
 
 def _log(verbose: bool, message: str) -> None:
     if verbose:
-        print(f"tfdssm: {message}", file=sys.stderr, flush=True)
+        logger.info("%s", message)
 
 
 def _first_line(text: str) -> str:

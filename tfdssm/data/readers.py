@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import os
 import pathlib
-import sys
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from tfdssm.errors import DataError
+from tfdssm.errors import DataError, DataWarning
 from tfdssm.features import Feature
 from tfdssm.text.normalize import to_valid_unicode
 
@@ -157,10 +157,10 @@ def to_feature_arrays(
         if feature.dtype == tf.string:
             missing = int((column.isna() | column.eq("")).sum())
             if missing:
-                print(
-                    f"tfdssm: warning: {what} column {feature.name!r} has {missing} "
-                    "missing or empty cell(s); they are used as empty text.",
-                    file=sys.stderr,
+                warnings.warn(
+                    f"{what} column {feature.name!r} has {missing} missing or "
+                    "empty cell(s); they are used as empty text.",
+                    DataWarning, stacklevel=2,
                 )
             values = column.astype(object).fillna("").astype(str).to_numpy()
             arrays[feature.name] = np.asarray(

@@ -33,9 +33,9 @@ import pathlib
 import re
 import shutil
 import socket
-import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,7 +43,7 @@ import pandas as pd
 import tensorflow as tf
 
 from tfdssm.data import readers as data
-from tfdssm.errors import ExportError
+from tfdssm.errors import DataWarning, ExportError
 from tfdssm.export import candidates, hybrid_build, index, serving_config, warmup
 from tfdssm.export.layout import (
     CORPUS_FILE,
@@ -52,6 +52,7 @@ from tfdssm.export.layout import (
     next_version,
     write_json_atomic,
 )
+from tfdssm.export.tflite import add_tflite
 from tfdssm.features import NumericFeature, TextFeature
 from tfdssm.model.dssm import DSSM
 from tfdssm.model.runner import embed
@@ -247,9 +248,9 @@ def export_retrieval(
     corpus = unique_candidates(corpus, candidate_id, tower)
     named = corpus[candidate_id].fillna("").astype(str) != ""
     if not named.all():
-        print(f"tfdssm: warning: {int((~named).sum())} candidate(s) with an empty "
-              f"{candidate_id!r} are left out of the retrieval models.",
-              file=sys.stderr)
+        warnings.warn(f"{int((~named).sum())} candidate(s) with an empty "
+                      f"{candidate_id!r} are left out of the retrieval models.",
+                      DataWarning, stacklevel=3)
         corpus = corpus[named]
     if not len(corpus):
         return {}
@@ -302,9 +303,9 @@ def unique_candidates(
     key = corpus[list(dict.fromkeys(columns))].astype(str)
     repeated = key.duplicated() & (key[candidate_id] != "")
     if repeated.any():
-        print(f"tfdssm: warning: the corpus repeats {int(repeated.sum())} "
-              f"candidate(s) (same {candidate_id!r} and features); keeping one row "
-              "each.", file=sys.stderr)
+        warnings.warn(f"the corpus repeats {int(repeated.sum())} candidate(s) "
+                      f"(same {candidate_id!r} and features); keeping one row each.",
+                      DataWarning, stacklevel=2)
         corpus = corpus[~repeated.to_numpy()].reset_index(drop=True)
     return corpus
 
@@ -349,8 +350,10 @@ def export_model(
     candidate_id: str | None = None,
     hybrid: bool = False,
     validation: pd.DataFrame | None = None,
+    tflite: bool = True,
 ) -> dict[str, Any]:
-    """Exports towers, retrieval models, the candidate corpus and ``export.json``.
+    """Exports towers, retrieval models, the candidate corpus, the TFLite query
+    tower and ``export.json``.
 
     Args:
         model: The trained model.
@@ -367,6 +370,9 @@ def export_model(
             model's ``candidate_id``, else the candidate tower's first column).
         hybrid: Fuse BM25 into both retrieval models (see :func:`export_retrieval`).
         validation: Rows to choose the hybrid's fusion weight on.
+        tflite: Also write ``query_tower.tflite`` (and the Keras towers to
+            rebuild it) and its ``tflite`` entry in ``export.json``; see
+            :func:`tfdssm.export.tflite.add_tflite`.
 
     Returns:
         The ``export.json`` content.
@@ -418,6 +424,8 @@ def export_model(
         "warmup": f"<model>/<version>/{warmup.WARMUP_DIR}/{warmup.WARMUP_FILE}",
     }
     write_json_atomic(export_dir / EXPORT_JSON, info)
+    if tflite:
+        info = add_tflite(model, export_dir, info)
     return info
 
 

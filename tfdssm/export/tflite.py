@@ -25,11 +25,15 @@ string splitting; an example age, served as a constant) are not converted:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import pathlib
+import re
 import sys
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,6 +44,8 @@ from tfdssm.export import layout, loading
 from tfdssm.features import Feature, layers
 from tfdssm.text import normalize as text
 from tfdssm.text.hashing import hashing_info
+
+logger = logging.getLogger("tfdssm")
 
 TFLITE_FILE = "query_tower.tflite"
 SPEC_FILE = "query_tower.json"
@@ -158,7 +164,8 @@ def convert(
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if quantization == "float16":
         converter.target_spec.supported_types = [tf.float16]
-    return converter.convert()
+    with _quiet_native_logs():
+        return converter.convert()
 
 
 def op_names(model: bytes) -> list[str]:
@@ -175,10 +182,57 @@ def _interpreter(model: bytes, delegates: bool = True) -> Any:
 
     resolver = (OpResolverType.AUTO if delegates
                 else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    interpreter = Interpreter(model_content=model,
-                              experimental_op_resolver_type=resolver)
-    interpreter.allocate_tensors()
+    with _quiet_native_logs():
+        interpreter = Interpreter(model_content=model,
+                                  experimental_op_resolver_type=resolver)
+        interpreter.allocate_tensors()
     return interpreter
+
+
+# What the converter (absl: `W0000 00:00:... Ignored output_format.`) and the
+# interpreter (`INFO: Created TensorFlow Lite XNNPACK delegate for CPU.`) write
+# to stderr whatever TF_CPP_MIN_LOG_LEVEL says; group 1 is the severity.
+_NATIVE_LOG = re.compile(
+    r"(?:([IWE])\d{4} \d\d:\d\d:[\d.]+ "
+    r"|(W)ARNING: All log messages before absl::InitializeLog\(\)"
+    r"|(I)NFO: Created TensorFlow Lite )")
+_SEVERITY = {"I": 0, "W": 1, "E": 2}
+
+
+def _hidden(line: str, level: int) -> bool:
+    found = _NATIVE_LOG.match(line)
+    if not found:
+        return False
+    severity = next(g for g in found.groups() if g)
+    return _SEVERITY[severity] < level
+
+
+@contextlib.contextmanager
+def _quiet_native_logs() -> Iterator[None]:
+    """Applies ``TF_CPP_MIN_LOG_LEVEL`` (1 hides info, 2 warnings, 3 errors) to
+    the native log lines TFLite writes to stderr (file descriptor 2) without
+    asking it; anything else written meanwhile is written back."""
+    try:
+        level = int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
+    except ValueError:
+        level = 0
+    if level <= 0:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            lines = capture.read().decode(errors="replace").splitlines(keepends=True)
+            kept = "".join(line for line in lines if not _hidden(line, level))
+            if kept:
+                os.write(2, kept.encode())
 
 
 class TFLiteQueryTower:
@@ -404,6 +458,41 @@ def _heads(tower: tf.keras.layers.Layer) -> list[int]:
     return [heads] if heads > 1 else []
 
 
+def build(
+    tower: tf.keras.layers.Layer, export_dir: str | os.PathLike,
+    quantization: str = "none",
+) -> dict[str, Any]:
+    """Converts ``tower`` (:func:`write_tflite`) and checks its parity with the
+    export's ``query`` signature (:func:`parity`).
+
+    Returns:
+        ``export.json``'s ``tflite`` entry: ``file``, ``bytes``, ``ops``,
+        ``quantization``, ``parity``; plus ``path``, the file written.
+    """
+    written = write_tflite(tower, export_dir, quantization)
+    check = parity(export_dir, sample_queries(tower), written["path"])
+    return {"file": os.path.basename(written["path"]), "bytes": written["bytes"],
+            "ops": written["ops"], "quantization": quantization, "parity": check,
+            "path": written["path"]}
+
+
+def rebuild(
+    export_dir: str | os.PathLike, quantization: str = "none"
+) -> dict[str, Any]:
+    """(Re)builds the TFLite query tower of an export from its saved Keras
+    tower (what ``tfdssm tflite`` does); ``export.json`` is left as it is.
+
+    Returns:
+        As :func:`build`.
+
+    Raises:
+        ExportError: ``export_dir`` is not a tfdssm export, or has no saved
+            Keras query tower.
+    """
+    layout.read_export(export_dir)  # a clear error if this is not an export
+    return build(load_query_tower(export_dir), export_dir, quantization)
+
+
 def add_tflite(
     model: Any, export_dir: str | os.PathLike, info: dict[str, Any],
     verbose: bool = True, quantization: str = "none",
@@ -412,6 +501,10 @@ def add_tflite(
     parity with the exported ``query`` signature and records both in
     ``export.json``. Query towers TFLite cannot take (history features) get no
     file: ``export.json``'s ``tflite`` entry says why (``skipped``).
+
+    :func:`tfdssm.export.savedmodel.export_model` calls this (unless
+    ``tflite=False``); progress goes to the ``tfdssm`` logger (info) when
+    ``verbose``.
     """
     save_keras_towers(model, export_dir)
     reason = unsupported(model.query_tower)
@@ -419,18 +512,15 @@ def add_tflite(
         info = {**info, "tflite": {"skipped": reason}}
         layout.write_json_atomic(os.path.join(export_dir, layout.EXPORT_JSON), info)
         if verbose:
-            print(f"tfdssm: no query_tower.tflite: {reason}", file=sys.stderr)
+            logger.info("no query_tower.tflite: %s", reason)
         return info
-    written = write_tflite(model.query_tower, export_dir, quantization)
-    check = parity(export_dir, sample_queries(model.query_tower),
-                          written["path"])
-    entry = {"file": os.path.basename(written["path"]), "bytes": written["bytes"],
-             "ops": written["ops"], "quantization": quantization, "parity": check}
+    entry = build(model.query_tower, export_dir, quantization)
+    path = entry.pop("path")
     info = {**info, "tflite": entry}
     layout.write_json_atomic(os.path.join(export_dir, layout.EXPORT_JSON), info)
     if verbose:
-        print(f"tfdssm: wrote {written['path']} ({written['bytes']:,} bytes, builtin "
-              f"ops only); max |TFLite - SavedModel| = {check['max_abs_diff']:.2e} "
-              f"over {check['queries']} queries", file=sys.stderr)
+        check = entry["parity"]
+        logger.info("wrote %s (%s bytes, builtin ops only); max |TFLite - "
+                    "SavedModel| = %.2e over %d queries", path,
+                    f"{entry['bytes']:,}", check["max_abs_diff"], check["queries"])
     return info
-

@@ -163,13 +163,13 @@ def _logged(function: Callable[..., Any]) -> Callable[..., None]:
     return run
 
 
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+def _log(message: str) -> None:
+    LOG.info("%s", message)
 
 
 def serve(
     export_dir: str | os.PathLike,
-    log: Callable[[str], None] = _stderr,
+    log: Callable[[str], None] = _log,
     grace_seconds: float = 10.0,
     **kwargs: Any,
 ) -> int:
@@ -177,7 +177,8 @@ def serve(
 
     Args:
         export_dir: The export directory.
-        log: Where progress lines go (default stderr); the first says
+        log: Where progress lines go (default: the ``tfdssm.serving`` logger,
+            info; printed to stderr unless logging is set up); the first says
             ``... gRPC on HOST:PORT, REST on http://HOST:PORT ...``.
         grace_seconds: How long in-flight requests may run after a stop signal.
         **kwargs: :class:`Server` arguments.
@@ -185,7 +186,7 @@ def serve(
     Returns:
         0 after a clean shutdown.
     """
-    if not LOG.handlers:
+    if not LOG.hasHandlers():  # `tfdssm serve` sets up the `tfdssm` logger
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
         LOG.addHandler(handler)

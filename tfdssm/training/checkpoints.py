@@ -16,10 +16,10 @@ message naming them (only ``epochs`` may change).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import shutil
-import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -32,8 +32,11 @@ RUN_FILE = "run.json"
 MAY_CHANGE = ("epochs",)
 
 
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+logger = logging.getLogger("tfdssm")
+
+
+def _log(message: str) -> None:
+    logger.info("%s", message)
 
 
 def default_dir(export_dir: str | os.PathLike) -> pathlib.Path:
@@ -56,7 +59,7 @@ class Backup(tf.keras.callbacks.BackupAndRestore):
     """
 
     def __init__(self, directory: str | os.PathLike,
-                 log: Callable[[str], None] = _stderr) -> None:
+                 log: Callable[[str], None] = _log) -> None:
         super().__init__(str(directory), save_freq="epoch", delete_checkpoint=True)
         self.directory = pathlib.Path(directory)
         self.log = log
@@ -66,7 +69,7 @@ class Backup(tf.keras.callbacks.BackupAndRestore):
         if self.first_epoch is None:
             self.first_epoch = epoch
             if epoch:
-                self.log(f"tfdssm: resuming from the checkpoint in "
+                self.log(f"resuming from the checkpoint in "
                          f"{str(self.directory)!r}: epoch {epoch + 1} of "
                          f"{self.params.get('epochs')} (epochs 1-{epoch} are done)")
         super().on_epoch_begin(epoch, logs)
@@ -77,7 +80,7 @@ def backup(
     run: Mapping[str, Any],
     resume: bool,
     chief: bool = True,
-    log: Callable[[str], None] = _stderr,
+    log: Callable[[str], None] = _log,
 ) -> Backup:
     """Prepares ``directory`` and returns the callback to pass to ``fit``.
 
@@ -89,7 +92,7 @@ def backup(
             a backup left there by an interrupted run is discarded (with a
             message) and training starts from epoch 1.
         chief: Whether this worker writes ``run.json`` and discards backups.
-        log: Where messages go (default stderr).
+        log: Where messages go (default: the ``tfdssm`` logger, level info).
 
     Raises:
         ConfigError: resuming a backup written with different parameters, or
@@ -104,11 +107,11 @@ def backup(
     if found and resume:
         _check_same_run(directory, run)
     elif found and chief:
-        log(f"tfdssm: discarding the checkpoint of an interrupted run in "
+        log(f"discarding the checkpoint of an interrupted run in "
             f"{str(directory)!r} (pass --resume to continue it instead)")
         shutil.rmtree(directory / "chief", ignore_errors=True)
     elif resume:
-        log(f"tfdssm: no checkpoint to resume in {str(directory)!r}; starting at "
+        log(f"no checkpoint to resume in {str(directory)!r}; starting at "
             "epoch 1")
     if chief:
         directory.mkdir(parents=True, exist_ok=True)

@@ -99,9 +99,10 @@ class RetrievalEarlyStopping(tf.keras.callbacks.Callback):
     def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
         if self._best_weights is not None:
             self.model.set_weights(self._best_weights)
-            logger.info("kept the weights of epoch %d of %d (best validation "
-                        "score %.4f)", self.best_epoch + 1, len(self.history),
-                        self._best_score)
+            # debug: training.run logs the epoch kept (info)
+            logger.debug("kept the weights of epoch %d of %d (best validation "
+                         "score %.4f)", self.best_epoch + 1, len(self.history),
+                         self._best_score)
 
     def summary(self) -> dict[str, Any]:
         """What ``export.json`` records: epochs run, the epoch kept, the curve."""

@@ -8,9 +8,10 @@ the same way for all of them, from the CLI or a notebook.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
-import sys
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,10 +20,9 @@ import pandas as pd
 import tensorflow as tf
 
 from tfdssm.data import readers as data
-from tfdssm.errors import ConfigError
+from tfdssm.errors import ConfigError, DataWarning
 from tfdssm.export import layout
 from tfdssm.export import savedmodel as export
-from tfdssm.export.tflite import add_tflite
 from tfdssm.features import Feature
 from tfdssm.model import optimizers
 from tfdssm.model.dssm import DSSM
@@ -31,6 +31,8 @@ from tfdssm.training import metrics as metrics_lib
 from tfdssm.training.early_stopping import RetrievalEarlyStopping
 from tfdssm.training.evaluation import evaluate_frame, features_of
 from tfdssm.training.negatives import ROW_INDEX, HardNegatives
+
+logger = logging.getLogger("tfdssm")
 
 VALIDATION_CANDIDATES = 50_000  # corpus sample for each epoch's validation
 
@@ -73,8 +75,8 @@ def split_frame(
     order = np.random.default_rng(seed).permutation(len(frame))
     num_test = int(round(len(frame) * test_fraction))
     if len(frame) < 10 or num_test == 0:
-        print("tfdssm: warning: too few rows to hold out a test split; evaluating "
-              "on the training rows.", file=sys.stderr)
+        warnings.warn("too few rows to hold out a test split; evaluating on the "
+                      "training rows.", DataWarning, stacklevel=2)
         return frame, frame
     test = frame.iloc[order[:num_test]].reset_index(drop=True)
     train = frame.iloc[order[num_test:]].reset_index(drop=True)
@@ -199,12 +201,11 @@ def run(
     if verbose:
         ran = len(history.history.get("loss", [])) or epochs
         rate = len(train_rows) * ran / max(seconds, 1e-9)
-        print(f"tfdssm: trained {ran} epoch(s) on {len(train_rows)} rows in "
-              f"{seconds:.1f}s ({rate:,.0f} rows/s)", file=sys.stderr)
+        logger.info("trained %d epoch(s) on %d rows in %.1fs (%s rows/s)", ran,
+                    len(train_rows), seconds, f"{rate:,.0f}")
         if stopper is not None and stopper.best_epoch is not None:
-            print(f"tfdssm: kept epoch {stopper.best_epoch + 1} of {ran} (best "
-                  f"validation Recall@10 + MRR@10 on {len(validation)} rows)",
-                  file=sys.stderr)
+            logger.info("kept epoch %d of %d (best validation Recall@10 + MRR@10 "
+                        "on %d rows)", stopper.best_epoch + 1, ran, len(validation))
     metrics = evaluate_frame(
         model.query_tower, model.candidate_tower, prepared.test, prepared.corpus,
         prepared.candidate_id, features_of(model.query_tower, prepared.features),
@@ -231,7 +232,6 @@ def run(
                 model, target, corpus=prepared.corpus, metrics=metrics,
                 training=training, max_k=max_k, hybrid=hybrid, validation=validation,
             )
-            info = add_tflite(model, target, info, verbose=bool(verbose))
         if not distribute.is_chief(strategy):
             info = None
         elif hybrid and info.get("hybrid"):
