@@ -40,12 +40,13 @@ from benchmarks.text import (
 )
 
 PREVIOUS = {"shared_towers": False, "batch_size": 256, "epochs": 5,
-            "max_length": 256, "patience": 0, "hybrid": False}
+            "max_length": 256, "patience": 0, "hybrid": False,
+            "hard_negatives": None}
 VARIANTS: dict[str, dict[str, Any]] = {
     "previous defaults (separate towers, batch 256, 5 epochs)": PREVIOUS,
     "defaults": {},
-    "defaults + --hard-negatives bm25": {"hard_negatives": "bm25"},
-    "defaults + --hard-negatives self": {"hard_negatives": "self"},
+    "defaults, --hard-negatives none": {"hard_negatives": None},
+    "defaults, --hard-negatives self": {"hard_negatives": "self"},
 }
 
 

@@ -32,6 +32,8 @@ def _per_pipeline(option: str) -> str:
             value = ",".join(str(v) for v in value)
         elif isinstance(value, bool):
             value = "on" if value else "off"
+        elif value is None:
+            value = "none"
         shown.append(f"{name}: {value}")
     return "default " + "; ".join(shown)
 
@@ -126,10 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="retrieval models fuse the towers' score with BM25 over "
                        "the candidates' text, weight chosen on the validation rows "
                        "(" + _per_pipeline("hybrid") + ")")
-    train.add_argument("--hard-negatives", choices=HARD_NEGATIVES,
+    train.add_argument("--hard-negatives", choices=(*HARD_NEGATIVES, "none"),
                        help="extra negatives per training row: bm25 (mined once "
-                       "by BM25) or self (the towers' own top documents, re-mined "
-                       "every --hard-negatives-every epochs); default none")
+                       "by BM25 over the training documents), self (the towers' "
+                       "own top documents, re-mined every --hard-negatives-every "
+                       "epochs) or none (" + _per_pipeline("hard_negatives") + ")")
     train.add_argument("--hard-negatives-every", type=_positive, default=1,
                        help="with --hard-negatives self: re-mine every N epochs")
     train.add_argument("--senet", action="store_true", help="movielens: SENet block")
@@ -239,7 +242,9 @@ def _train(args: argparse.Namespace) -> int:
         checkpoint_dir=args.checkpoint_dir or checkpoints.default_dir(args.export_dir),
         resume=args.resume, patience=patience or None,
         hybrid=defaults["hybrid"] if args.hybrid is None else args.hybrid,
-        hard_negatives=args.hard_negatives,
+        hard_negatives=(defaults["hard_negatives"] if args.hard_negatives is None
+                        else None if args.hard_negatives == "none"
+                        else args.hard_negatives),
         hard_negatives_every=args.hard_negatives_every,
     )
     from tfdssm.training.metrics import format_metrics  # noqa: PLC0415
