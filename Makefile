@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.tfdssm-installed
 EXPORT_DIR ?= saved_models/movielens
 
-.PHONY: setup demo serve test bench lint clean
+.PHONY: setup demo serve test bench bench-data lint clean
 
 setup: $(STAMP)
 
@@ -33,11 +33,19 @@ test: $(STAMP)
 # tests marked `bench` (1/8/32 clients, 17 killed exports) run first;
 # `make bench BENCH_TESTS=` skips them.
 BENCH_TESTS ?= tests/test_load.py tests/test_reliability.py
-bench: $(STAMP)
+bench: $(STAMP) bench-data
 	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
 	$(if $(BENCH_TESTS),$(BIN)/python -m pytest -q -s -m bench $(BENCH_TESTS))
 	$(BIN)/python -m benchmarks.run $(SUITES) $(BENCH_ARGS) \
 	  $(if $(SUITES)$(BENCH_ARGS),,--readme README.md)
+
+# The text suite's corpora (Debian's man pages and English package descriptions);
+# best effort: without root or apt the suite says which command it needs.
+bench-data:
+	-@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq -o Acquire::Languages=en && \
+	  apt-get install -y -qq manpages manpages-dev >/dev/null; \
+	else echo "make bench-data: not root or no apt-get; the text suite may ask for Debian packages"; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check tfdssm tests pipelines scripts
