@@ -118,6 +118,10 @@ def _write_files(tmp: pathlib.Path, frame: pd.DataFrame) -> None:
     dup = frame.copy()
     dup.loc[0, "doc"] = "something else entirely"
     dup.to_csv(tmp / "dup_id.csv", index=False)
+    frame[["query", "doc", "doc_id", "doc"]].to_csv(tmp / "dup_header.csv", index=False)
+    lists = frame.copy()
+    lists["doc"] = lists["doc"].str.split()
+    lists.to_parquet(tmp / "lists.parquet", index=False)
     (tmp / "a_file").write_text("not a directory")
     (tmp / "not_an_export").mkdir()
 
@@ -436,6 +440,18 @@ CASES = [
          library=(lambda e: data.to_feature_arrays(
              pd.DataFrame({"age": [31, None, 40]}), [NumericFeature("age")], "users"),
              DataError, ("'age'", "finite numbers", "data row 2"))),
+    # -------------------------------------------- silent misreads (issue 17.4)
+    Case("CSV header naming a column twice",
+         cli=(_train("dup_header.csv"), 2,
+              ("dup_header.csv", "'doc'", "more than once", "Rename")),
+         library=(lambda e: data.read_table(e.file("dup_header.csv")), DataError,
+                  ("dup_header.csv", "'doc'", "columns [2, 4]"))),
+    Case("Parquet list column as the text",
+         cli=(_train("lists.parquet"), 2,
+              ("lists.parquet", "'doc'", "holds lists", "join")),
+         library=(lambda e: data.to_feature_arrays(
+             data.read_table(e.file("lists.parquet")), [TextFeature("doc")], "docs"),
+             DataError, ("docs column 'doc'", "holds lists", "data row 1", "join"))),
     Case("NaN number in a request",
          grpc=(lambda e: predict_request("towers", "query", user_inputs(
              e, k=None, age=np.array([30.0, np.nan], np.float32))),
