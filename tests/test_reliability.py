@@ -307,6 +307,104 @@ def test_export_killed_at_many_moments(export_copy, pairs_export):
     assert len(result["outcomes"]) == 17
 
 
+# One export, one set (issue 17.2): each export is SIGKILLed just before one of
+# its steps (argv[3]; "none": it commits), through savedmodel._hook.
+KILLED_EXPORTER = """
+import os, signal, sys
+import tfdssm
+import pandas as pd
+from tfdssm.export import savedmodel
+from tfdssm.recipes import pairs
+
+def hook(step):
+    if step == sys.argv[3]:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+savedmodel._hook = hook
+prepared = pairs.prepare(pd.read_csv(sys.argv[2]), "query", "doc", "doc_id",
+                         num_buckets=500, hidden=(16, 16), dim=8)
+print("ready", flush=True)
+sys.stdin.readline()
+savedmodel.export_model(prepared.model, sys.argv[1], corpus=prepared.corpus)
+print("exported", flush=True)
+"""
+EXPORT_STEPS = ("towers", "retrieval_brute_force", "retrieval", "candidates",
+                "export.json", "models.config")
+
+
+def test_an_export_killed_before_its_commit_never_changes_the_served_set(
+        export_copy):
+    """Killed before each step, an export leaves ``models.config`` (the commit
+    record) and the set a running server serves those of the previous export;
+    the export that completes replaces the whole set at once."""
+    from tfdssm.errors import ExportError
+    from tfdssm.export import serving_config
+
+    export_dir, csv = export_copy
+    committed = [serving_config.pinned_versions(export_dir)]
+    assert committed[0] == {m: 1 for m in MODELS}
+    serving_config.check_committed(export_dir, export.read_export(export_dir))
+    samples, stop = [], threading.Event()
+
+    def spawn(step):
+        return subprocess.Popen(
+            [sys.executable, "-c", KILLED_EXPORTER, str(export_dir), str(csv), step],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            text=True, env=ENV)
+
+    with running_server(export_dir, poll_seconds=0.05, rest_port=None) as server:
+        def sample():
+            while not stop.is_set():
+                samples.append(server.manager.served())
+                time.sleep(0.005)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        steps = [*EXPORT_STEPS, "none"]
+        procs = [spawn(steps[0])]
+        try:
+            for i, step in enumerate(steps):
+                if i + 1 < len(steps):  # its imports overlap this export
+                    procs.append(spawn(steps[i + 1]))
+                _go(procs[i])
+                code = procs[i].wait(timeout=300)
+                pins = serving_config.pinned_versions(export_dir)
+                if step == "none":
+                    assert code == 0
+                    assert pins != committed[-1]
+                    committed.append(pins)
+                else:
+                    assert code == -signal.SIGKILL, step
+                    assert pins == committed[-1], step
+                info = export.read_export(export_dir)
+                try:
+                    serving_config.check_committed(export_dir, info)
+                    assert info["commit"]["versions"] == pins, step
+                except ExportError as error:  # a torn export is never silent
+                    assert step in ("export.json", "models.config"), (step, error)
+                    assert "before its commit" in str(error)
+                if step == "models.config":  # export.json written, not committed
+                    assert info["commit"]["versions"] != pins
+                deadline = time.monotonic() + 60
+                while server.manager.served() != pins and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert server.manager.served() == pins, step
+        finally:
+            stop.set()
+            sampler.join(timeout=30)
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(timeout=60)
+    mixed = [s for s in samples if s not in committed]
+    assert samples and mixed == [], mixed[:3]
+    assert committed[-1] in samples
+    # Orphan versions of the killed exports exist, yet were never served.
+    orphans = {m: set(export.versions(export_dir / m)) - {c[m] for c in committed}
+               for m in MODELS}
+    assert orphans["towers"], orphans
+
+
 def test_stale_temporaries_of_live_processes_are_kept(tmp_path):
     base = tmp_path / "towers"
     base.mkdir()
