@@ -771,6 +771,35 @@ CASES = [
          library=(lambda e: export.export_model(e.pairs_prepared.model,
                                                 e.file("a_file")),
                   ExportError, ("a_file", "not a directory"))),
+    # ----------------------------------- arguments checked up front (17.5)
+    Case("train --export-dir naming an existing file",
+         cli=(lambda e: [*_train("pairs.csv")(e)[:-len(TINY) - 2], "--export-dir",
+                         e.file("a_file"), *TINY], 2,
+              ("--export-dir", "a_file", "not a directory")),
+         library=(lambda e: train.run(e.pairs_prepared, e.file("a_file")), ExportError,
+                  ("a_file", "not a directory"))),
+    Case("train --export-dir under a file",
+         cli=(lambda e: [*_train("pairs.csv")(e)[:-len(TINY) - 2], "--export-dir",
+                         e.file("a_file") / "sub", *TINY], 2,
+              ("a_file", "is a file, not a directory"))),
+    Case("absurd --max-length (out of memory)",
+         cli=(_train("pairs.csv", "--max-length", "10000000"), 2,
+              ("argument --max-length", "between 1 and 1,000,000", "10000000")),
+         library=(lambda e: pairs.prepare(e.file("pairs.csv"), "query", "doc",
+                                          max_length=10_000_000),
+                  ConfigError, ("max_length", "1,000,000", "10000000", "1024"))),
+    Case("absurd --max-length (overflow)",
+         cli=(_train("pairs.csv", "--max-length", "100000000000000000000"), 2,
+              ("argument --max-length", "between 1 and 1,000,000")),
+         library=(lambda e: pairs.prepare(e.file("pairs.csv"), "query", "doc",
+                                          max_length=10**20),
+                  ConfigError, ("max_length", "100000000000000000000"))),
+    Case("batch size x max_length beyond memory",
+         cli=(_train("pairs.csv", "--max-length", "1000000", "--batch-size",
+                     "100000"), 2, ("GiB", "available", "--max-length")),
+         library=(lambda e: train.run(e.pairs_prepared, e.file("out_mem"),
+                                      batch_size=10**9),
+                  ConfigError, ("batch size 1000000000", "GiB", "--batch-size"))),
     Case("half-written SavedModel",
          cli=(lambda e: ["query", "--export-dir", e.broken_dir, "kiwi"], 2,
               ("towers/1", "not a loadable SavedModel", "tfdssm train")),
@@ -839,8 +868,9 @@ def test_cli(case: Case, env: Env):
         assert re.match(r"tfdssm( \w+)?: error: argument ", lines[-1]), err
     for fragment in fragments:
         assert fragment in lines[-1], (fragment, lines[-1])
-    if argv[0] == "train":
-        assert not pathlib.Path(argv[argv.index("--export-dir") + 1]).exists()
+    if argv[0] == "train":  # a failed train leaves no export dir (nor a file's)
+        target = pathlib.Path(argv[len(argv) - 1 - argv[::-1].index("--export-dir") + 1])
+        assert not target.exists() or target == env.file("a_file")
 
 
 @pytest.mark.parametrize("case", _cases("library"))

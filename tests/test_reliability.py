@@ -17,6 +17,7 @@ import tfdssm  # noqa: F401  - selects Keras 2; must precede tensorflow
 
 # isort: split
 import contextlib
+import errno
 import io
 import json
 import os
@@ -788,3 +789,87 @@ def test_odd_version_names_never_stop_the_watcher(pairs_export, tmp_path):
         assert manager.status("towers") == [(3, 30, ""), (1, 50, "")]
         assert manager.status("other") == [(1, 30, "")]
         assert manager.get("other").version == 1
+
+
+# --------------------------------------------------------------------------- #
+# I/O failures are one-line errors, with nothing half-written left (issue 17.5)
+# --------------------------------------------------------------------------- #
+
+TINY_TRAIN = ["--hidden", "16", "--dim", "8", "--buckets", "500", "--epochs", "1",
+              "--batch-size", "16", "--quiet", "--candidate-id-column", "doc_id"]
+
+
+def _train_cli(csv: pathlib.Path, export_dir: pathlib.Path, capsys) -> tuple[int, str]:
+    code = cli.main(["train", "--pipeline", "pairs", "--data", str(csv),
+                     "--export-dir", str(export_dir), *TINY_TRAIN])
+    err = capsys.readouterr().err
+    return code, err
+
+
+def _one_error_line(err: str) -> str:
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("tfdssm: error")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("where", ["export (candidates.npy)", "export (SavedModel)",
+                                   "training (epoch backup)"])
+def test_a_full_disk_is_one_error_and_leaves_nothing(where, export_copy, pairs_frame,
+                                                     tmp_path, monkeypatch, capsys):
+    from tfdssm.export import candidates, savedmodel
+
+    _, csv = export_copy
+    if where.startswith("export (c"):
+        monkeypatch.setattr(candidates.np, "save", _disk_full)
+    elif where.startswith("export (S"):
+        monkeypatch.setattr(savedmodel.warmup, "write_warmup", _disk_full)
+    else:
+        def full(self, *args, **kwargs):
+            raise tf.errors.ResourceExhaustedError(
+                None, None, "/x/.checkpoints/chief; No space left on device")
+        monkeypatch.setattr(checkpoints.Backup, "on_epoch_end", full)
+    target = tmp_path / "new_export"
+    code, err = _train_cli(csv, target, capsys)
+    line = _one_error_line(err)
+    assert code == 2 and "disk filled up" in line and "new_export" in line, line
+    assert not target.exists()  # no export dir, no .checkpoints
+
+
+def test_an_unwritable_export_keeps_the_committed_export(export_copy, monkeypatch,
+                                                         capsys):
+    from tfdssm.export import savedmodel, serving_config
+
+    export_dir, csv = export_copy
+    before = (export_dir / "models.config").read_text()
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(savedmodel.candidates, "write_candidates", read_only)
+    code, err = _train_cli(csv, export_dir, capsys)
+    line = _one_error_line(err)
+    assert code == 2 and "cannot write" in line and "Read-only" in line, line
+    assert (export_dir / "models.config").read_text() == before  # nothing committed
+    assert not (export_dir / checkpoints.CHECKPOINT_DIR).exists()
+    assert [p for m in MODELS for p in _temporaries(export_dir / m)] == []
+    serving_config.check_committed(export_dir, export.read_export(export_dir))
+
+
+def test_an_export_dir_under_a_file_or_unwritable_is_refused_first(tmp_path,
+                                                                  monkeypatch):
+    from tfdssm.errors import ExportError
+    from tfdssm.export import layout
+
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ExportError, match="is a file, not a directory"):
+        layout.check_export_dir(tmp_path / "f" / "sub")
+    with pytest.raises(ExportError, match="exists and is not a directory"):
+        layout.check_export_dir(tmp_path / "f")
+    monkeypatch.setattr(layout.os, "access", lambda *a, **k: False)  # root ignores 0o555
+    with pytest.raises(ExportError, match="is not writable"):
+        layout.check_export_dir(tmp_path / "new")
