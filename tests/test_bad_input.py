@@ -119,6 +119,10 @@ def _write_files(tmp: pathlib.Path, frame: pd.DataFrame) -> None:
     dup = frame.copy()
     dup.loc[0, "doc"] = "something else entirely"
     dup.to_csv(tmp / "dup_id.csv", index=False)
+    frame[["query", "doc", "doc_id", "doc"]].to_csv(tmp / "dup_header.csv", index=False)
+    lists = frame.copy()
+    lists["doc"] = lists["doc"].str.split()
+    lists.to_parquet(tmp / "lists.parquet", index=False)
     (tmp / "a_file").write_text("not a directory")
     (tmp / "not_an_export").mkdir()
 
@@ -433,6 +437,18 @@ CASES = [
          library=(lambda e: data.to_feature_arrays(
              pd.DataFrame({"age": [31, None, 40]}), [NumericFeature("age")], "users"),
              DataError, ("'age'", "finite numbers", "data row 2"))),
+    # -------------------------------------------- silent misreads (issue 17.4)
+    Case("CSV header naming a column twice",
+         cli=(_train("dup_header.csv"), 2,
+              ("dup_header.csv", "'doc'", "more than once", "Rename")),
+         library=(lambda e: data.read_table(e.file("dup_header.csv")), DataError,
+                  ("dup_header.csv", "'doc'", "columns [2, 4]"))),
+    Case("Parquet list column as the text",
+         cli=(_train("lists.parquet"), 2,
+              ("lists.parquet", "'doc'", "holds lists", "join")),
+         library=(lambda e: data.to_feature_arrays(
+             data.read_table(e.file("lists.parquet")), [TextFeature("doc")], "docs"),
+             DataError, ("docs column 'doc'", "holds lists", "data row 1", "join"))),
     Case("NaN number in a request",
          grpc=(lambda e: predict_request("towers", "query", user_inputs(
              e, k=None, age=np.array([30.0, np.nan], np.float32))),
@@ -752,6 +768,35 @@ CASES = [
          library=(lambda e: export.export_model(e.pairs_prepared.model,
                                                 e.file("a_file")),
                   ExportError, ("a_file", "not a directory"))),
+    # ----------------------------------- arguments checked up front (17.5)
+    Case("train --export-dir naming an existing file",
+         cli=(lambda e: [*_train("pairs.csv")(e)[:-len(TINY) - 2], "--export-dir",
+                         e.file("a_file"), *TINY], 2,
+              ("--export-dir", "a_file", "not a directory")),
+         library=(lambda e: train.run(e.pairs_prepared, e.file("a_file")), ExportError,
+                  ("a_file", "not a directory"))),
+    Case("train --export-dir under a file",
+         cli=(lambda e: [*_train("pairs.csv")(e)[:-len(TINY) - 2], "--export-dir",
+                         e.file("a_file") / "sub", *TINY], 2,
+              ("a_file", "is a file, not a directory"))),
+    Case("absurd --max-length (out of memory)",
+         cli=(_train("pairs.csv", "--max-length", "10000000"), 2,
+              ("argument --max-length", "between 1 and 1,000,000", "10000000")),
+         library=(lambda e: pairs.prepare(e.file("pairs.csv"), "query", "doc",
+                                          max_length=10_000_000),
+                  ConfigError, ("max_length", "1,000,000", "10000000", "1024"))),
+    Case("absurd --max-length (overflow)",
+         cli=(_train("pairs.csv", "--max-length", "100000000000000000000"), 2,
+              ("argument --max-length", "between 1 and 1,000,000")),
+         library=(lambda e: pairs.prepare(e.file("pairs.csv"), "query", "doc",
+                                          max_length=10**20),
+                  ConfigError, ("max_length", "100000000000000000000"))),
+    Case("batch size x max_length beyond memory",
+         cli=(_train("pairs.csv", "--max-length", "1000000", "--batch-size",
+                     "100000"), 2, ("GiB", "available", "--max-length")),
+         library=(lambda e: train.run(e.pairs_prepared, e.file("out_mem"),
+                                      batch_size=10**9),
+                  ConfigError, ("batch size 1000000000", "GiB", "--batch-size"))),
     Case("half-written SavedModel",
          cli=(lambda e: ["query", "--export-dir", e.broken_dir, "kiwi"], 2,
               ("towers/1", "not a loadable SavedModel", "tfdssm train")),
@@ -820,8 +865,9 @@ def test_cli(case: Case, env: Env):
         assert re.match(r"tfdssm( \w+)?: error: argument ", lines[-1]), err
     for fragment in fragments:
         assert fragment in lines[-1], (fragment, lines[-1])
-    if argv[0] == "train":
-        assert not pathlib.Path(argv[argv.index("--export-dir") + 1]).exists()
+    if argv[0] == "train":  # a failed train leaves no export dir (nor a file's)
+        target = pathlib.Path(argv[len(argv) - 1 - argv[::-1].index("--export-dir") + 1])
+        assert not target.exists() or target == env.file("a_file")
 
 
 @pytest.mark.parametrize("case", _cases("library"))

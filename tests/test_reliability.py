@@ -17,6 +17,7 @@ import tfdssm  # noqa: F401  - selects Keras 2; must precede tensorflow
 
 # isort: split
 import contextlib
+import errno
 import io
 import json
 import os
@@ -305,6 +306,104 @@ def test_export_killed_at_many_moments(export_copy, pairs_export):
                            list(_kill_when(export_dir, {m: [1] for m in MODELS})),
                            [rng.uniform(0.02, 1.5) for _ in range(12)], ahead=2)
     assert len(result["outcomes"]) == 17
+
+
+# One export, one set (issue 17.2): each export is SIGKILLed just before one of
+# its steps (argv[3]; "none": it commits), through savedmodel._hook.
+KILLED_EXPORTER = """
+import os, signal, sys
+import tfdssm
+import pandas as pd
+from tfdssm.export import savedmodel
+from tfdssm.recipes import pairs
+
+def hook(step):
+    if step == sys.argv[3]:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+savedmodel._hook = hook
+prepared = pairs.prepare(pd.read_csv(sys.argv[2]), "query", "doc", "doc_id",
+                         num_buckets=500, hidden=(16, 16), dim=8)
+print("ready", flush=True)
+sys.stdin.readline()
+savedmodel.export_model(prepared.model, sys.argv[1], corpus=prepared.corpus)
+print("exported", flush=True)
+"""
+EXPORT_STEPS = ("towers", "retrieval_brute_force", "retrieval", "candidates",
+                "export.json", "models.config")
+
+
+def test_an_export_killed_before_its_commit_never_changes_the_served_set(
+        export_copy):
+    """Killed before each step, an export leaves ``models.config`` (the commit
+    record) and the set a running server serves those of the previous export;
+    the export that completes replaces the whole set at once."""
+    from tfdssm.errors import ExportError
+    from tfdssm.export import serving_config
+
+    export_dir, csv = export_copy
+    committed = [serving_config.pinned_versions(export_dir)]
+    assert committed[0] == {m: 1 for m in MODELS}
+    serving_config.check_committed(export_dir, export.read_export(export_dir))
+    samples, stop = [], threading.Event()
+
+    def spawn(step):
+        return subprocess.Popen(
+            [sys.executable, "-c", KILLED_EXPORTER, str(export_dir), str(csv), step],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            text=True, env=ENV)
+
+    with running_server(export_dir, poll_seconds=0.05, rest_port=None) as server:
+        def sample():
+            while not stop.is_set():
+                samples.append(server.manager.served())
+                time.sleep(0.005)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        steps = [*EXPORT_STEPS, "none"]
+        procs = [spawn(steps[0])]
+        try:
+            for i, step in enumerate(steps):
+                if i + 1 < len(steps):  # its imports overlap this export
+                    procs.append(spawn(steps[i + 1]))
+                _go(procs[i])
+                code = procs[i].wait(timeout=300)
+                pins = serving_config.pinned_versions(export_dir)
+                if step == "none":
+                    assert code == 0
+                    assert pins != committed[-1]
+                    committed.append(pins)
+                else:
+                    assert code == -signal.SIGKILL, step
+                    assert pins == committed[-1], step
+                info = export.read_export(export_dir)
+                try:
+                    serving_config.check_committed(export_dir, info)
+                    assert info["commit"]["versions"] == pins, step
+                except ExportError as error:  # a torn export is never silent
+                    assert step in ("export.json", "models.config"), (step, error)
+                    assert "before its commit" in str(error)
+                if step == "models.config":  # export.json written, not committed
+                    assert info["commit"]["versions"] != pins
+                deadline = time.monotonic() + 60
+                while server.manager.served() != pins and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert server.manager.served() == pins, step
+        finally:
+            stop.set()
+            sampler.join(timeout=30)
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(timeout=60)
+    mixed = [s for s in samples if s not in committed]
+    assert samples and mixed == [], mixed[:3]
+    assert committed[-1] in samples
+    # Orphan versions of the killed exports exist, yet were never served.
+    orphans = {m: set(export.versions(export_dir / m)) - {c[m] for c in committed}
+               for m in MODELS}
+    assert orphans["towers"], orphans
 
 
 def test_stale_temporaries_of_live_processes_are_kept(tmp_path):
@@ -690,3 +789,87 @@ def test_odd_version_names_never_stop_the_watcher(pairs_export, tmp_path):
         assert manager.status("towers") == [(3, 30, ""), (1, 50, "")]
         assert manager.status("other") == [(1, 30, "")]
         assert manager.get("other").version == 1
+
+
+# --------------------------------------------------------------------------- #
+# I/O failures are one-line errors, with nothing half-written left (issue 17.5)
+# --------------------------------------------------------------------------- #
+
+TINY_TRAIN = ["--hidden", "16", "--dim", "8", "--buckets", "500", "--epochs", "1",
+              "--batch-size", "16", "--quiet", "--candidate-id-column", "doc_id"]
+
+
+def _train_cli(csv: pathlib.Path, export_dir: pathlib.Path, capsys) -> tuple[int, str]:
+    code = cli.main(["train", "--pipeline", "pairs", "--data", str(csv),
+                     "--export-dir", str(export_dir), *TINY_TRAIN])
+    err = capsys.readouterr().err
+    return code, err
+
+
+def _one_error_line(err: str) -> str:
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("tfdssm: error")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("where", ["export (candidates.npy)", "export (SavedModel)",
+                                   "training (epoch backup)"])
+def test_a_full_disk_is_one_error_and_leaves_nothing(where, export_copy, pairs_frame,
+                                                     tmp_path, monkeypatch, capsys):
+    from tfdssm.export import candidates, savedmodel
+
+    _, csv = export_copy
+    if where.startswith("export (c"):
+        monkeypatch.setattr(candidates.np, "save", _disk_full)
+    elif where.startswith("export (S"):
+        monkeypatch.setattr(savedmodel.warmup, "write_warmup", _disk_full)
+    else:
+        def full(self, *args, **kwargs):
+            raise tf.errors.ResourceExhaustedError(
+                None, None, "/x/.checkpoints/chief; No space left on device")
+        monkeypatch.setattr(checkpoints.Backup, "on_epoch_end", full)
+    target = tmp_path / "new_export"
+    code, err = _train_cli(csv, target, capsys)
+    line = _one_error_line(err)
+    assert code == 2 and "disk filled up" in line and "new_export" in line, line
+    assert not target.exists()  # no export dir, no .checkpoints
+
+
+def test_an_unwritable_export_keeps_the_committed_export(export_copy, monkeypatch,
+                                                         capsys):
+    from tfdssm.export import savedmodel, serving_config
+
+    export_dir, csv = export_copy
+    before = (export_dir / "models.config").read_text()
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(savedmodel.candidates, "write_candidates", read_only)
+    code, err = _train_cli(csv, export_dir, capsys)
+    line = _one_error_line(err)
+    assert code == 2 and "cannot write" in line and "Read-only" in line, line
+    assert (export_dir / "models.config").read_text() == before  # nothing committed
+    assert not (export_dir / checkpoints.CHECKPOINT_DIR).exists()
+    assert [p for m in MODELS for p in _temporaries(export_dir / m)] == []
+    serving_config.check_committed(export_dir, export.read_export(export_dir))
+
+
+def test_an_export_dir_under_a_file_or_unwritable_is_refused_first(tmp_path,
+                                                                  monkeypatch):
+    from tfdssm.errors import ExportError
+    from tfdssm.export import layout
+
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ExportError, match="is a file, not a directory"):
+        layout.check_export_dir(tmp_path / "f" / "sub")
+    with pytest.raises(ExportError, match="exists and is not a directory"):
+        layout.check_export_dir(tmp_path / "f")
+    monkeypatch.setattr(layout.os, "access", lambda *a, **k: False)  # root ignores 0o555
+    with pytest.raises(ExportError, match="is not writable"):
+        layout.check_export_dir(tmp_path / "new")

@@ -412,6 +412,10 @@ def test_new_version_is_picked_up_without_dropping_requests(exported, tmp_path):
         thread = threading.Thread(target=hammer)
         thread.start()
         _add_version(copy / "retrieval", 1, 2)
+        time.sleep(0.6)  # not committed: models.config pins version 1
+        assert server.manager.served()["retrieval"] == 1 and 2 not in seen
+        pins = config.pinned_versions(copy)
+        config.write_model_configs(copy, list(pins), {**pins, "retrieval": 2})
         deadline = time.monotonic() + 30
         while 2 not in seen and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -433,6 +437,8 @@ def test_new_version_is_picked_up_without_dropping_requests(exported, tmp_path):
         (copy / "towers" / ".tmp-broken").mkdir()
         (copy / "towers" / ".tmp-broken" / "saved_model.pb").write_bytes(b"garbage")
         os.rename(copy / "towers" / ".tmp-broken", copy / "towers" / "5")
+        config.write_model_configs(copy, list(pins), {**pins, "retrieval": 2,
+                                                      "towers": 5})
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             states = dict((v, (s, e)) for v, s, e in server.manager.status("towers"))
@@ -443,6 +449,7 @@ def test_new_version_is_picked_up_without_dropping_requests(exported, tmp_path):
         towers = stub.Predict(_request("towers", "query",
                                        _typed(user_features(prepared, 1))), timeout=30)
         assert towers.model_spec.version.value == 1
+        assert server.manager.served() == {**pins, "retrieval": 2}  # the whole set
         channel.close()
 
 

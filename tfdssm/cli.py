@@ -69,6 +69,9 @@ def _number(convert: type, kind: str, ok, rule: str):
 _positive = _number(int, "an integer", lambda v: v >= 1, ">= 1")
 _non_negative = _number(int, "an integer", lambda v: v >= 0, ">= 0")
 _positive_float = _number(float, "a number", lambda v: v > 0, "> 0")
+_MAX_LENGTH_LIMIT = 1_000_000  # tfdssm.features.basic.MAX_LENGTH_LIMIT (no TF here)
+_max_length = _number(int, "an integer", lambda v: 1 <= v <= _MAX_LENGTH_LIMIT,
+                      f"between 1 and {_MAX_LENGTH_LIMIT:,} code points")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                        _per_pipeline("buckets") + ")")
     train.add_argument("--activation", choices=["tanh", "relu", "gelu", "swish"],
                        help=_per_pipeline("activation"))
-    train.add_argument("--max-length", type=_positive, help="code points kept per "
+    train.add_argument("--max-length", type=_max_length, help="code points kept per "
                        "text, pairs (" + _per_pipeline("max_length") + ")")
     train.add_argument("--word-ngrams", type=_sizes, default=[],
                        help="also hash word unigrams/bigrams, e.g. 1,2 (pairs)")

@@ -33,7 +33,9 @@ def read_table(source: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:
         The table; string columns are read as ``str`` (no type guessing).
 
     Raises:
-        DataError: missing, empty or unreadable file, unknown suffix.
+        DataError: missing, empty or unreadable file, unknown suffix, a CSV/TSV
+            header naming a column twice (pandas would rename the second
+            ``name.1`` and the first would be read silently).
     """
     if isinstance(source, pd.DataFrame):
         return source
@@ -51,10 +53,10 @@ def read_table(source: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:
     try:
         if suffix in (".parquet", ".pq"):
             return pd.read_parquet(path)
-        return pd.read_csv(
-            path, sep="\t" if suffix == ".tsv" else ",", dtype=str,
-            keep_default_na=False, encoding="utf-8",
-        )
+        options = dict(sep="\t" if suffix == ".tsv" else ",", dtype=str,
+                       keep_default_na=False, encoding="utf-8")
+        _check_header(path, pd.read_csv(path, header=None, nrows=1, **options))
+        return pd.read_csv(path, **options)
     except UnicodeDecodeError as error:
         raise DataError(
             f"{str(path)!r} is not valid UTF-8 (byte {error.start}): re-save it as "
@@ -63,6 +65,46 @@ def read_table(source: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError,
             ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
         raise DataError(f"cannot parse {str(path)!r}: {error}") from None
+
+
+def _check_header(path: pathlib.Path, header: pd.DataFrame) -> None:
+    """Refuses a header naming a column twice (pandas renames the second)."""
+    names = [str(v) for v in header.iloc[0]] if len(header) else []
+    repeated = sorted({n for n in names if n and names.count(n) > 1})
+    if repeated:
+        columns = [i + 1 for i, n in enumerate(names) if n == repeated[0]]
+        raise DataError(
+            f"the header of {str(path)!r} names column {repeated[0]!r} more than once "
+            f"(columns {columns}); only one could be read. Rename or drop the "
+            "repeated column(s).")
+
+
+def check_text_columns(frame: pd.DataFrame, names: Sequence[str],
+                       what: str = "data") -> None:
+    """Refuses text columns whose cells are lists, arrays or dicts (e.g. a Parquet
+    list column), which would otherwise be trained on their ``repr``.
+
+    >>> check_text_columns(pd.DataFrame({"q": [["a", "b"]]}), ["q"])
+    Traceback (most recent call last):
+    ...
+    tfdssm.errors.DataError: data column 'q' holds lists (data row 1: ['a', 'b']), \
+not text; join each list into one string first (e.g. `df['q'] = df['q'].str.join(' ')`) \
+or choose a text column.
+    """
+    for name in dict.fromkeys(names):
+        if name not in frame.columns or frame[name].dtype != object:
+            continue
+        nested = frame[name].map(lambda v: isinstance(v, list | tuple | dict | set
+                                                      | np.ndarray)).to_numpy(bool)
+        if nested.any():
+            row = int(np.flatnonzero(nested)[0])
+            value = frame[name].iloc[row]
+            shown = repr(list(value) if isinstance(value, np.ndarray) else value)
+            raise DataError(
+                f"{what} column {name!r} holds lists (data row {row + 1}: "
+                f"{shown[:60]}), not text; join each list into one string first "
+                f"(e.g. `df[{name!r}] = df[{name!r}].str.join(' ')`) or choose a text "
+                "column.")
 
 
 def check_columns(frame: pd.DataFrame, names: Sequence[str], what: str = "data") -> None:
@@ -147,10 +189,12 @@ def to_feature_arrays(
     must not be missing.
 
     Raises:
-        DataError: missing columns, non-numeric or missing numeric values.
+        DataError: missing columns, non-numeric or missing numeric values, list
+            cells in a text column.
     """
     names = list(dict.fromkeys(f.name for f in features))
     check_columns(frame, names, what)
+    check_text_columns(frame, [f.name for f in features if f.dtype == tf.string], what)
     arrays: dict[str, np.ndarray] = {}
     for feature in {f.name: f for f in features}.values():
         column = frame[feature.name]

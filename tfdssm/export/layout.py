@@ -44,14 +44,43 @@ def next_version(base: str | os.PathLike) -> int:
 
 
 def write_json_atomic(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
-    """Writes JSON via a temporary file and rename (never half-written)."""
+    """Writes JSON via a temporary file and rename (never half-written; the
+    temporary is removed if writing fails, e.g. on a full disk)."""
     path = pathlib.Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def check_export_dir(path: str | os.PathLike) -> None:
+    """Checks, before anything is trained or written, that ``path`` can be an
+    export directory: a directory (or a path that can become one) this process
+    may write to.
+
+    Raises:
+        ExportError: ``path`` is a file, lies under a file, or is not writable.
+    """
+    path = pathlib.Path(path)
+    if path.exists() and not path.is_dir():
+        raise ExportError(f"--export-dir {str(path)!r} exists and is not a directory; "
+                          "pass a new directory or an earlier export.")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ExportError(f"--export-dir {str(path)!r} cannot be created: "
+                          f"{str(existing)!r} is a file, not a directory.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ExportError(f"--export-dir {str(path)!r} is not writable "
+                          f"({str(existing)!r} is read-only for this user); pass a "
+                          "writable directory or fix its permissions.")
 
 
 def read_export(export_dir: str | os.PathLike) -> dict[str, Any]:

@@ -28,6 +28,7 @@ existing version is never overwritten.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 import re
@@ -273,9 +274,11 @@ def export_retrieval(
         if fusion is not None and cls is index.BruteForceRetrieval:
             out["hybrid"] = hybrid_build.tune_weight(
                 module, validation, candidate_id, _input_features(model.query_tower))
+        _hook(name)
         version_dir = save_retrieval(module, export_dir, name, query_row)
         out[name] = {"version": int(version_dir.name),
                      "path": f"{name}/{version_dir.name}", **module.describe()}
+    _hook("candidates")
     out["candidate_embeddings"] = candidates.write_candidates(export_dir, embeddings,
                                                               ids)
     return out
@@ -388,6 +391,7 @@ def export_model(
     export_dir.mkdir(parents=True, exist_ok=True)
     if corpus is not None and len(corpus):
         candidate_row = _first_row(corpus, model.candidate_tower)
+    _hook("towers")
     tower_dir = save_towers(model, export_dir, candidate_row)
     served = {"towers": {"version": int(tower_dir.name),
                          "path": f"towers/{tower_dir.name}"}}
@@ -399,7 +403,8 @@ def export_model(
                                        scann_options, hybrid, validation))
     names = [n for n in ("towers", "retrieval", "retrieval_brute_force") if n in served]
     fusion = served.pop("hybrid", None)
-    model_config = serving_config.write_model_configs(export_dir, names)
+    pins = {name: served[name]["version"] for name in names}
+    model_config = serving_config.config_entry(names)
     info = {
         "format_version": FORMAT_VERSION,
         "tfdssm_version": _package_version(),
@@ -422,11 +427,39 @@ def export_model(
         **{k: v for k, v in served.items() if k != "towers"},
         "model_config": model_config,
         "warmup": f"<model>/<version>/{warmup.WARMUP_DIR}/{warmup.WARMUP_FILE}",
+        "commit": {"record": serving_config.CONFIG_FILE, "versions": pins,
+                   "sha256": _digests(export_dir, corpus is not None,
+                                      "candidate_embeddings" in served)},
     }
+    _hook("export.json")
     write_json_atomic(export_dir / EXPORT_JSON, info)
     if tflite:
         info = add_tflite(model, export_dir, info)
+    _hook("models.config")
+    serving_config.write_model_configs(export_dir, names, pins)  # the commit: last
+    _sync_dir(export_dir)
     return info
+
+
+def _digests(export_dir: pathlib.Path, corpus: bool, embeddings: bool) -> dict:
+    """sha256 of the export's top-level data files, recorded in ``export.json``
+    so that a reader can tell them from a later, uncommitted export's."""
+    files = ([CORPUS_FILE] if corpus else []) + (
+        [candidates.EMBEDDINGS_FILE, candidates.IDS_FILE] if embeddings else [])
+    out = {}
+    for name in files:
+        digest = hashlib.sha256()
+        with open(export_dir / name, "rb") as handle:
+            for block in iter(lambda h=handle: h.read(1 << 20), b""):
+                digest.update(block)
+        out[name] = digest.hexdigest()
+    return out
+
+
+def _hook(step: str) -> None:
+    """Test seam: called before each step of an export (``towers``,
+    ``retrieval_brute_force``, ``retrieval``, ``candidates``, ``export.json``,
+    ``models.config``); kill tests replace it to stop an export there."""
 
 
 def _package_version() -> str:

@@ -17,8 +17,14 @@ from typing import Any, ClassVar
 
 import tensorflow as tf
 
+from tfdssm.errors import ConfigError
 from tfdssm.features import layers
 from tfdssm.features.registry import register_feature_kind
+
+
+# A documented hard cap on code points per text (also checked against memory by
+# tfdssm.training.run): 1,000,000 is ~4 MB per text before hashing.
+MAX_LENGTH_LIMIT = 1_000_000
 
 
 @register_feature_kind
@@ -43,6 +49,15 @@ class TextFeature:
     word_ngrams: tuple[int, ...] = ()
     kind: ClassVar[str] = "text"
     dtype: ClassVar[tf.DType] = tf.string
+
+    def __post_init__(self) -> None:
+        if (isinstance(self.max_length, bool) or not isinstance(self.max_length, int)
+                or not 1 <= self.max_length <= MAX_LENGTH_LIMIT):
+            raise ConfigError(
+                f"max_length of text feature {self.name!r} must be an integer between "
+                f"1 and {MAX_LENGTH_LIMIT:,} code points, received {self.max_length!r}; "
+                "texts are cut to it and padded to it, so every batch holds "
+                "batch size x max_length code points. Use e.g. 1024.")
 
     def make_layer(self) -> tf.keras.layers.Layer:
         return layers.TextEmbedding(

@@ -77,6 +77,7 @@ def prepare(
         [candidate_id_column] if candidate_id_column else []
     )))
     data.check_columns(frame, needed, what)
+    data.check_text_columns(frame, needed, what)
     if len(frame) == 0:
         raise DataError(f"{what} has a header but no rows.")
     frame = frame[needed].copy()

@@ -1,6 +1,16 @@
 """Loaded models, their versions, and the watcher that picks up new versions.
 
-Like TF Serving's default version policy, each model serves its newest version.
+A model pinned by its config (``model_version_policy { specific { versions: N }
+}``, what ``tfdssm train`` writes: see :mod:`tfdssm.export.serving_config`)
+serves exactly that version; the pinned models form one set, replaced as a
+whole: when the config changes (it is re-read on every poll, as TF Serving does
+with ``--model_config_file_poll_wait_seconds``), every newly pinned version is
+loaded and warmed up first, and only when all of them are ready are they
+swapped in together, so requests never see models of two exports at once
+(until then the previous set keeps serving; at start-up, what loads is served).
+Versions an export wrote but never committed are not loaded.
+
+Unpinned models follow TF Serving's default policy: each serves its newest version.
 A background thread polls every model's base path (every ``poll_seconds``);
 when a newer version directory appears (TF Serving's rules, see
 :mod:`tfdssm.export.versioning`: ``007`` is version 7, ``²`` or a number
@@ -22,7 +32,7 @@ import logging
 import pathlib
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import tensorflow as tf
@@ -152,38 +162,88 @@ class _Model:
     # version -> (failed attempts, fingerprint of the directory they saw)
     failures: dict[int, tuple[int, tuple]] = dataclasses.field(default_factory=dict)
     reported: set[str] = dataclasses.field(default_factory=set)  # ignored names
+    pinned: int | None = None  # the config's specific version, else the newest
+    pending: Servable | None = None  # a pinned version loaded, not yet swapped in
 
 
 class ModelManager:
     """Serves the newest version of each model and watches for new ones.
 
     Args:
-        models: ``[(name, base path)]``, e.g. from
-            :func:`tfdssm.export.serving_config.read_model_config`.
+        models: ``[(name, base path)]`` or ``[(name, base path, pinned version or
+            None)]``, e.g. from
+            :func:`tfdssm.export.serving_config.read_model_specs`.
         poll_seconds: How often to look for new versions.
+        reload: Called on every poll; returns the models again (a changed
+            config: new pins) or ``None`` (unchanged).
     """
 
-    def __init__(self, models: Sequence[tuple[str, pathlib.Path]],
-                 poll_seconds: float = 1.0) -> None:
-        self._models = {name: _Model(name, pathlib.Path(path)) for name, path in models}
+    def __init__(self, models: Sequence[tuple], poll_seconds: float = 1.0,
+                 reload: Callable[[], Sequence[tuple] | None] | None = None) -> None:
+        self._models = {spec[0]: _Model(spec[0], pathlib.Path(spec[1]),
+                                        pinned=spec[2] if len(spec) > 2 else None)
+                        for spec in models}
+        self._reload = reload
         self._lock = threading.Lock()
         self._refresh_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.poll_seconds = float(poll_seconds)
+        self._unknown: set[str] = set()
 
     @property
     def names(self) -> list[str]:
         return list(self._models)
 
     def load_all(self) -> None:
-        """Loads the newest version of every model (blocking; errors are logged,
-        never raised: a model that cannot load is reported in its status)."""
-        for name in self._models:
+        """Loads every model's pinned (else newest) version (blocking; errors are
+        logged, never raised: a model that cannot load is reported in its status)."""
+        self.refresh_all(reload=False)
+
+    def served(self) -> dict[str, int | None]:
+        """``{model: the version serving now, or None}``, one consistent snapshot."""
+        with self._lock:
+            return {name: None if m.current is None else m.current.version
+                    for name, m in self._models.items()}
+
+    def refresh_all(self, reload: bool = True) -> None:
+        """Re-reads the config (``reload``), then brings every model to its
+        pinned (as one set) or newest version. Never raises."""
+        with self._refresh_lock:
+            if reload and self._reload is not None:
+                try:
+                    specs = self._reload()
+                except Exception as error:  # noqa: BLE001 - keep serving
+                    LOG.error("tfdssm serve: cannot re-read the model config; "
+                              "serving on: %s", error)
+                    specs = None
+                self._apply(specs or ())
+            for model in self._models.values():
+                if model.pinned is None:
+                    try:
+                        self._refresh(model)
+                    except Exception:  # noqa: BLE001 - one model never stops others
+                        LOG.exception("tfdssm serve: error while loading %s",
+                                      model.name)
             try:
-                self.refresh(name)
-            except Exception:  # noqa: BLE001 - one model never stops the others
-                LOG.exception("tfdssm serve: error while loading %s", name)
+                self._refresh_set()
+            except Exception:  # noqa: BLE001
+                LOG.exception("tfdssm serve: error while loading the pinned models")
+
+    def _apply(self, specs: Sequence[tuple]) -> None:
+        for spec in specs:
+            name, pinned = spec[0], spec[2] if len(spec) > 2 else None
+            model = self._models.get(name)
+            if model is None:
+                if name not in self._unknown:
+                    self._unknown.add(name)
+                    LOG.warning("tfdssm serve: the config now names model %r; "
+                                "restart the server to serve it", name)
+                continue
+            if model.pinned != pinned:
+                LOG.info("tfdssm serve: the config pins model %r to version %s", name,
+                         pinned if pinned is not None else "latest")
+                model.pinned = pinned
 
     def start(self) -> None:
         """Starts the polling thread."""
@@ -203,13 +263,7 @@ class ModelManager:
 
     def _poll(self) -> None:
         while not self._stop.wait(self.poll_seconds):
-            for name in self._models:
-                if self._stop.is_set():
-                    return
-                try:
-                    self.refresh(name)
-                except Exception:  # noqa: BLE001 - the watcher must survive
-                    LOG.exception("tfdssm serve: error while refreshing %s", name)
+            self.refresh_all()
 
     def refresh(self, name: str) -> bool:
         """Loads the newest version of ``name`` if it is not the one served.
@@ -218,17 +272,96 @@ class ModelManager:
             Whether a new version was swapped in.
         """
         with self._refresh_lock:
-            return self._refresh(self._models[name])
+            model = self._models[name]
+            if model.pinned is None:
+                return self._refresh(model)
+            before = model.current
+            self._refresh_set()
+            return model.current is not before
 
-    def _refresh(self, model: _Model) -> bool:
-        name = model.name
+    def _versions(self, model: _Model) -> dict[int, pathlib.Path]:
         ignored: list[str] = []
         found = version_dirs(model.base_path, ignored)
         for entry in sorted(set(ignored) - model.reported):
             model.reported.add(entry)
             LOG.warning("tfdssm serve: %s is not a version of model %r (a version "
                         "directory is named with ASCII digits, at most %d); ignored",
-                        model.base_path / entry[:40], name, 2**63 - 1)
+                        model.base_path / entry[:40], model.name, 2**63 - 1)
+        return found
+
+    def _refresh_set(self) -> bool:
+        """Loads the pinned versions not serving yet; swaps them in together."""
+        pinned = [m for m in self._models.values() if m.pinned is not None]
+        changed = [m for m in pinned
+                   if m.current is None or m.current.version != m.pinned]
+        if not changed:
+            return False
+        ready = {}
+        for model in changed:
+            servable = self._prepare(model)
+            if servable is not None:
+                ready[model.name] = servable
+        first = all(m.current is None for m in pinned)
+        if not ready or (len(ready) < len(changed) and not first):
+            return False  # the previous set serves on, whole
+        with self._lock:
+            for model in changed:
+                if model.name not in ready:
+                    continue
+                old, model.current, model.pending = model.current, ready[model.name], None
+                model.states[model.current.version] = (AVAILABLE, "")
+                if old is not None and old.version != model.current.version:
+                    model.states[old.version] = (END, "")
+        LOG.info("tfdssm serve: serving %s", {m.name: m.current.version
+                                              for m in pinned if m.current})
+        return True
+
+    def _prepare(self, model: _Model) -> Servable | None:
+        """The pinned version of ``model`` loaded (cached until swapped in)."""
+        version = model.pinned
+        path = self._versions(model).get(version)
+        if path is None:
+            if model.states.get(version, (None,))[0] != START:
+                LOG.warning("tfdssm serve: model %r version %d (pinned by the config) "
+                            "is not under %s", model.name, version, model.base_path)
+            model.states.pop(0, None)
+            model.states[version] = (START, "")
+            return None
+        pending = model.pending
+        if pending is not None and pending.version == version and pending.path == path:
+            return pending
+        model.pending = self._load(model, version, path)
+        return model.pending
+
+    def _load(self, model: _Model, version: int, path: pathlib.Path) -> Servable | None:
+        """Loads one version with the retry rules of the module docstring."""
+        name = model.name
+        seen = (str(path), fingerprint(path))
+        attempts, before = model.failures.get(version, (0, None))
+        if before != seen:
+            attempts = 0  # new, or its directory changed since it failed: retry
+        if attempts >= MAX_LOAD_ATTEMPTS:
+            return None
+        model.states.pop(0, None)
+        model.states[version] = (LOADING, "")
+        start = time.perf_counter()
+        try:
+            servable = load_servable(name, version, path)
+        except Exception as error:  # noqa: BLE001 - any failure: keep the old one
+            model.failures[version] = (attempts + 1, seen)
+            model.states[version] = (END, str(error))
+            LOG.error("tfdssm serve: model %r version %d failed to load (attempt %d; "
+                      "retried when %s changes): %s", name, version, attempts + 1,
+                      path, error)
+            return None
+        model.failures.pop(version, None)
+        LOG.info("tfdssm serve: model %r version %d loaded in %.1fs", name, version,
+                 time.perf_counter() - start)
+        return servable
+
+    def _refresh(self, model: _Model) -> bool:
+        name = model.name
+        found = self._versions(model)
         if not found:
             if model.current is None and not model.states:
                 LOG.warning("tfdssm serve: no versions of model %r under %s yet",
@@ -240,33 +373,16 @@ class ModelManager:
         current = model.current
         if current is not None and current.version == newest and current.path == path:
             return False
-        seen = (str(path), fingerprint(path))
-        attempts, before = model.failures.get(newest, (0, None))
-        if before != seen:
-            attempts = 0  # new, or its directory changed since it failed: retry
-        if attempts >= MAX_LOAD_ATTEMPTS:
+        servable = self._load(model, newest, path)
+        if servable is None:
             return False
-        model.states.pop(0, None)
-        model.states[newest] = (LOADING, "")
-        start = time.perf_counter()
-        try:
-            servable = load_servable(name, newest, path)
-        except Exception as error:  # noqa: BLE001 - any failure: keep the old one
-            model.failures[newest] = (attempts + 1, seen)
-            model.states[newest] = (END, str(error))
-            LOG.error("tfdssm serve: model %r version %d failed to load (attempt %d; "
-                      "retried when %s changes): %s", name, newest, attempts + 1,
-                      path, error)
-            return False
-        model.failures.pop(newest, None)
         with self._lock:
             old, model.current = model.current, servable
             model.states[newest] = (AVAILABLE, "")
             if old is not None and old.version != newest:
                 model.states[old.version] = (END, "")
-        LOG.info("tfdssm serve: model %r version %d loaded in %.1fs%s", name, newest,
-                 time.perf_counter() - start,
-                 f"; version {old.version} unloaded" if old is not None else "")
+        if old is not None:
+            LOG.info("tfdssm serve: model %r version %d unloaded", name, old.version)
         return True
 
     def get(self, name: str, version: int | None = None) -> Servable:

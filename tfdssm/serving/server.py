@@ -43,6 +43,30 @@ LOG = logging.getLogger("tfdssm.serving")
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 
 
+def _config_watcher(
+    export_dir: str | os.PathLike, config_file: str | os.PathLike | None
+) -> tuple[Callable[[], list | None], list]:
+    """A ``reload`` for :class:`ModelManager` (the config's models again when the
+    file changed since the last call: a new export committed, else ``None``),
+    and the models now."""
+    path = config_file or os.path.join(export_dir, config.CONFIG_FILE)
+    last: list[Any] = [object()]  # never equal: the first call reads
+
+    def changed() -> list | None:
+        try:
+            stat = os.stat(path)
+            key: Any = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        except OSError:
+            key = None
+        if key == last[0]:
+            return None
+        specs = config.read_model_specs(export_dir, config_file)
+        last[0] = key
+        return specs
+
+    return changed, changed() or []
+
+
 class Server:
     """The model server (start with :meth:`start`, stop with :meth:`stop`).
 
@@ -84,8 +108,9 @@ class Server:
                               f"{max_batch_size}.")
         if poll_seconds <= 0:
             raise ConfigError(f"poll interval must be > 0 s, received {poll_seconds}.")
-        self.models = config.read_model_config(export_dir, model_config_file)
-        self.manager = ModelManager(self.models, poll_seconds)
+        watcher, specs = _config_watcher(export_dir, model_config_file)
+        self.models = [(name, path) for name, path, _ in specs]
+        self.manager = ModelManager(specs, poll_seconds, watcher)
         self.host, self.workers = host, workers
         self.max_request_bytes = int(max_request_bytes)
         self.max_batch_size = int(max_batch_size)
@@ -95,7 +120,8 @@ class Server:
         self._rest_thread: threading.Thread | None = None
 
     def start(self) -> Server:
-        """Loads every model's newest version, then starts listening and polling."""
+        """Loads every model's pinned (else newest) version, then starts listening
+        and polling."""
         self.manager.load_all()
         try:
             self._grpc, self.grpc_port = grpc_server.start_grpc(

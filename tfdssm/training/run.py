@@ -8,8 +8,13 @@ the same way for all of them, from the CLI or a notebook.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import functools
+import inspect
 import logging
 import os
+import pathlib
+import shutil
 import time
 import warnings
 from collections.abc import Sequence
@@ -20,7 +25,7 @@ import pandas as pd
 import tensorflow as tf
 
 from tfdssm.data import readers as data
-from tfdssm.errors import ConfigError, DataWarning
+from tfdssm.errors import ConfigError, DataWarning, ExportError
 from tfdssm.export import layout
 from tfdssm.export import savedmodel as export
 from tfdssm.features import Feature
@@ -83,7 +88,7 @@ def split_frame(
     return train, test
 
 
-def run(
+def _run(
     prepared: Prepared,
     export_dir: str | os.PathLike | None,
     epochs: int = 3,
@@ -243,6 +248,94 @@ def run(
         "history": {k: [float(x) for x in v] for k, v in history.history.items()},
         "export": info,
     }
+
+
+# Lower bound on the memory one text code point of one row costs in a training
+# step (int32 code point + int64 trigram id + float32 weight and gradient).
+_BYTES_PER_CODE_POINT = 24
+
+
+@functools.wraps(_run)
+def run(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    # Checks the arguments and the export dir first; turns I/O failures (disk
+    # full, read-only, permissions) into one ExportError, leaving nothing this
+    # run created behind (export dir, EXPORT_DIR/.checkpoints).
+    bound = inspect.signature(_run).bind(*args, **kwargs)
+    bound.apply_defaults()
+    params = bound.arguments
+    export_dir, checkpoint_dir = params["export_dir"], params["checkpoint_dir"]
+    _check_memory(params["prepared"], params["batch_size"])
+    if export_dir is not None:
+        layout.check_export_dir(export_dir)
+    created = [pathlib.Path(d) for d in (export_dir, checkpoint_dir)
+               if d is not None and not os.path.exists(d)]
+    try:
+        return _run(*bound.args, **bound.kwargs)
+    except (OSError, tf.errors.ResourceExhaustedError,
+            tf.errors.PermissionDeniedError) as error:
+        kept = _clean_up(created, checkpoint_dir)
+        raise ExportError(_io_message(error, export_dir) + kept) from None
+    except Exception:
+        _clean_up(created, checkpoint_dir)
+        raise
+
+
+def _clean_up(created: list[pathlib.Path], checkpoint_dir: Any) -> str:
+    """Removes the directories a failed run created, unless they hold the backup
+    of a finished epoch (then says how to resume from it)."""
+    if checkpoint_dir is not None and checkpoints.has_backup(checkpoint_dir):
+        return (f" The backup of the last finished epoch is kept in "
+                f"{str(checkpoint_dir)!r}: re-run with --resume to continue.")
+    for path in created:
+        shutil.rmtree(path, ignore_errors=True)
+    return ""
+
+
+def _io_message(error: BaseException, export_dir: Any) -> str:
+    number = getattr(error, "errno", None)
+    text = str(getattr(error, "message", "") or error).strip().splitlines()
+    detail = (text[0] if text else type(error).__name__)[:200]
+    where = f" (export dir {str(export_dir)!r})" if export_dir is not None else ""
+    if number == errno.ENOSPC or "space left" in detail.lower():
+        return (f"the disk filled up while training or exporting{where}: {detail}. "
+                "Free space or pass an --export-dir on a larger disk; nothing was "
+                "exported.")
+    if isinstance(error, tf.errors.ResourceExhaustedError):
+        return (f"out of memory while training{where}: {detail}. Lower --batch-size "
+                "or --max-length.")
+    if number in (errno.EACCES, errno.EPERM, errno.EROFS) or isinstance(
+            error, tf.errors.PermissionDeniedError):
+        return (f"cannot write{where}: {detail}. Pass a writable --export-dir; "
+                "nothing was exported.")
+    return f"training or exporting failed{where}: {detail}; nothing was exported."
+
+
+def _check_memory(prepared: Any, batch_size: int) -> None:
+    """Refuses ``batch_size`` x ``max_length`` that cannot fit in this machine's
+    available memory (texts are padded to ``max_length``)."""
+    model = getattr(prepared, "model", None)
+    towers = [getattr(model, side, None) for side in ("query_tower", "candidate_tower")]
+    points = sum(int(getattr(f, "max_length", 0) or 0)
+                 for tower in towers for f in getattr(tower, "features", ()) or ())
+    need = points * int(batch_size) * _BYTES_PER_CODE_POINT
+    have = _available_memory()
+    if have and need > have:
+        raise ConfigError(
+            f"batch size {batch_size} x {points:,} code points per row (max_length of "
+            f"the towers' text features) needs at least {need / 2**30:.1f} GiB per training "
+            f"step; this machine has {have / 2**30:.1f} GiB available. Lower "
+            "--max-length (e.g. 1024) or --batch-size.")
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def served_metrics(
