@@ -155,12 +155,20 @@ def _address(hex_address: str) -> str:
 
 def add_version(base: pathlib.Path, source: int | None = None) -> int:
     """Copies the newest (or ``source``) version of a model to the next number,
-    written under a temporary name and renamed, as an export does."""
+    written under a temporary name and renamed, then commits it as an export
+    does: ``models.config`` pins it (the other models keep their pins)."""
+    from tfdssm.export import layout, serving_config  # noqa: PLC0415
+
     numbers = sorted(int(p.name) for p in base.iterdir() if p.name.isdigit())
     target = numbers[-1] + 1
     tmp = base / f".tmp-bench-{target}"
     shutil.copytree(base / str(source or numbers[-1]), tmp)
     os.rename(tmp, base / str(target))
+    export_dir = base.parent
+    pins = dict(layout.read_export(export_dir).get("commit", {}).get("versions", {}))
+    if pins:
+        pins[base.name] = target
+        serving_config.write_model_configs(export_dir, list(pins), pins)
     return target
 
 

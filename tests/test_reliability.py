@@ -482,7 +482,8 @@ def _train_argv(csv: pathlib.Path, export_dir: pathlib.Path, *extra: str) -> lis
     return ["train", "--pipeline", "pairs", "--data", str(csv), "--candidate-id-column",
             "doc_id", "--export-dir", str(export_dir), "--hidden", "32", "--dim", "16",
             "--buckets", "500", "--epochs", str(EPOCHS), "--batch-size", "32",
-            "--learning-rate", "0.001", "--patience", "0", *extra]
+            "--learning-rate", "0.001", "--patience", "0", "--hard-negatives", "none",
+            *extra]
 
 
 def _main(argv: list) -> tuple[int, str, str]:

@@ -235,6 +235,16 @@ def _train(args: argparse.Namespace) -> int:
     with strategy.scope():
         prepared = _prepare(args, defaults)
     patience = defaults["patience"] if args.patience is None else args.patience
+    hard_negatives = (defaults["hard_negatives"] if args.hard_negatives is None
+                      else None if args.hard_negatives == "none"
+                      else args.hard_negatives)
+    if (args.hard_negatives is None and hard_negatives
+            and strategy.num_replicas_in_sync > 1):
+        logging.getLogger("tfdssm").info(
+            "hard negatives are off: they need a single replica (this run has %d); "
+            "--hard-negatives none says so explicitly",
+            strategy.num_replicas_in_sync)
+        hard_negatives = None
     result = training.run(
         prepared, args.export_dir, epochs=args.epochs or defaults["epochs"],
         batch_size=args.batch_size or defaults["batch_size"],
@@ -245,9 +255,7 @@ def _train(args: argparse.Namespace) -> int:
         checkpoint_dir=args.checkpoint_dir or checkpoints.default_dir(args.export_dir),
         resume=args.resume, patience=patience or None,
         hybrid=defaults["hybrid"] if args.hybrid is None else args.hybrid,
-        hard_negatives=(defaults["hard_negatives"] if args.hard_negatives is None
-                        else None if args.hard_negatives == "none"
-                        else args.hard_negatives),
+        hard_negatives=hard_negatives,
         hard_negatives_every=args.hard_negatives_every,
     )
     from tfdssm.training.metrics import format_metrics  # noqa: PLC0415

@@ -147,7 +147,7 @@ class Hybrid(tf.Module):
     def describe(self) -> dict[str, Any]:
         """What ``export.json`` records (weight, depth, the lexical index)."""
         return {"fusion": "dense + weight * bm25 / max_bm25",
-                "weight": float(self.weight.numpy()), "depth": self.depth,
+                "weight": round(float(self.weight.numpy()), 6), "depth": self.depth,
                 "text_column": self.text_column, **self.lexical.describe()}
 
 

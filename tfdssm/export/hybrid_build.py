@@ -93,13 +93,15 @@ def tune_weight(
     """
     hybrid = module.hybrid
     if validation is None or not len(validation):
-        return {"weight": float(hybrid.weight.numpy()), "validation_queries": 0}
+        return {"weight": round(float(hybrid.weight.numpy()), 6),
+                "validation_queries": 0}
     position = {cid.decode("utf-8"): i for i, cid in enumerate(module.ids.numpy())}
     ids = validation[candidate_id].astype(str)
     known = ids.isin(position.keys()).to_numpy()
     rows = validation[known]
     if not len(rows):
-        return {"weight": float(hybrid.weight.numpy()), "validation_queries": 0}
+        return {"weight": round(float(hybrid.weight.numpy()), 6),
+                "validation_queries": 0}
     positives = ids[known].map(position).to_numpy()
     arrays = data.to_feature_arrays(rows, query_features, "the validation rows")
 
