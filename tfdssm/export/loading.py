@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import pathlib
 from collections.abc import Mapping
@@ -13,6 +14,7 @@ import tensorflow as tf
 from tfdssm.errors import ExportError
 from tfdssm.export.layout import CORPUS_FILE, versions
 from tfdssm.features import Feature, feature_from_config
+from tfdssm.features.registry import feature_kind
 
 
 def load_towers(export_dir: str | os.PathLike, version: int | None = None) -> Any:
@@ -43,12 +45,12 @@ def tower_features(info: Mapping[str, Any], side: str) -> list[Feature]:
     """
     out = []
     for config in info[side]["features"]:
-        if config.get("serving_value") is not None:
-            continue
         config = {k: v for k, v in config.items() if k != "vocabulary_size"}
-        if config["kind"] in ("categorical", "multi_valued"):
-            config.setdefault("vocabulary", ())
-        out.append(feature_from_config(config))
+        if "vocabulary" in inspect.signature(feature_kind(config["kind"])).parameters:
+            config.setdefault("vocabulary", ())  # export.json keeps only its size
+        feature = feature_from_config(config)
+        if feature.served_columns:
+            out.append(feature)
     return out
 
 

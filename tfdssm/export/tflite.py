@@ -17,9 +17,10 @@ Model inputs, one per query feature (batch of 1):
 Output: ``embedding`` float32 ``[1, dim]`` (``[1, heads, dim]`` for a multi-head
 tower). ``query_tower.json`` records this.
 
-Towers reading other kinds of features (a history of item ids, which needs
-string splitting; an example age, served as a constant) are not converted:
-:func:`unsupported` says why, ``tfdssm train`` skips the file and notes that in
+Each feature says how it enters (or why it cannot) through
+:meth:`tfdssm.features.Feature.tflite_input`. Towers reading other kinds of
+features (a history of item ids, which needs string splitting; an example age,
+served as a constant) are not converted: :func:`unsupported` says why, ``tfdssm train`` skips the file and notes that in
 ``export.json``; serve such query towers from the ``towers`` SavedModel.
 """
 
@@ -41,8 +42,9 @@ import tensorflow as tf
 
 from tfdssm.errors import ConfigError, ExportError
 from tfdssm.export import layout, loading
-from tfdssm.features import Feature, layers
-from tfdssm.text import normalize as text
+from tfdssm.features.basic import MAX_TOKENS, MULTILINGUAL  # noqa: F401 - re-exported
+from tfdssm.features.protocol import TFLiteInput
+from tfdssm.features.registry import feature_kind
 from tfdssm.text.hashing import hashing_info
 
 logger = logging.getLogger("tfdssm")
@@ -51,7 +53,6 @@ TFLITE_FILE = "query_tower.tflite"
 SPEC_FILE = "query_tower.json"
 VOCAB_DIR = "query_tower_vocab"
 KERAS_DIR = "keras_towers"
-MAX_TOKENS = 16
 QUANTIZATIONS = ("none", "dynamic", "float16")
 
 
@@ -59,48 +60,41 @@ SUPPORTED_KINDS = ("text", "categorical", "multi_valued", "numeric")
 
 
 def unsupported(tower: tf.keras.layers.Layer) -> str | None:
-    """Why the query tower cannot become a builtins-only TFLite model, or None."""
-    kinds = sorted({f.kind for f in tower.features} - set(SUPPORTED_KINDS))
-    if not kinds:
+    """Why the query tower cannot become a builtins-only TFLite model, or None.
+
+    A feature refuses by returning a reason from
+    :meth:`tfdssm.features.Feature.tflite_input`; the first reason is given.
+    """
+    reasons = [(f.kind, r) for f in tower.features
+               if isinstance(r := f.tflite_input(), str)]
+    if not reasons:
         return None
+    kinds = sorted({kind for kind, _ in reasons})
     return (f"the query tower reads {kinds} features; the TFLite query tower takes "
-            f"{list(SUPPORTED_KINDS)} features only (a history needs string "
-            "splitting, which is not a TFLite builtin). Serve this query tower from "
-            "the towers/ SavedModel (`query` signature) instead.")
+            f"{list(SUPPORTED_KINDS)} features only ({reasons[0][1]}). Serve this "
+            "query tower from the towers/ SavedModel (`query` signature) instead.")
+
+
+def _inputs(tower: tf.keras.layers.Layer) -> list[TFLiteInput]:
+    """Each feature's TFLite input, in order (the tower is :func:`unsupported`-free)."""
+    out = []
+    for feature in tower.features:
+        hook = feature.tflite_input()
+        if isinstance(hook, str):
+            raise ExportError(f"cannot convert to TFLite: {unsupported(tower)}")
+        out.append(hook)
+    return out
 
 
 def input_spec(tower: tf.keras.layers.Layer) -> list[dict[str, Any]]:
     """The TFLite model's inputs, in order (what ``query_tower.json`` lists)."""
     specs = []
-    for feature in tower.features:
-        name = feature.name
-        if feature.kind == "text":
-            spec = {"shape": [1, feature.max_length], "dtype": "int32", "pad": text.PAD,
-                    "encoding": "code points of NFKC(text).casefold()"}
-        elif feature.kind == "categorical":
-            spec = {"shape": [1], "dtype": "int32", "unknown": 0,
-                    "vocabulary": f"{VOCAB_DIR}/{name}.txt"}
-        elif feature.kind == "multi_valued":
-            spec = {"shape": [1, MAX_TOKENS], "dtype": "int32", "pad": -1,
-                    "unknown": 0, "separator": feature.separator,
-                    "vocabulary": f"{VOCAB_DIR}/{name}.txt"}
-        else:
-            spec = {"shape": [1], "dtype": "float32"}
-        specs.append({"name": name, "kind": feature.kind, **spec})
+    for feature, hook in zip(tower.features, _inputs(tower), strict=True):
+        spec = dict(hook.spec)
+        if hook.vocabulary is not None:
+            spec["vocabulary"] = f"{VOCAB_DIR}/{feature.name}.txt"
+        specs.append({"name": feature.name, "kind": feature.kind, **spec})
     return specs
-
-
-def _field(feature: Feature, layer: tf.keras.layers.Layer, x: tf.Tensor) -> tf.Tensor:
-    if feature.kind == "text":
-        return layer.embed_code_points(x, dense=True)
-    if feature.kind == "categorical":
-        return layer.embedding(x)
-    if feature.kind == "multi_valued":
-        valid = x >= 0
-        vectors = layer.embedding(tf.maximum(x, 0)) * tf.cast(valid, tf.float32)[..., None]
-        count = tf.reduce_sum(tf.cast(valid, tf.float32), axis=1, keepdims=True)
-        return layers.combine(tf.reduce_sum(vectors, axis=1), count, layer.combiner)
-    return layer(x)
 
 
 def query_function(tower: tf.keras.layers.Layer) -> tf.types.experimental.ConcreteFunction:
@@ -112,6 +106,7 @@ def query_function(tower: tf.keras.layers.Layer) -> tf.types.experimental.Concre
     Returns:
         A concrete function ``(**inputs) -> {"embedding": [1, dim]}``.
     """
+    hooks = _inputs(tower)
     specs = input_spec(tower)
     signature = [
         tf.TensorSpec(s["shape"], tf.int32 if s["dtype"] == "int32" else tf.float32,
@@ -121,8 +116,8 @@ def query_function(tower: tf.keras.layers.Layer) -> tf.types.experimental.Concre
 
     def embed(*inputs: tf.Tensor) -> dict[str, tf.Tensor]:
         fields = [
-            _field(f, layer, x)
-            for f, layer, x in zip(tower.features, tower.feature_layers, inputs)
+            hook.field(layer, x)
+            for hook, layer, x in zip(hooks, tower.feature_layers, inputs, strict=True)
         ]
         return {"embedding": tower.combine(fields)}
 
@@ -297,25 +292,9 @@ def encode_query(
     >>> encode_query({"q": "Ab"}, spec, {})["q"].tolist()
     [[97, 98, 0, 0]]
     """
-    out = {}
-    for item in spec:
-        name, kind = item["name"], item["kind"]
-        value = features[name]
-        if kind == "text":
-            out[name] = text.encode_text(str(value), item["shape"][1])[None, :]
-        elif kind == "categorical":
-            index = {v: i + 1 for i, v in enumerate(vocabularies[name])}
-            out[name] = np.asarray([index.get(str(value), 0)], np.int32)
-        elif kind == "multi_valued":
-            index = {v: i + 1 for i, v in enumerate(vocabularies[name])}
-            tokens = [t for t in str(value).split(item["separator"]) if t]
-            ids = [index.get(t, 0) for t in tokens][: item["shape"][1]]
-            row = np.full([1, item["shape"][1]], -1, np.int32)
-            row[0, : len(ids)] = ids
-            out[name] = row
-        else:
-            out[name] = np.asarray([float(value)], np.float32)
-    return out
+    return {item["name"]: feature_kind(item["kind"]).encode_tflite(
+                features[item["name"]], item, vocabularies.get(item["name"], []))
+            for item in spec}
 
 
 def save_keras_towers(model: Any, export_dir: str | os.PathLike) -> pathlib.Path:
@@ -372,11 +351,10 @@ def write_tflite(
     path = export_dir / TFLITE_FILE.replace(".tflite", f"{suffix}.tflite")
     specs = input_spec(tower)
     (export_dir / VOCAB_DIR).mkdir(exist_ok=True)
-    for feature in tower.features:
-        if feature.kind in ("categorical", "multi_valued"):
-            name = feature.name
-            vocab = export_dir / VOCAB_DIR / f"{name}.txt"
-            vocab.write_text("".join(f"{v}\n" for v in feature.vocabulary))
+    for feature, hook in zip(tower.features, _inputs(tower), strict=True):
+        if hook.vocabulary is not None:
+            vocab = export_dir / VOCAB_DIR / f"{feature.name}.txt"
+            vocab.write_text("".join(f"{v}\n" for v in hook.vocabulary))
     spec = {"inputs": specs, "output": {"name": "embedding", "dtype": "float32",
                                         "shape": [1, *_heads(tower), tower.output_dim]},
             "hashing": hashing_info(), "ops": ops}
@@ -388,32 +366,14 @@ def write_tflite(
             "quantization": quantization}
 
 
-MULTILINGUAL = (
-    "лучшие рестораны в Москве", "北京烤鸭", "Crème Brûlée", "ΣΟΦΊΑ και Φως",
-    "Straße ﬁne Ｔｏｋｙｏ", "🙂 emoji 👨\u200d👩\u200d👧", "Việt Nam naïve café",
-    "mixed Ελληνικά и русский 東京", "", "   ", "good", "x" * 1000,
-)
-
-
 def sample_queries(tower: tf.keras.layers.Layer, count: int = 12) -> list[dict[str, Any]]:
-    """Parity queries for a tower: the multilingual set for text features,
-    vocabulary values plus an unknown one for ids, spread values for numbers."""
-    queries: list[dict[str, Any]] = [{} for _ in range(count)]
-    for feature in tower.features:
-        name = feature.name
-        for i, query in enumerate(queries):
-            if feature.kind == "text":
-                query[name] = MULTILINGUAL[i % len(MULTILINGUAL)]
-            elif feature.kind in ("categorical", "multi_valued"):
-                vocab = list(feature.vocabulary) or [""]
-                unknown = i == count - 1
-                if feature.kind == "categorical":
-                    query[name] = "\u2400unknown" if unknown else vocab[i % len(vocab)]
-                else:
-                    query[name] = feature.separator.join(vocab[: 1 + i % 3])
-            else:
-                query[name] = feature.mean + (i - count / 2) * feature.std / 2
-    return queries
+    """Parity queries for a tower, from each feature's TFLite hook: the
+    multilingual set for text features, vocabulary values plus an unknown one
+    for ids, spread values for numbers."""
+    hooks = _inputs(tower)
+    return [{f.name: hook.sample(i, count) for f, hook in zip(tower.features, hooks,
+                                                              strict=True)}
+            for i in range(count)]
 
 
 def parity(

@@ -26,25 +26,13 @@ MAX_RECORDS = 1000  # TF Serving's limit.
 def example_row(tower: Any) -> dict[str, Any]:
     """One plausible value per input column of a tower (for warm-up requests).
 
-    Text gets a short phrase, categorical features their first vocabulary entry,
-    numeric features their training mean.
+    Each served feature gives :meth:`tfdssm.features.Feature.example_value`:
+    text a short phrase, categorical features their first vocabulary entry,
+    numeric features their training mean, histories an empty one. Training-only
+    features (served as a constant, e.g. example age) are left out.
     """
-    row: dict[str, Any] = {}
-    served = tower.feature_names
-    for feature in tower.features:
-        if feature.name not in served:
-            continue  # training-only (served as a constant, e.g. example age)
-        name = feature.name
-        vocabulary = getattr(feature, "vocabulary", ())
-        if hasattr(feature, "example_value"):  # history and context columns
-            row[name] = feature.example_value
-        elif feature.kind == "numeric":
-            row[name] = np.float32(feature.mean)
-        elif vocabulary:
-            row[name] = vocabulary[0]
-        else:
-            row[name] = "warm up request"
-    return row
+    return {column: feature.example_value()
+            for feature in tower.features for column in feature.served_columns}
 
 
 def predict_request(

@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from tfdssm.errors import ConfigError, DataError
 from tfdssm.features.layers import NumericInput
+from tfdssm.features.protocol import ColumnFeature, TFLiteInput
 from tfdssm.features.registry import register_feature_kind
 
 SECONDS_PER_DAY = 86400.0
@@ -24,7 +25,7 @@ SECONDS_PER_DAY = 86400.0
 
 @register_feature_kind
 @dataclasses.dataclass(frozen=True)
-class ExampleAgeFeature:
+class ExampleAgeFeature(ColumnFeature):
     """A training-only number served as a constant: YoutubeDNN's example age.
 
     Training data fills the column (:func:`example_ages`); the tower uses
@@ -44,7 +45,8 @@ class ExampleAgeFeature:
     serving_value: float = 0.0
     kind: ClassVar[str] = "example_age"
     dtype: ClassVar[tf.DType] = tf.float32
-    embedding_dim: ClassVar[int] = 1
+    width: ClassVar[int] = 1
+    served_columns: ClassVar[tuple[str, ...]] = ()  # training-only
 
     def __post_init__(self) -> None:
         if not self.std > 0:
@@ -54,6 +56,17 @@ class ExampleAgeFeature:
     def make_layer(self) -> tf.keras.layers.Layer:
         return ExampleAgeInput(self.mean, self.std, self.serving_value, self.name,
                                name=f"{self.name}_example_age")
+
+    def read(self, layer: tf.keras.layers.Layer,
+             inputs: Mapping[str, tf.Tensor]) -> tf.Tensor:
+        """The column if present (training), else ``serving_value``; ``[batch, 1]``."""
+        return layer.read_columns(inputs)
+
+    def example_value(self) -> np.float32:
+        return np.float32(self.serving_value)
+
+    def tflite_input(self) -> TFLiteInput | str:
+        return "an example age is served as a constant, not a TFLite input"
 
     def to_config(self) -> dict[str, Any]:
         return {"kind": self.kind, **dataclasses.asdict(self)}

@@ -55,16 +55,19 @@ import tensorflow as tf
 
 from tfdssm.errors import ConfigError, DataError
 from tfdssm.features.layers import CategoricalEmbedding
+from tfdssm.features.protocol import ColumnFeature, TFLiteInput
 from tfdssm.features.registry import register_feature_kind
 
 POOLINGS = ("mean", "sum", "time_decay", "time_decay_sum", "attention")
 TIME_UNITS = {"seconds": 1.0, "minutes": 60.0, "hours": 3600.0, "days": 86400.0}
 DEFAULT_MAX_LENGTH = 50
+HISTORY_TFLITE_REASON = ("a history needs string splitting, which is not a TFLite "
+                         "builtin")
 
 
 @register_feature_kind
 @dataclasses.dataclass(frozen=True)
-class HistoryFeature:
+class HistoryFeature(ColumnFeature):
     """A sequence of item ids (plus optional timestamps) pooled into one vector.
 
     Attributes:
@@ -99,7 +102,6 @@ class HistoryFeature:
     attention_units: int = 32
     kind: ClassVar[str] = "history"
     dtype: ClassVar[tf.DType] = tf.string
-    example_value: ClassVar[str] = ""  # an empty history (warm-up requests)
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
@@ -158,6 +160,21 @@ class HistoryFeature:
             self.shared_embedding, self.attention_units, name=f"{self.name}_history",
         )
 
+    @property
+    def width(self) -> int:
+        return int(self.embedding_dim)
+
+    def read(self, layer: tf.keras.layers.Layer,
+             inputs: Mapping[str, tf.Tensor]) -> tf.Tensor:
+        """Feeds the layer its ids, timestamps and "now" columns; ``[batch, width]``."""
+        return layer.read_columns(inputs)
+
+    def example_value(self) -> str:
+        return ""  # an empty history
+
+    def tflite_input(self) -> TFLiteInput | str:
+        return HISTORY_TFLITE_REASON
+
     def to_config(self) -> dict[str, Any]:
         return {"kind": self.kind, **dataclasses.asdict(self),
                 "vocabulary": list(self.vocabulary)}
@@ -165,7 +182,7 @@ class HistoryFeature:
 
 @register_feature_kind
 @dataclasses.dataclass(frozen=True)
-class ContextFeature:
+class ContextFeature(ColumnFeature):
     """A raw column that another feature's layer reads (a history's timestamps,
     the query time); it is a model input but adds no vector of its own.
 
@@ -177,7 +194,7 @@ class ContextFeature:
     name: str
     value_type: str = "float32"
     kind: ClassVar[str] = "context"
-    embedding_dim: ClassVar[int] = 0
+    width: ClassVar[int] = 0
 
     def __post_init__(self) -> None:
         if self.value_type not in ("string", "float32"):
@@ -190,12 +207,19 @@ class ContextFeature:
     def dtype(self) -> tf.DType:
         return tf.string if self.value_type == "string" else tf.float32
 
-    @property
     def example_value(self) -> Any:
         return "" if self.value_type == "string" else np.float32(0.0)
 
     def make_layer(self) -> tf.keras.layers.Layer:
         return ContextColumn(name=f"{self.name}_context")
+
+    def read(self, layer: tf.keras.layers.Layer,
+             inputs: Mapping[str, tf.Tensor]) -> None:
+        """No field: the history's layer reads this column."""
+        return None
+
+    def tflite_input(self) -> TFLiteInput | str:
+        return HISTORY_TFLITE_REASON  # only a history reads a context column
 
     def to_config(self) -> dict[str, Any]:
         return {"kind": self.kind, **dataclasses.asdict(self)}

@@ -27,6 +27,19 @@ def register_feature_kind(cls: type) -> type:
     return cls
 
 
+def feature_kind(kind: str) -> type:
+    """The registered spec class of ``kind``.
+
+    Raises:
+        ConfigError: for an unknown ``kind``.
+    """
+    if kind not in _KINDS:
+        raise ConfigError(
+            f"unknown feature kind {kind!r}; expected one of {sorted(_KINDS)}."
+        )
+    return _KINDS[kind]
+
+
 def feature_from_config(config: dict[str, Any]) -> Feature:
     """Rebuilds a spec from :meth:`to_config` output.
 

@@ -119,12 +119,11 @@ class Tower(tf.keras.layers.Layer):
     def feature_names(self) -> list[str]:
         """The input columns (features served as a constant, e.g. the example
         age of :mod:`tfdssm.model.youtube`, are training-only and not listed)."""
-        return [f.name for f in self.features
-                if getattr(f, "serving_value", None) is None]
+        return [c for f in self.features for c in f.served_columns]
 
     def build(self, input_shape: Any) -> None:
         if self.input_activation:
-            width = sum(_width(f) for f in self.features)
+            width = sum(f.width for f in self.features)
             self.input_bias = self.add_weight(
                 name="input_bias", shape=[width], initializer="zeros"
             )
@@ -137,12 +136,11 @@ class Tower(tf.keras.layers.Layer):
                 f"tower {self.name!r} needs features {missing}, but the input has "
                 f"only {sorted(inputs)}. Add these columns to the data."
             )
-        # Layers with `read_columns` read their columns themselves: several (a
-        # history and its timestamps), none (a context column: no field) or an
-        # optional one (example age).
+        # Each feature feeds its layer: one column, several (a history and its
+        # timestamps), none (a context column: no field) or an optional one
+        # (example age).
         fields = [
-            layer.read_columns(inputs) if hasattr(layer, "read_columns")
-            else layer(inputs[f.name])
+            f.read(layer, inputs)
             for f, layer in zip(self.features, self.feature_layers, strict=True)
         ]
         return self.combine([x for x in fields if x is not None])
@@ -181,10 +179,6 @@ class Tower(tf.keras.layers.Layer):
             senet=self.use_senet,
         )
         return config
-
-
-def _width(feature: Feature) -> int:
-    return 1 if feature.kind == "numeric" else int(feature.embedding_dim)
 
 
 def paper_tower(
