@@ -30,8 +30,8 @@ test: $(STAMP)
 
 # Long benchmarks (not CI): `make bench` (a full run also refreshes README.md's
 # table), or one suite: `make bench SUITES="--suite quality"`. The long versions of
-# tests marked `bench` (1/8/32 clients, 17 killed exports) run first;
-# `make bench BENCH_TESTS=` skips them.
+# tests marked `bench` (1/8/32 clients, 17 killed exports, amplification
+# requests from 4 clients, 6 slowly copied versions) run first; `make bench BENCH_TESTS=` skips them.
 BENCH_TESTS ?= tests/test_load.py tests/test_reliability.py
 bench: $(STAMP) bench-data
 	$(BIN)/python -m pip install --quiet -e ".[test,bench]"

@@ -333,21 +333,25 @@ EXPORT_STEPS = ("towers", "retrieval_brute_force", "retrieval", "candidates",
                 "export.json", "models.config")
 
 
-def test_an_export_killed_before_its_commit_never_changes_the_served_set(
-        export_copy):
-    """Killed before each step, an export leaves ``models.config`` (the commit
-    record) and the set a running server serves those of the previous export;
-    the export that completes replaces the whole set at once."""
+def _kill_before_commit(export_dir: pathlib.Path, csv: pathlib.Path,
+                       plan: list[str | float]) -> dict[str, Any]:
+    """Runs one export per item of ``plan`` against a running server: a step
+    name (see EXPORT_STEPS) SIGKILLs it just before that step, ``"none"`` lets
+    it commit, a float SIGKILLs it that fraction of a full export's duration
+    after it started (it may commit first). After every export, ``models.config``
+    pins one export's versions and the server serves exactly those; a thread
+    samples the served set throughout and never sees a mix."""
     from tfdssm.errors import ExportError
     from tfdssm.export import serving_config
 
-    export_dir, csv = export_copy
     committed = [serving_config.pinned_versions(export_dir)]
     assert committed[0] == {m: 1 for m in MODELS}
     serving_config.check_committed(export_dir, export.read_export(export_dir))
-    samples, stop = [], threading.Event()
+    samples, stop, outcomes = [], threading.Event(), []
+    full = [3.0]  # seconds a committing export took, go to exit (the latest)
 
-    def spawn(step):
+    def spawn(item):
+        step = item if isinstance(item, str) else "none"
         return subprocess.Popen(
             [sys.executable, "-c", KILLED_EXPORTER, str(export_dir), str(csv), step],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -361,28 +365,42 @@ def test_an_export_killed_before_its_commit_never_changes_the_served_set(
 
         sampler = threading.Thread(target=sample)
         sampler.start()
-        steps = [*EXPORT_STEPS, "none"]
-        procs = [spawn(steps[0])]
+        procs = [spawn(plan[0])]
         try:
-            for i, step in enumerate(steps):
-                if i + 1 < len(steps):  # its imports overlap this export
-                    procs.append(spawn(steps[i + 1]))
+            for i, item in enumerate(plan):
+                if i + 1 < len(plan):  # its imports overlap this export
+                    procs.append(spawn(plan[i + 1]))
                 _go(procs[i])
-                code = procs[i].wait(timeout=300)
-                pins = serving_config.pinned_versions(export_dir)
-                if step == "none":
-                    assert code == 0
-                    assert pins != committed[-1]
-                    committed.append(pins)
+                start = time.monotonic()
+                if isinstance(item, str):
+                    step, code = item, procs[i].wait(timeout=300)
                 else:
+                    step = f"random moment {item * full[-1]:.2f}s"
+                    try:
+                        procs[i].wait(timeout=item * full[-1])
+                    except subprocess.TimeoutExpired:
+                        procs[i].send_signal(signal.SIGKILL)
+                    code = procs[i].wait(timeout=60)
+                took = time.monotonic() - start
+                pins = serving_config.pinned_versions(export_dir)
+                if item == "none" or (not isinstance(item, str) and code == 0):
+                    assert code == 0, step
+                    full.append(took)
+                if item == "none":
+                    assert pins != committed[-1]
+                elif isinstance(item, str):
                     assert code == -signal.SIGKILL, step
                     assert pins == committed[-1], step
+                if pins != committed[-1]:  # committed: every model a new version
+                    assert all(pins[m] > committed[-1][m] for m in MODELS), (step, pins)
+                    committed.append(pins)
                 info = export.read_export(export_dir)
                 try:
                     serving_config.check_committed(export_dir, info)
                     assert info["commit"]["versions"] == pins, step
                 except ExportError as error:  # a torn export is never silent
-                    assert step in ("export.json", "models.config"), (step, error)
+                    assert not isinstance(item, str) or step in (
+                        "export.json", "models.config"), (step, error)
                     assert "before its commit" in str(error)
                 if step == "models.config":  # export.json written, not committed
                     assert info["commit"]["versions"] != pins
@@ -390,6 +408,7 @@ def test_an_export_killed_before_its_commit_never_changes_the_served_set(
                 while server.manager.served() != pins and time.monotonic() < deadline:
                     time.sleep(0.05)
                 assert server.manager.served() == pins, step
+                outcomes.append((step, code, pins))
         finally:
             stop.set()
             sampler.join(timeout=30)
@@ -404,6 +423,20 @@ def test_an_export_killed_before_its_commit_never_changes_the_served_set(
     orphans = {m: set(export.versions(export_dir / m)) - {c[m] for c in committed}
                for m in MODELS}
     assert orphans["towers"], orphans
+    print(f"\n{len(plan)} exports, {len(committed) - 1} committed, "
+          f"{len(samples)} served sets sampled, none mixed:")
+    for step, code, pins in outcomes:
+        print(f"  {step:<28} exit {code:>3}  served {pins}")
+    return {"outcomes": outcomes, "committed": committed}
+
+
+def test_an_export_killed_before_its_commit_never_changes_the_served_set(
+        export_copy):
+    """Killed before each step, an export leaves ``models.config`` (the commit
+    record) and the set a running server serves those of the previous export;
+    the export that completes replaces the whole set at once."""
+    export_dir, csv = export_copy
+    _kill_before_commit(export_dir, csv, [*EXPORT_STEPS, "none"])
 
 
 def test_stale_temporaries_of_live_processes_are_kept(tmp_path):
@@ -665,24 +698,16 @@ def _post_json(port: int, path: str, payload: bytes) -> int:
     return int(answer.split()[1])
 
 
-def test_amplification_requests_keep_the_servers_peak_rss_bounded(
-        pairs_export, tmp_path):
-    """Small requests declaring huge tensors (every dtype, gRPC and REST) are
-    refused before anything is expanded: the server's peak RSS grows by less
-    than RSS_BOUND_MIB over all of them (before the fix: +393 MiB for four
-    1 MiB requests at these limits; 5 GB for one declaring [1, 5000]).
-    Odd version directory names are in the export too: serve starts."""
+def _amplification_requests(large: bool) -> tuple[list, list]:
+    """``(gRPC requests, REST bodies)`` that declare far more than they carry
+    or exceed the limits; ``large`` adds bigger payloads and declarations."""
     from tensorflow.core.framework import types_pb2
 
     from tfdssm.serving.predict import VALUE_FIELDS
 
-    export_dir = tmp_path / "export"
-    shutil.copytree(pairs_export[0], export_dir)
-    for name in ("\u00b2", "99999999999999999999", "-1"):
-        (export_dir / "towers" / name).mkdir()
     mib = b"q" * (1 << 20)
     string = types_pb2.DT_STRING
-    requests = [  # (model, signature, {input: TensorProto})
+    grpc_requests = [  # (model, signature, {input: TensorProto})
         ("towers", "query", {"query": _raw_tensor(string, [64], string_val=[mib])}),
         ("towers", "query", {"query": _raw_tensor(string, [5000], string_val=[mib])}),
         ("towers", "query", {"query": _raw_tensor(string, [1, 5000],
@@ -694,14 +719,65 @@ def test_amplification_requests_keep_the_servers_peak_rss_bounded(
             "query": _raw_tensor(string, [64], string_val=[b"a"]),
             "k": _raw_tensor(types_pb2.DT_INT32, [64, 2**30], int_val=[1])}),
     ]
+    dims = [[64, 2**24]] + ([[2**62], [AMPLIFY_BATCH, 2**40], [1, 2**20, 2**20]]
+                            if large else [])
     for dtype in sorted(VALUE_FIELDS):  # every dtype a request may carry
         enum = tf.as_dtype(dtype).as_datatype_enum
-        requests.append(("towers", "query", {
-            "query": _raw_tensor(enum, [64, 2**24])}))
-    rows = json.dumps({"instances": [{"query": "x" * 200}] * 5000}).encode()
+        grpc_requests += [("towers", "query", {"query": _raw_tensor(enum, d)})
+                          for d in dims]
+    rows = [json.dumps({"instances": [{"query": "x" * 200}] * 5000}).encode()]
+    if large:
+        big = b"w" * (3 << 19)  # 1.5 MiB, under the message limit
+        grpc_requests += [
+            ("towers", "query", {"query": _raw_tensor(string, [AMPLIFY_BATCH],
+                                                      string_val=[big])}),
+            ("towers", "query", {"query": _raw_tensor(string, [2**62],
+                                                      string_val=[big])}),
+            ("towers", "query", {"query": _raw_tensor(string, [AMPLIFY_BATCH, 2**20],
+                                                      string_val=[big[:1 << 20]])}),
+            ("retrieval", "top_k", {
+                "query": _raw_tensor(string, [AMPLIFY_BATCH], string_val=[mib]),
+                "k": _raw_tensor(types_pb2.DT_INT32, [AMPLIFY_BATCH],
+                                 int_val=[1])}),
+            ("retrieval_brute_force", "top_k", {
+                "query": _raw_tensor(string, [1], string_val=[b"a"]),
+                "k": _raw_tensor(types_pb2.DT_INT32, [2**62],
+                                 int_val=list(range(100_000)))}),
+        ]
+        rows += [
+            json.dumps({"instances": [{"query": "x" * 200}] * 9000}).encode(),
+            json.dumps({"inputs": {"query": ["y" * 100] * 18000}}).encode(),
+            json.dumps({"instances": ["z" * 30] * 50_000}).encode(),
+        ]
+    return grpc_requests, rows
+
+
+def _amplify(pairs_export, tmp_path, large: bool, rounds: int,
+             clients: int) -> int:
+    """Sends the amplification requests ``rounds`` times from each of
+    ``clients`` threads over gRPC and REST; all are refused (INVALID_ARGUMENT,
+    400) in seconds, the server still serves, its peak RSS grows by less than
+    RSS_BOUND_MIB. Returns the number of requests."""
+    export_dir = tmp_path / "export"
+    shutil.copytree(pairs_export[0], export_dir)
+    for name in ("\u00b2", "99999999999999999999", "-1"):
+        (export_dir / "towers" / name).mkdir()
+    grpc_requests, rows = _amplification_requests(large)
+    protos = []
+    for model, signature, inputs in grpc_requests:
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = model
+        request.model_spec.signature_name = signature
+        for name, proto in inputs.items():
+            request.inputs[name].CopyFrom(proto)
+        assert request.ByteSize() < AMPLIFY_LIMIT
+        protos.append(request)
+    assert all(len(body) < AMPLIFY_LIMIT for body in rows)
     good = predict_pb2.PredictRequest()
     good.model_spec.name, good.model_spec.signature_name = "towers", "query"
-    good.inputs["query"].CopyFrom(_raw_tensor(string, [1], string_val=[b"kiwi"]))
+    good.inputs["query"].CopyFrom(
+        _raw_tensor(tf.string.as_datatype_enum, [1], string_val=[b"kiwi"]))
+    failures: list[str] = []
     with _serve_process(export_dir, tmp_path / "serve.log", "--max-request-bytes",
                         str(AMPLIFY_LIMIT), "--max-batch-size",
                         str(AMPLIFY_BATCH)) as (proc, grpc_port, rest_port):
@@ -712,26 +788,63 @@ def test_amplification_requests_keep_the_servers_peak_rss_bounded(
                 assert _post_json(rest_port, "/v1/models/towers:predict",
                                   b'{"instances": ["kiwi"]}') == 200
             before = _peak_rss_mib(proc.pid)
-            for model, signature, inputs in requests:
-                request = predict_pb2.PredictRequest()
-                request.model_spec.name = model
-                request.model_spec.signature_name = signature
-                for name, proto in inputs.items():
-                    request.inputs[name].CopyFrom(proto)
-                start = time.monotonic()
-                with pytest.raises(grpc.RpcError) as caught:
-                    stub.Predict(request, timeout=60)
-                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (
-                    caught.value.details())
-                assert time.monotonic() - start < 5, caught.value.details()
-            assert _post_json(rest_port, "/v1/models/towers:predict", rows) == 400
+
+            def client(seed: int) -> None:
+                order = [*protos, *rows] * rounds
+                random.Random(seed).shuffle(order)
+                for request in order:
+                    start = time.monotonic()
+                    if isinstance(request, bytes):
+                        code = _post_json(rest_port, "/v1/models/towers:predict",
+                                          request)
+                        if code != 400:
+                            failures.append(f"REST {len(request)} bytes: {code}")
+                    else:
+                        try:
+                            stub.Predict(request, timeout=60)
+                            failures.append(f"gRPC {request.inputs}: answered")
+                        except grpc.RpcError as error:
+                            if error.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                                failures.append(f"{error.code()} {error.details()}")
+                    if time.monotonic() - start > 5 * clients:
+                        failures.append(f"took {time.monotonic() - start:.1f}s")
+
+            threads = [threading.Thread(target=client, args=(i,))
+                       for i in range(clients)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=600)
+            assert not any(thread.is_alive() for thread in threads)
             growth = _peak_rss_mib(proc.pid) - before
             stub.Predict(good, timeout=60)  # still serving
         log = (tmp_path / "serve.log").read_text()
+    sent = (len(protos) + len(rows)) * rounds * clients
+    assert failures == [], failures[:5]
     assert growth < RSS_BOUND_MIB, f"peak RSS grew {growth} MiB"
     assert "Traceback" not in log and "is not a version of model 'towers'" in log
-    print(f"peak RSS growth over {len(requests) + 1} amplification requests: "
-          f"{growth} MiB (bound {RSS_BOUND_MIB})")
+    print(f"\npeak RSS growth over {sent} amplification requests ({clients} "
+          f"client(s)): {growth} MiB (bound {RSS_BOUND_MIB})")
+    return sent
+
+
+def test_amplification_requests_keep_the_servers_peak_rss_bounded(
+        pairs_export, tmp_path):
+    """Small requests declaring huge tensors (every dtype, gRPC and REST) are
+    refused before anything is expanded: the server's peak RSS grows by less
+    than RSS_BOUND_MIB over all of them (before the fix: +393 MiB for four
+    1 MiB requests at these limits; 5 GB for one declaring [1, 5000]).
+    Odd version directory names are in the export too: serve starts."""
+    _amplify(pairs_export, tmp_path, large=False, rounds=1, clients=1)
+
+
+@pytest.mark.bench
+def test_many_large_amplification_requests_from_4_clients_keep_rss_bounded(
+        pairs_export, tmp_path):
+    """The long version (``make bench``): larger payloads (1.5 MiB strings,
+    100,000 carried ints) and declarations (2**62 rows, 2**40 per row, every
+    dtype), bigger REST bodies, 4 concurrent clients x 5 rounds each."""
+    assert _amplify(pairs_export, tmp_path, large=True, rounds=5, clients=4) > 500
 
 
 def _manager(base: pathlib.Path):
@@ -740,32 +853,71 @@ def _manager(base: pathlib.Path):
     return ModelManager([("towers", base)], poll_seconds=0.1)
 
 
-def test_a_version_filled_after_it_appeared_is_loaded(pairs_export, tmp_path):
+def _fill_slowly(manager, source: pathlib.Path, target: pathlib.Path, polls: int,
+                 chunks: int, pause: float) -> int:
+    """Copies version ``source`` to ``target`` the way a slow ``cp -r`` does:
+    the directory appears empty, then one file at a time, ``saved_model.pb``
+    last and in ``chunks`` parts, ``pause`` seconds apart. The manager polls
+    ``polls`` times at every stage (more than MAX_LOAD_ATTEMPTS while it is
+    empty): nothing loads and the previous version serves until the copy is
+    complete, then the copy loads at once. Returns the number of stages."""
+    from tfdssm.serving.models import MAX_LOAD_ATTEMPTS
+
+    before = manager.get("towers").version
+    files = sorted(p for p in source.rglob("*")
+                   if p.is_file() and p.name != "saved_model.pb")
+    graph = (source / "saved_model.pb").read_bytes()
+    step = -(-len(graph) // chunks)
+    stages = [lambda: target.mkdir()]
+    for item in files:
+        def copy(item=item):
+            (target / item.relative_to(source)).parent.mkdir(parents=True,
+                                                             exist_ok=True)
+            shutil.copy(item, target / item.relative_to(source))
+        stages.append(copy)
+    for end in range(step, len(graph) + step, step):
+        def write(end=end):
+            (target / "saved_model.pb").write_bytes(graph[:end])
+        stages.append(write)
+    for i, stage in enumerate(stages):
+        stage()
+        if i == len(stages) - 1:
+            break
+        for _ in range(MAX_LOAD_ATTEMPTS + 3 if i == 0 else polls):
+            assert not manager.refresh("towers"), (target, i)
+        assert manager.get("towers").version == before, (target, i)
+        time.sleep(pause)
+    assert manager.refresh("towers"), target
+    assert manager.get("towers").version == int(target.name)
+    assert manager.status("towers")[0] == (int(target.name), 30, "")
+    return len(stages)
+
+
+@pytest.mark.parametrize("versions,polls,chunks,pause", [
+    pytest.param(1, 1, 2, 0.0, id="short"),
+    pytest.param(6, 4, 16, 0.2, id="long", marks=pytest.mark.bench),
+])
+def test_a_version_filled_after_it_appeared_is_loaded(
+        pairs_export, tmp_path, versions, polls, chunks, pause):
     """A slow ``cp -r``: the directory appears empty, is filled seconds later.
     Failed attempts are bounded while it stays the same and start again when
-    it changes; the old version serves throughout."""
+    it changes; the old version serves throughout. The long version (``make
+    bench``): 6 versions in a row, each copied over ~6 s in 16 parts of its
+    graph, polled 4 times per part."""
     source = pathlib.Path(pairs_export[0]) / "towers" / "1"
     base = tmp_path / "towers"
     shutil.copytree(source, base / "1")
     manager = _manager(base)
-    manager.load_all()
-    assert manager.get("towers").version == 1
-    (base / "2").mkdir()
-    for _ in range(6):  # polls while it is empty: at most 3 attempts
-        assert not manager.refresh("towers")
-    assert manager.get("towers").version == 1
-    (base / "2" / "variables").mkdir()  # partly copied: one more failed attempt
-    shutil.copy(source / "saved_model.pb", base / "2" / "saved_model.pb")
-    assert not manager.refresh("towers")
-    for item in (source / "variables").iterdir():
-        shutil.copy(item, base / "2" / "variables" / item.name)
-    for item in source.iterdir():
-        if item.is_dir() and item.name != "variables":
-            shutil.copytree(item, base / "2" / item.name)
-    assert manager.refresh("towers")
-    assert manager.get("towers").version == 2
-    assert manager.status("towers")[0] == (2, 30, "")
-    manager.stop()
+    try:
+        manager.load_all()
+        assert manager.get("towers").version == 1
+        start = time.monotonic()
+        stages = [_fill_slowly(manager, source, base / str(v), polls, chunks, pause)
+                  for v in range(2, versions + 2)]
+        print(f"\n{versions} version(s) copied slowly in {stages} stages, "
+              f"{time.monotonic() - start:.1f}s; each loaded once complete")
+    finally:
+        manager.stop()
 
 
 def test_odd_version_names_never_stop_the_watcher(pairs_export, tmp_path):
