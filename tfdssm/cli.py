@@ -16,8 +16,9 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from tfdssm.export import QUANTIZATIONS
 from tfdssm.recipes import PIPELINES
-from tfdssm.recipes.defaults import DEFAULTS, HARD_NEGATIVES, LOSSES
+from tfdssm.recipes.defaults import DEFAULTS, HARD_NEGATIVES, LOSSES, STRATEGIES
 
 # Per-pipeline defaults live in the library: tfdssm.recipes.defaults.
 
@@ -156,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint-dir", help="where training backs up model and "
                        "optimizer every epoch (default EXPORT_DIR/.checkpoints; "
                        "removed when training finishes)")
-    train.add_argument("--strategy", choices=["default", "mirrored", "multi_worker"],
+    train.add_argument("--strategy", choices=STRATEGIES,
                        default="default", help="tf.distribute strategy: mirrored "
                        "(local GPUs) or multi_worker (the cluster in TF_CONFIG; "
                        "every worker runs this command, the chief exports)")
@@ -173,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="(re)build query_tower.tflite, print size "
                           "and parity with the SavedModel")
     lite.add_argument("--export-dir", required=True)
-    lite.add_argument("--quantize", choices=["none", "dynamic", "float16"],
+    lite.add_argument("--quantize", choices=QUANTIZATIONS,
                       default="none", help="none writes query_tower.tflite; the "
                       "others write query_tower.<mode>.tflite beside it")
 

@@ -24,5 +24,8 @@ _EXPORTS = {
     "load_towers": "tfdssm.export.loading",
     "tower_features": "tfdssm.export.loading",
 }
+# TFLite quantisation modes (no TensorFlow needed to read them).
+QUANTIZATIONS = ("none", "dynamic", "float16")
+
 __getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, ["tfdssm.export.savedmodel"])
 __all__ = list(_EXPORTS)

@@ -20,8 +20,8 @@ tower). ``query_tower.json`` records this.
 Each feature says how it enters (or why it cannot) through
 :meth:`tfdssm.features.Feature.tflite_input`. Towers reading other kinds of
 features (a history of item ids, which needs string splitting; an example age,
-served as a constant) are not converted: :func:`unsupported` says why, ``tfdssm train`` skips the file and notes that in
-``export.json``; serve such query towers from the ``towers`` SavedModel.
+served as a constant) are not converted: :func:`unsupported` says why,
+``tfdssm train`` skips the file and notes that in ``export.json``; serve such query towers from the ``towers`` SavedModel.
 """
 
 from __future__ import annotations
@@ -53,8 +53,7 @@ TFLITE_FILE = "query_tower.tflite"
 SPEC_FILE = "query_tower.json"
 VOCAB_DIR = "query_tower_vocab"
 KERAS_DIR = "keras_towers"
-QUANTIZATIONS = ("none", "dynamic", "float16")
-
+from tfdssm.export import QUANTIZATIONS  # noqa: E402 - the option list, defined once
 
 SUPPORTED_KINDS = ("text", "categorical", "multi_valued", "numeric")
 

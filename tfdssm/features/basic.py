@@ -25,7 +25,6 @@ from tfdssm.features.protocol import ColumnFeature, TFLiteInput
 from tfdssm.features.registry import register_feature_kind
 from tfdssm.text import normalize as text
 
-
 # A documented hard cap on code points per text (also checked against memory by
 # tfdssm.training.run): 1,000,000 is ~4 MB per text before hashing.
 MAX_LENGTH_LIMIT = 1_000_000

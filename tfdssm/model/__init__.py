@@ -23,5 +23,9 @@ _EXPORTS = {
     "embed": "tfdssm.model.runner",
     "youtube_dnn": "tfdssm.model.youtube",
 }
+# Option lists (no TensorFlow needed to read them: the CLI builds its help).
+LOSSES = ("in_batch", "paper", "pair_ce", "triplet", "sigmoid")
+SCORE_LOSSES = ("pair_ce", "triplet", "sigmoid")
+
 __getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, ["tfdssm.model.dssm"])
 __all__ = list(_EXPORTS)

@@ -43,9 +43,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from tfdssm.errors import ConfigError
-
-LOSSES = ("in_batch", "paper", "pair_ce", "triplet", "sigmoid")
-SCORE_LOSSES = ("pair_ce", "triplet", "sigmoid")
+from tfdssm.model import LOSSES, SCORE_LOSSES  # noqa: E402,F401 - defined once
 
 
 def score_matrix(queries: tf.Tensor, candidates: tf.Tensor) -> tf.Tensor:

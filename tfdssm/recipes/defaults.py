@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from typing import Any
 
-LOSSES = ("in_batch", "paper", "pair_ce", "triplet", "sigmoid")
-HARD_NEGATIVES = ("bm25", "self")  # or None
+from tfdssm.model import LOSSES  # noqa: F401 - the CLI reads options here
+from tfdssm.training import HARD_NEGATIVES, STRATEGIES  # noqa: F401
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "movielens": {

@@ -5,3 +5,7 @@ Modules: :mod:`.run` (:class:`~tfdssm.training.run.Prepared`, ``run``),
 over a table), :mod:`.metrics` (Recall/NDCG/MRR@K, AUC),
 :mod:`.checkpoints` and :mod:`.distribute`.
 """
+
+# Option lists (no TensorFlow needed to read them: the CLI builds its help).
+STRATEGIES = ("default", "mirrored", "multi_worker")
+HARD_NEGATIVES = ("bm25", "self")

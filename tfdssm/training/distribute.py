@@ -34,8 +34,8 @@ from typing import Any
 import tensorflow as tf
 
 from tfdssm.errors import ConfigError
+from tfdssm.training import STRATEGIES  # noqa: E402 - the option list, defined once
 
-STRATEGIES = ("default", "mirrored", "multi_worker")
 TF_CONFIG = "TF_CONFIG"
 _EXAMPLE = (
     '{"cluster": {"worker": ["host0:2222", "host1:2222"]}, '

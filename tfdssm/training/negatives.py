@@ -43,10 +43,11 @@ from tfdssm.features import Feature
 from tfdssm.model.dssm import HARD_NEGATIVES  # batch key: candidate columns
 from tfdssm.model.multihead import max_over_heads
 from tfdssm.model.runner import embed
+from tfdssm.training import HARD_NEGATIVES as MINING_MODES
 
 logger = logging.getLogger("tfdssm")
 
-MODES = ("bm25", "self")
+MODES = MINING_MODES  # the option list, defined once in tfdssm.training
 ROW_INDEX = "__hard_negative_row__"  # dataset column: index of the training row
 
 
