@@ -9,8 +9,8 @@ relevant document per query).
 
 * **BM25**: ``bm25s`` (Lucene variant, k1 1.5, b 0.75) over the documents, English
   Snowball stemming (PyStemmer) and English stop words; the anchor.
-* **tfdssm**: the pairs pipeline's model (``tfdssm.pipelines.pairs.prepare``),
-  trained as ``tfdssm.train.run`` does (Adam, ``data.make_dataset``, ``model.fit``);
+* **tfdssm**: the pairs pipeline's model (``tfdssm.recipes.pairs.prepare``),
+  trained as ``tfdssm.training.run.run`` does (Adam, ``make_dataset``, ``model.fit``);
   after every epoch all documents are embedded with the candidate tower and the
   validation and test queries with the query tower, exact dot-product top-100.
   The validation curve shows where training peaks; "best epoch" is what early

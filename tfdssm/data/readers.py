@@ -243,7 +243,7 @@ def make_dataset(
         seed: Shuffle seed.
         drop_remainder: Drop a last partial batch.
         row_index: Also yield each row's position in the table (int64) under
-            this name (e.g. for :mod:`tfdssm.negatives`).
+            this name (e.g. for :mod:`tfdssm.training.negatives`).
 
     Returns:
         Dataset of ``{name: [batch]}`` dicts (strings stay ``tf.string``).

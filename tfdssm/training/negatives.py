@@ -11,7 +11,7 @@ a row's positive id is masked for that row.
 Two miners, both pure functions returning int32 ``[num_queries, m]`` corpus
 indices, never the positive nor a candidate with the positive's id:
 
-* :func:`mine_bm25`: BM25 (:class:`tfdssm.lexical.LexicalIndex`) of the query
+* :func:`mine_bm25`: BM25 (:class:`tfdssm.export.lexical.LexicalIndex`) of the query
   text against the documents' text; mined once before training.
 * :func:`mine_dense`: exact dot products of the current towers' embeddings
   (ANCE-style self-mining); :class:`HardNegatives` re-mines every ``every``
@@ -109,11 +109,11 @@ def bm25_scores(
     postings: Mapping[str, np.ndarray], queries: Sequence[np.ndarray],
     num_documents: int,
 ) -> np.ndarray:
-    """What :class:`LexicalIndex` computes, in numpy (much faster for many queries).
+    """What :class:`LexicalIndex` computes, in numpy, for mining (one pass, no graph).
 
     Args:
-        postings: :func:`tfdssm.lexical.bm25_postings` (or a LexicalIndex's).
-        queries: Word ids of each query (:func:`tfdssm.lexical.tokenize`).
+        postings: :func:`tfdssm.export.lexical.bm25_postings` (or a LexicalIndex's).
+        queries: Word ids of each query (:func:`tfdssm.export.lexical.tokenize`).
         num_documents: Corpus size.
 
     Returns:
