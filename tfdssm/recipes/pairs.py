@@ -39,6 +39,7 @@ def prepare(
     temperature: float | None = None,
     test_fraction: float = 0.1,
     seed: int = 42,
+    sep: str | None = None,
 ) -> Prepared:
     """Reads the pairs and builds the paper-style model.
 
@@ -60,6 +61,8 @@ def prepare(
         temperature: Softmax temperature (default: 0.05, cosine towers).
         test_fraction: Rows held out for evaluation.
         seed: Split seed.
+        sep: CSV/TSV delimiter (``None``: sniffed from the file's first lines
+            among ``,`` tab ``;`` ``|``).
 
     Returns:
         A :class:`tfdssm.training.run.Prepared` to pass to
@@ -70,7 +73,7 @@ def prepare(
             f"--query-column and --candidate-column are both {query_column!r}; "
             "they must name two different columns."
         )
-    frame = data.read_table(source)
+    frame = data.read_table(source, sep)
     what = ("the pairs data" if isinstance(source, pd.DataFrame)
             else f"the pairs data {str(source)!r}")
     needed = list(dict.fromkeys([query_column, candidate_column] + (
