@@ -401,3 +401,17 @@ def test_commands_keep_tensorflow_noise_out_of_stderr(trained, tmp_path):
     assert re.search(r"^  1\. ", proc.stdout, re.M), proc.stdout
     assert not NOISE.search(proc.stderr), proc.stderr
     assert proc.stderr == ""
+
+
+def test_corpus_warnings_are_not_repeated_on_every_query(pairs_export, tmp_path):
+    """An empty corpus cell is warned about at export; querying stays quiet."""
+    import pandas as pd  # noqa: PLC0415
+
+    copy = tmp_path / "copy"
+    shutil.copytree(pairs_export[0], copy)
+    corpus = pd.read_parquet(copy / "corpus.parquet")
+    corpus.loc[3, "doc"] = ""
+    corpus.to_parquet(copy / "corpus.parquet", index=False)
+    code, out, err = _run_main(["query", "--export-dir", copy, "--k", "2", "kiwi"])
+    assert code == 0, err
+    assert err == "" and out.startswith("# query=kiwi")
