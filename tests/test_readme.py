@@ -108,6 +108,18 @@ def test_every_block_is_marked():
     assert sum(b.kind == "ci" for b in BLOCKS) >= 4
 
 
+def test_links_of_the_readme_and_docs_resolve():
+    pages = [README, *sorted((ROOT / "docs").glob("*.md"))]
+    assert len(pages) >= 8
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if target.startswith(("http://", "https://", "#")):
+                continue
+            path = page.parent / target.split("#")[0]
+            assert path.exists(), f"{page.relative_to(ROOT)}: broken link {target}"
+
+
 def test_an_unmarked_block_is_caught():
     blocks = readme_blocks("<!-- test: ci -->\n```bash\nls\n```\n\ntext\n"
                            "```bash\nls\n```\n")

@@ -368,8 +368,8 @@ def _check_train(args: argparse.Namespace) -> None:
     from tfdssm.errors import ConfigError, DataError  # noqa: PLC0415
 
     if pathlib.Path(args.export_dir).is_file():
-        raise ConfigError(f"--export-dir {args.export_dir!r} is a file; pass a "
-                          "directory (new or an earlier export).")
+        raise ConfigError(f"--export-dir {args.export_dir!r} is a file, not a "
+                          "directory; pass a new directory or an earlier export.")
     if args.pipeline == "movielens":
         if args.data and not pathlib.Path(args.data).is_dir():
             raise DataError(f"--data {args.data!r} is not a directory; --pipeline "
