@@ -605,8 +605,8 @@ def _print_ranked(label: str, ids: Sequence[str], scores: Sequence[float],
     width = max(shutil.get_terminal_size((100, 24)).columns, 60)
     print(_clip(f"# {label}", width))
     texts = texts or [None] * len(ids)
-    # The id column: a third of the line beside a text, else all but the score.
-    limit = width // 3 if any(texts) else width - 16
+    # The id column: 2/5 of the line beside a text, else all but the score.
+    limit = width * 2 // 5 if any(texts) else width - 16
     shown = [_clip(cid, limit if t else width - 16) for cid, t in
              zip(ids, texts, strict=True)]
     pad = min(max((len(c) for c in shown), default=0), limit)
