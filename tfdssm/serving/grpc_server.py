@@ -111,7 +111,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         response.model_spec.version.value = servable.version
         response.model_spec.signature_name = signature
         for name, array in outputs.items():
-            response.outputs[name].CopyFrom(predict.tensor_to_proto(array))
+            predict.tensor_to_proto(array, response.outputs[name])
         return response
 
     def GetModelMetadata(  # noqa: N802

@@ -68,6 +68,8 @@ class Servable:
     path: pathlib.Path
     loaded: Any
     signature_defs: dict[str, Any]
+    _signatures: dict[str, predict.Signature] = dataclasses.field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     def predict(
         self,
@@ -77,15 +79,30 @@ class Servable:
         max_batch_size: int | None = None,
     ) -> dict[str, Any]:
         """Validates and runs one request (see :func:`tfdssm.serving.predict.run`)."""
+        return predict.run_signature(self.signature(signature_name), inputs,
+                                     output_filter, max_batch_size)
+
+    def signature(self, signature_name: str) -> predict.Signature:
+        """The signature (``""``: ``serving_default``), prepared on first use.
+
+        Raises:
+            ServingError: ``FAILED_PRECONDITION`` for an unknown or uncallable
+                signature (never cached).
+        """
         key = signature_name or predict.DEFAULT_SIGNATURE
+        signature = self._signatures.get(key)
+        if signature is None:  # two threads may both prepare it: the same result
+            signature = self._signatures[key] = self._prepare(key)
+        return signature
+
+    def _prepare(self, key: str) -> predict.Signature:
         signature_def = predict.find_signature(self.signature_defs, key, self.name)
         function = self.loaded.signatures.get(key)
         if function is None:
             raise ServingError(
                 f'signature "{key}" of model "{self.name}" is not callable (only '
                 "Predict signatures are).", "FAILED_PRECONDITION")
-        return predict.run(function, signature_def, inputs, self.where(key),
-                           output_filter, max_batch_size)
+        return predict.Signature.of(function, signature_def, self.where(key))
 
     def where(self, signature_name: str) -> str:
         """``signature "x" of model "y" (version n)``, for messages."""
@@ -102,11 +119,15 @@ class Servable:
         """A request's ``TensorProto`` inputs as tensors, checked against the
         signature and the limits before any is expanded (see
         :func:`tfdssm.serving.predict.tensors_from_protos`)."""
-        signature_def = predict.find_signature(self.signature_defs, signature_name,
-                                               self.name)
-        return predict.tensors_from_protos(
-            protos, predict.input_specs(signature_def), self.where(signature_name),
-            max_bytes, max_batch_size)
+        key = signature_name or predict.DEFAULT_SIGNATURE
+        signature = self._signatures.get(key)
+        if signature is not None:
+            specs, where = signature.specs, signature.where
+        else:  # not callable signatures too: their error comes from predict()
+            signature_def = predict.find_signature(self.signature_defs, key, self.name)
+            specs, where = predict.input_specs(signature_def), self.where(key)
+        return predict.tensors_from_protos(protos, specs, where, max_bytes,
+                                           max_batch_size)
 
 
 def load_servable(name: str, version: int, path: pathlib.Path) -> Servable:
@@ -308,7 +329,8 @@ class ModelManager:
             for model in changed:
                 if model.name not in ready:
                     continue
-                old, model.current, model.pending = model.current, ready[model.name], None
+                old, model.current = model.current, ready[model.name]
+                model.pending = None
                 model.states[model.current.version] = (AVAILABLE, "")
                 if old is not None and old.version != model.current.version:
                     model.states[old.version] = (END, "")
