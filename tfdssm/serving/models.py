@@ -43,6 +43,7 @@ from tfdssm.errors import ServingError
 from tfdssm.export import warmup
 from tfdssm.export.versioning import fingerprint, version_dirs
 from tfdssm.serving import predict
+from tfdssm.serving.metrics import Metrics
 
 LOG = logging.getLogger("tfdssm.serving")
 MAX_LOAD_ATTEMPTS = 3
@@ -197,10 +198,13 @@ class ModelManager:
         poll_seconds: How often to look for new versions.
         reload: Called on every poll; returns the models again (a changed
             config: new pins) or ``None`` (unchanged).
+        metrics: Where loads, failed loads and unloads are counted.
     """
 
     def __init__(self, models: Sequence[tuple], poll_seconds: float = 1.0,
-                 reload: Callable[[], Sequence[tuple] | None] | None = None) -> None:
+                 reload: Callable[[], Sequence[tuple] | None] | None = None,
+                 metrics: Metrics | None = None) -> None:
+        self.metrics = metrics or Metrics()
         self._models = {spec[0]: _Model(spec[0], pathlib.Path(spec[1]),
                                         pinned=spec[2] if len(spec) > 2 else None)
                         for spec in models}
@@ -280,6 +284,9 @@ class ModelManager:
             self._thread.join(timeout=60)
         with self._lock:
             for model in self._models.values():
+                if model.current is not None:
+                    self.metrics.model_event(model.name, model.current.version,
+                                             "unload")
                 model.current = None
 
     def _poll(self) -> None:
@@ -334,6 +341,7 @@ class ModelManager:
                 model.states[model.current.version] = (AVAILABLE, "")
                 if old is not None and old.version != model.current.version:
                     model.states[old.version] = (END, "")
+                    self.metrics.model_event(model.name, old.version, "unload")
         LOG.info("tfdssm serve: serving %s", {m.name: m.current.version
                                               for m in pinned if m.current})
         return True
@@ -372,11 +380,13 @@ class ModelManager:
         except Exception as error:  # noqa: BLE001 - any failure: keep the old one
             model.failures[version] = (attempts + 1, seen)
             model.states[version] = (END, str(error))
+            self.metrics.model_event(name, version, "load_failed", str(path))
             LOG.error("tfdssm serve: model %r version %d failed to load (attempt %d; "
                       "retried when %s changes): %s", name, version, attempts + 1,
                       path, error)
             return None
         model.failures.pop(version, None)
+        self.metrics.model_event(name, version, "load", str(path))
         LOG.info("tfdssm serve: model %r version %d loaded in %.1fs", name, version,
                  time.perf_counter() - start)
         return servable
@@ -404,6 +414,7 @@ class ModelManager:
             if old is not None and old.version != newest:
                 model.states[old.version] = (END, "")
         if old is not None:
+            self.metrics.model_event(name, old.version, "unload")
             LOG.info("tfdssm serve: model %r version %d unloaded", name, old.version)
         return True
 
