@@ -112,6 +112,7 @@ class Metrics:
         self.runs = family(
             ":tensorflow:serving:batching_session:wrapped_run_count", "counter",
             "Total count of run calls on the wrapped session", ())
+        self.runs.cell(())  # rendered from the start, as 0
         self.load_attempts = family(
             ":tensorflow:cc:saved_model:load_attempt_count", "counter",
             "The number of times a SavedModel was successfully loaded.",
