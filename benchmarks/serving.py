@@ -586,6 +586,7 @@ def grpc_levels(export_copy: pathlib.Path, prepared: Any, requests: Sequence[Any
             server.target, requests, clients, seconds, rss=server.rss_mb,
             events=[(seconds / 4, lambda: swapped.update(
                 version=add_version(export_copy / "retrieval")))]))
+        stats = batch_stats(server) if "--monitoring-config-file" in serve_args else {}
         sigterm = sigterm_under_load(server, requests,
                                      slow_candidates_request(prepared))
     finally:
@@ -595,7 +596,34 @@ def grpc_levels(export_copy: pathlib.Path, prepared: Any, requests: Sequence[Any
             "failed": len(loads[-1].failed)}
     return {"loads": loads, "warm": warm, "swap": swap, "sigterm": sigterm,
             "bind": {port: sorted(a) for port, a in bind.items()},
-            "log": server.log[-12:]}
+            "log": server.log[-12:], "batch_stats": stats}
+
+
+METRICS_PATH = "/monitoring/prometheus/metrics"
+
+
+def batch_stats(server: ServeProcess) -> dict[str, float]:
+    """Mean rows per merged call, merged calls, requests and mean queuing
+    delay so far, from the server's Prometheus metrics."""
+    import urllib.request  # noqa: PLC0415
+
+    url = f"http://127.0.0.1:{server.rest_port}{METRICS_PATH}"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        text = response.read().decode()
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name = line.split("{")[0].split(" ")[0]
+        totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    prefix = ":tensorflow:serving:batching_session:"
+    runs = totals.get(prefix + "processed_batch_size_count", 0.0)
+    queued = totals.get(prefix + "queuing_latency_count", 0.0)
+    return {"merged_calls": runs, "requests": queued,
+            "mean_batch_rows": round(totals.get(prefix + "processed_batch_size_sum",
+                                                0.0) / max(runs, 1), 2),
+            "mean_queuing_ms": round(totals.get(prefix + "queuing_latency_sum", 0.0)
+                                     / max(queued, 1) / 1e3, 3)}
 
 
 def in_process_levels(export_dir: str | os.PathLike, requests: Sequence[Any],
@@ -664,8 +692,12 @@ def measure(export_dir: str | os.PathLike, prepared: Any,
             shutil.copytree(export_dir, copy)
             parameters = pathlib.Path(tmp) / "batching.txt"
             parameters.write_text(BATCHING_FILE)
+            monitoring = pathlib.Path(tmp) / "monitoring.txt"
+            monitoring.write_text(
+                f'prometheus_config {{ enable: true, path: "{METRICS_PATH}" }}\n')
             batched = grpc_levels(copy, prepared, requests, levels,
-                                  ("--batching-parameters-file", str(parameters)))
+                                  ("--batching-parameters-file", str(parameters),
+                                   "--monitoring-config-file", str(monitoring)))
     local = in_process_levels(export_dir, requests, levels)
     failed = [c for load in served["loads"] for c in load.failed]
     out = {"levels": [compare(g, i) for g, i in
@@ -683,7 +715,8 @@ def measure(export_dir: str | os.PathLike, prepared: Any,
             "warmup_failed": len(batched["warm"].failed),
             "failures": [(c.model, c.code, c.details) for c in failed[:5]],
             "parameters": BATCHING_FILE.strip().replace("\n", "; "),
-            **{key: batched[key] for key in ("swap", "sigterm", "log")}}
+            **{key: batched[key] for key in ("swap", "sigterm", "log",
+                                             "batch_stats")}}
     return out
 
 
@@ -734,6 +767,7 @@ def _batched_markdown(batched: Mapping[str, Any]) -> str:
              f"{level['p99_vs_unbatched']:.2f}x"]
             for level in batched["levels"]]
     sigterm, swap = batched["sigterm"], batched["swap"]
+    stats = batched.get("batch_stats", {})
     return (
         "\n\n#### With server-side batching (`tfdssm serve "
         "--batching-parameters-file`)\n\n"
@@ -745,7 +779,12 @@ def _batched_markdown(batched: Mapping[str, Any]) -> str:
                         "throughput (batched / in-process)",
                         "p50 overhead (batched / in-process)",
                         "p99 (batched / unbatched gRPC)"], rows)
-        + f"\n\nVersion swap under batched load: versions served "
+        + f"\n\nOver the batched run: {stats.get('requests', 0):.0f} requests in "
+        f"{stats.get('merged_calls', 0):.0f} SavedModel calls, "
+        f"{stats.get('mean_batch_rows', 0)} rows per call on average, "
+        f"{stats.get('mean_queuing_ms', 0)} ms mean queuing delay (the server's "
+        "Prometheus metrics). "
+        f"Version swap under batched load: versions served "
         f"{swap['versions_served']}, {swap['failed']} failed requests. SIGTERM: "
         f"{sigterm['in_flight']} in flight, {len(sigterm['in_flight_failed'])} "
         f"failed; exit code {sigterm['exit_code']} after "

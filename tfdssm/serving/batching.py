@@ -173,7 +173,7 @@ class Batcher:
         signature = servable.signature(signature_name)
         output_filter = tuple(output_filter)
         signature.check(inputs, output_filter, max_batch_size)
-        shapes = {name: tuple(t.shape) for name, t in inputs.items()}
+        shapes = {name: tuple(value.shape) for name, value in inputs.items()}
         if not shapes or any(not shape for shape in shapes.values()):
             return signature.call(inputs, output_filter)  # a scalar: not batchable
         rows = next(iter(shapes.values()))[0]
@@ -185,8 +185,8 @@ class Batcher:
                 f"{limit} rows per request.")
         width = None
         k = inputs.get(WIDTH_INPUT)
-        if k is not None and k.shape.rank == 1 and k.dtype.is_integer:
-            width = int(np.max(k.numpy()))
+        if k is not None and len(k.shape) == 1 and predict.tf_dtype(k).is_integer:
+            width = int(np.max(np.asarray(k)))
         key: tuple = (servable.name, servable.version, id(servable.loaded),
                       signature.where)
         if not self.parameters.pad_variable_length_inputs:
@@ -319,24 +319,23 @@ class Batcher:
         except ServingError as error:
             task.finish(error=error)
 
-    def _merge(self, tasks: Sequence[_Task], padding: int) -> dict[str, tf.Tensor]:
+    def _merge(self, tasks: Sequence[_Task], padding: int) -> dict[str, np.ndarray]:
         """The tasks' inputs concatenated along the first dimension (inner
         dimensions padded to the longest), plus ``padding`` copies of the
-        first row."""
+        first row; numpy, converted to tensors once by the call."""
         merged = {}
         for name in tasks[0].inputs:
-            parts = [t.inputs[name] for t in tasks]
-            if parts[0].shape.rank >= 2:
+            parts = [np.asarray(t.inputs[name]) for t in tasks]
+            if parts[0].ndim >= 2:
                 longest = np.max([p.shape[1:] for p in parts], axis=0)
-                fill = "" if parts[0].dtype == tf.string else 0
-                parts = [p if tuple(p.shape[1:]) == tuple(longest) else tf.pad(
-                    p, [[0, 0], *[[0, int(n - d)] for n, d in
+                fill = b"" if parts[0].dtype.hasobject else 0
+                parts = [p if p.shape[1:] == tuple(longest) else np.pad(
+                    p, [(0, 0), *[(0, int(n - d)) for n, d in
                                   zip(longest, p.shape[1:], strict=True)]],
                     constant_values=fill) for p in parts]
-            value = tf.concat(parts, 0) if len(parts) > 1 else parts[0]
             if padding:
-                value = tf.concat([value, tf.repeat(value[:1], padding, axis=0)], 0)
-            merged[name] = value
+                parts.append(np.repeat(parts[0][:1], padding, axis=0))
+            merged[name] = np.concatenate(parts) if len(parts) > 1 else parts[0]
         return merged
 
 

@@ -107,7 +107,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             servable = self.manager.get(spec.name, requested_version(spec))
             version = servable.version
             inputs = servable.tensors(signature, request.inputs, self.max_bytes,
-                                      self.max_batch_size)
+                                      self.max_batch_size, as_numpy=True)
             outputs = batching.run(self.batcher, servable, signature, inputs,
                                    list(request.output_filter), self.max_batch_size,
                                    context.time_remaining())

@@ -116,10 +116,11 @@ class Servable:
         protos: Any,
         max_bytes: int | None = None,
         max_batch_size: int | None = None,
-    ) -> dict[str, tf.Tensor]:
-        """A request's ``TensorProto`` inputs as tensors, checked against the
-        signature and the limits before any is expanded (see
-        :func:`tfdssm.serving.predict.tensors_from_protos`)."""
+        as_numpy: bool = False,
+    ) -> dict[str, Any]:
+        """A request's ``TensorProto`` inputs as tensors (or numpy arrays),
+        checked against the signature and the limits before any is expanded
+        (see :func:`tfdssm.serving.predict.tensors_from_protos`)."""
         key = signature_name or predict.DEFAULT_SIGNATURE
         signature = self._signatures.get(key)
         if signature is not None:
@@ -128,7 +129,7 @@ class Servable:
             signature_def = predict.find_signature(self.signature_defs, key, self.name)
             specs, where = predict.input_specs(signature_def), self.where(key)
         return predict.tensors_from_protos(protos, specs, where, max_bytes,
-                                           max_batch_size)
+                                           max_batch_size, as_numpy)
 
 
 def load_servable(name: str, version: int, path: pathlib.Path) -> Servable:

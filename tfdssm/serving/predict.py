@@ -95,6 +95,14 @@ def check_names(specs: Mapping[str, InputSpec], names: Any, where: str) -> None:
             f"Sent extra: {{{', '.join(extra)}}}.")
 
 
+def tf_dtype(value: tf.Tensor | np.ndarray) -> tf.DType:
+    """The TensorFlow dtype of a tensor or of a numpy array (object: string)."""
+    dtype = value.dtype
+    if isinstance(dtype, tf.DType):
+        return dtype
+    return tf.string if dtype.hasobject else tf.as_dtype(dtype)
+
+
 def check_inputs(
     specs: Mapping[str, InputSpec],
     inputs: Mapping[str, tf.Tensor],
@@ -106,7 +114,8 @@ def check_inputs(
 
     Args:
         specs: The signature's inputs.
-        inputs: Received tensors by name.
+        inputs: Received tensors (or numpy arrays, as
+            :func:`tensors_from_protos` decodes them with ``as_numpy``) by name.
         where: ``signature "x" of model "y"``, for messages.
         max_batch_size: Most rows a request may have (``None``: no limit).
 
@@ -117,10 +126,11 @@ def check_inputs(
     batch: dict[str, int] = {}
     for name, spec in specs.items():
         tensor = inputs[name]
-        if tensor.dtype != spec.dtype:
+        dtype = tf_dtype(tensor)
+        if dtype != spec.dtype:
             raise ServingError(
                 f'input "{name}" of {where} must be {spec.dtype.name}, received '
-                f"{tensor.dtype.name}. Expected {spec.describe()}.")
+                f"{dtype.name}. Expected {spec.describe()}.")
         shape = tuple(tensor.shape)
         if spec.shape is not None:
             fits = len(shape) == len(spec.shape) and all(
@@ -133,7 +143,7 @@ def check_inputs(
         if shape:
             batch[name] = shape[0]
         if spec.dtype.is_floating:
-            finite = np.isfinite(tensor.numpy())
+            finite = np.isfinite(np.asarray(tensor))
             if not finite.all():
                 position = np.argwhere(~finite)[0].tolist()
                 raise ServingError(
@@ -207,6 +217,9 @@ class Signature:
                 code and a cleaned message.
         """
         function = self.function
+        inputs = {name: value if isinstance(value, tf.Tensor)
+                  else tf.constant(value, self.specs[name].dtype)
+                  for name, value in inputs.items()}
         try:
             if self.flat_order is not None:  # inputs checked: skip the re-binding
                 result = function._call_flat([inputs[n] for n in self.flat_order],
@@ -451,7 +464,8 @@ def tensors_from_protos(
     where: str = "the request",
     max_bytes: int | None = None,
     max_batch_size: int | None = None,
-) -> dict[str, tf.Tensor]:
+    as_numpy: bool = False,
+) -> dict[str, tf.Tensor | np.ndarray]:
     """Checks every input with :func:`check_proto`, then expands them.
 
     Args:
@@ -460,6 +474,10 @@ def tensors_from_protos(
         where: ``signature "x" of model "y"``, for messages.
         max_bytes: Most bytes all inputs may take once expanded.
         max_batch_size: Most rows an input may declare.
+        as_numpy: Return the common dtypes (float32/64, int32/64, bool,
+            string) as numpy arrays (strings: object arrays of bytes), which
+            :class:`Signature` converts when it runs them, and a batch converts
+            once for all its requests.
 
     Raises:
         ServingError: ``INVALID_ARGUMENT`` before anything is expanded.
@@ -481,7 +499,8 @@ def tensors_from_protos(
                 f"most {max_bytes} bytes per request (tfdssm serve "
                 "--max-request-bytes). Send the values themselves, in smaller "
                 "batches.")
-    return {name: _decode(name, proto, checks[name]) for name, proto in protos.items()}
+    return {name: _decode(name, proto, checks[name], as_numpy)
+            for name, proto in protos.items()}
 
 
 def tensor_from_proto(
@@ -514,8 +533,10 @@ _DIRECT = {
 }
 
 
-def _decode(name: str, proto: tensor_pb2.TensorProto, check: ProtoCheck) -> tf.Tensor:
-    """The tensor of a proto that :func:`check_proto` accepted.
+def _decode(name: str, proto: tensor_pb2.TensorProto, check: ProtoCheck,
+            as_numpy: bool = False) -> tf.Tensor | np.ndarray:
+    """The tensor of a proto that :func:`check_proto` accepted (a numpy
+    array with ``as_numpy``, for the dtypes read directly).
 
     A proto carrying every value (in ``tensor_content`` or its typed field) of
     a common dtype is read directly; others (broadcast, padded, empty, other
@@ -533,7 +554,7 @@ def _decode(name: str, proto: tensor_pb2.TensorProto, check: ProtoCheck) -> tf.T
         else:
             field = getattr(proto, VALUE_FIELDS[check.dtype.name])
             array = np.fromiter(field, dtype, check.elements).reshape(check.shape)
-        return tf.constant(array, check.dtype)
+        return array if as_numpy else tf.constant(array, check.dtype)
     try:
         return tf.constant(tf.make_ndarray(proto), dtype=check.dtype)
     except Exception as error:  # noqa: BLE001 - any malformed proto is the client's
