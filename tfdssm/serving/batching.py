@@ -159,7 +159,9 @@ class Batcher:
             inputs: Its tensors by name.
             output_filter: Output names to return (default: all).
             max_batch_size: Most rows the request may have (``--max-batch-size``).
-            timeout: Seconds to wait for the answer (the client's deadline).
+            timeout: Seconds to wait for the answer (the client's deadline;
+                ``None`` or beyond ``threading.TIMEOUT_MAX``, as gRPC reports
+                a call without a deadline: no limit).
 
         Returns:
             Output name -> numpy array, as :meth:`Servable.predict` returns.
@@ -187,13 +189,16 @@ class Batcher:
         k = inputs.get(WIDTH_INPUT)
         if k is not None and len(k.shape) == 1 and predict.tf_dtype(k).is_integer:
             width = int(np.max(np.asarray(k)))
-        key: tuple = (servable.name, servable.version, id(servable.loaded),
-                      signature.where)
+        # One queue per loaded version's signature: its queued tasks keep the
+        # Signature alive, so its id names nothing else meanwhile.
+        key: tuple = (id(signature), servable.name, servable.version)
         if not self.parameters.pad_variable_length_inputs:
             key += tuple(sorted((n, s[1:]) for n, s in shapes.items()))
         task = _Task(signature, servable.name,
                      signature_name or predict.DEFAULT_SIGNATURE, inputs, rows,
                      output_filter, width, time.monotonic())
+        if timeout is not None and timeout >= threading.TIMEOUT_MAX:
+            timeout = None  # gRPC's "no deadline" is ~9e18 s: Event.wait overflows
         self._enqueue(key, task)
         if not task.done.wait(timeout):
             task.cancelled = True
