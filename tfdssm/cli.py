@@ -342,6 +342,21 @@ def _add_serve(serve: argparse.ArgumentParser) -> None:
                        help="most rows (queries or candidates) per request")
     serve.add_argument("--model-config-file", help="TF Serving model config "
                        "(default EXPORT_DIR/models.config)")
+    _add_batching_options(serve)
+
+
+def _add_batching_options(serve: argparse.ArgumentParser) -> None:
+    """``tfdssm serve``'s TF Serving batching and monitoring flags."""
+    serve.add_argument("--enable-batching", action="store_true",
+                       help="merge concurrent requests to the same model, version "
+                       "and signature into one SavedModel call")
+    serve.add_argument("--batching-parameters-file", metavar="FILE",
+                       help="TF Serving BatchingParameters text proto (implies "
+                       "--enable-batching; default: TF Serving's defaults)")
+    serve.add_argument("--monitoring-config-file", metavar="FILE",
+                       help="TF Serving MonitoringConfig text proto; "
+                       "prometheus_config { enable: true } serves Prometheus "
+                       "metrics on the REST port (default: none, no metrics)")
 
 
 # --------------------------------------------------------------------------- #
@@ -429,6 +444,12 @@ def _check_serve(args: argparse.Namespace) -> None:
     if args.model_config_file and not pathlib.Path(args.model_config_file).is_file():
         raise ConfigError(f"--model-config-file {args.model_config_file!r} does "
                           "not exist.")
+    for option in ("batching_parameters_file", "monitoring_config_file"):
+        path = getattr(args, option, None)
+        if path and not pathlib.Path(path).is_file():
+            flag = "--" + option.replace("_", "-")
+            raise ConfigError(f"{flag} {path!r} does not exist; pass a TF Serving "
+                              "text-proto file (see docs/serving.md).")
 
 
 # --------------------------------------------------------------------------- #
@@ -634,13 +655,23 @@ def _query_server(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from tfdssm.serving import config_files  # noqa: PLC0415 - TensorFlow-free
     from tfdssm.serving.server import serve  # noqa: PLC0415
 
+    batching = None
+    if args.batching_parameters_file:
+        batching = config_files.read_batching_parameters(args.batching_parameters_file)
+    elif args.enable_batching:
+        batching = config_files.BatchingParameters()
+    monitoring = None
+    if args.monitoring_config_file:
+        monitoring = config_files.read_monitoring_config(args.monitoring_config_file)
     return serve(
         args.export_dir, grpc_port=args.grpc_port, rest_port=args.rest_port,
         host=args.host, poll_seconds=args.poll_seconds,
         max_request_bytes=args.max_request_bytes,
         max_batch_size=args.max_batch_size, model_config_file=args.model_config_file,
+        batching=batching, monitoring=monitoring,
     )
 
 
