@@ -159,8 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "removed when training finishes)")
     train.add_argument("--strategy", choices=STRATEGIES,
                        default="default", help="tf.distribute strategy: mirrored "
-                       "(local GPUs) or multi_worker (the cluster in TF_CONFIG; "
-                       "every worker runs this command, the chief exports)")
+                       "(local GPUs), multi_worker (the cluster in TF_CONFIG; "
+                       "every worker runs this command, the chief exports) or "
+                       "parameter_server (chief, worker and ps tasks in TF_CONFIG; "
+                       "embedding tables sharded across the ps tasks; every task "
+                       "runs this command, workers and ps serve the chief)")
 
     ev = sub.add_parser("evaluate", parents=[verbose],
                         help="Recall/NDCG/MRR@K of an export on a table")
@@ -230,6 +233,8 @@ def _train(args: argparse.Namespace) -> int:
     from tfdssm.training import run as training  # noqa: PLC0415
 
     defaults = DEFAULTS[args.pipeline]
+    if args.strategy == "parameter_server":
+        _serve_if_parameter_server_task()
     # First, before TensorFlow runs any op (MultiWorkerMirroredStrategy needs
     # that); the model is built in its scope so that its variables are mirrored.
     strategy = distribute.make_strategy(args.strategy)
@@ -245,6 +250,12 @@ def _train(args: argparse.Namespace) -> int:
             "hard negatives are off: they need a single replica (this run has %d); "
             "--hard-negatives none says so explicitly",
             strategy.num_replicas_in_sync)
+        hard_negatives = None
+    if (args.hard_negatives is None and hard_negatives
+            and distribute.is_parameter_server(strategy)):
+        logging.getLogger("tfdssm").info(
+            "hard negatives are off: parameter-server training does not support "
+            "them; --hard-negatives none says so explicitly")
         hard_negatives = None
     result = training.run(
         prepared, args.export_dir, epochs=args.epochs or defaults["epochs"],
@@ -270,6 +281,15 @@ def _train(args: argparse.Namespace) -> int:
         print(f"exported to {args.export_dir} (towers version "
               f"{result['export']['towers']['version']})")
     return 0
+
+
+def _serve_if_parameter_server_task() -> None:
+    """On a ``worker`` or ``ps`` task of a parameter-server cluster, serves the
+    chief until the job ends (never returns); on the chief, returns."""
+    from tfdssm.training import parameter_server  # noqa: PLC0415 - imports TF
+
+    if parameter_server.is_server_task():
+        parameter_server.run_server()
 
 
 def _prepare(args: argparse.Namespace, defaults: dict) -> Any:

@@ -31,7 +31,7 @@ from tfdssm.export import savedmodel as export
 from tfdssm.features import Feature
 from tfdssm.model import optimizers
 from tfdssm.model.dssm import DSSM
-from tfdssm.training import checkpoints, distribute
+from tfdssm.training import checkpoints, distribute, parameter_server
 from tfdssm.training import metrics as metrics_lib
 from tfdssm.training.early_stopping import RetrievalEarlyStopping
 from tfdssm.training.evaluation import evaluate_frame, features_of
@@ -127,7 +127,10 @@ def _run(
             current one. With several replicas ``batch_size`` is the global
             batch (each replica's in-batch negatives are its share of it), the
             last partial batch is dropped and the input is sharded by data; only
-            the chief exports.
+            the chief exports. Under a parameter-server strategy
+            (:mod:`tfdssm.training.parameter_server`) an epoch is
+            ``len(train rows) // batch_size`` asynchronous steps, and an
+            unsharded copy of the trained model is evaluated and exported.
         checkpoint_dir: Back up model and optimizer there after every epoch
             (:mod:`tfdssm.training.checkpoints`); removed when training finishes.
         resume: Continue a run that was killed from its backup in
@@ -168,12 +171,23 @@ def _run(
     if patience is not None or hybrid:
         train_rows, validation = validation_split(prepared.train,
                                                   validation_fraction, seed)
+    ps = distribute.is_parameter_server(strategy)
+    if ps and hard_negatives is not None:
+        raise ConfigError(
+            "hard negatives are not supported with a parameter-server strategy "
+            "(each worker would need the miner's tables); pass hard_negatives=None "
+            "(--hard-negatives none).")
     miner = _hard_negatives(prepared, train_rows, hard_negatives, replicas,
                             hard_negatives_every, hard_negatives_per_row)
-    dataset = data.make_dataset(
-        train_rows, prepared.features, batch_size, seed=seed,
-        drop_remainder=replicas > 1,
-        row_index=None if miner is None else ROW_INDEX)
+    fit_args: dict[str, Any] = {}
+    if ps:  # every worker streams its own shuffled, repeated copy
+        dataset, fit_args["steps_per_epoch"] = parameter_server_input(
+            train_rows, prepared.features, batch_size, seed)
+    else:
+        dataset = data.make_dataset(
+            train_rows, prepared.features, batch_size, seed=seed,
+            drop_remainder=replicas > 1,
+            row_index=None if miner is None else ROW_INDEX)
     if miner is not None:
         dataset = miner.attach(dataset)
     if replicas > 1:
@@ -199,8 +213,14 @@ def _run(
     if tensorboard_dir:
         all_callbacks.append(tf.keras.callbacks.TensorBoard(log_dir=tensorboard_dir))
     start = time.perf_counter()
-    history = model.fit(dataset, epochs=epochs, verbose=verbose, callbacks=all_callbacks)
+    history = model.fit(dataset, epochs=epochs, verbose=verbose,
+                        callbacks=all_callbacks, **fit_args)
     seconds = time.perf_counter() - start
+    sharded = []
+    if ps:  # evaluate and export an unsharded copy, as after any other run
+        sharded = parameter_server.sharded_variables(model)
+        model = parameter_server.unsharded_copy(model, data.to_feature_arrays(
+            train_rows.head(2), prepared.features))
     if saver is not None:
         checkpoints.finish(checkpoint_dir, chief=distribute.is_chief(strategy))
     if verbose:
@@ -231,6 +251,9 @@ def _run(
                if saver is not None and saver.first_epoch else {}),
             **({"early_stopping": stopper.summary()} if stopper is not None else {}),
             **({"hard_negatives": miner.describe()} if miner is not None else {}),
+            **({"parameter_servers": {
+                "steps_per_epoch": fit_args["steps_per_epoch"],
+                "sharded_variables": sharded}} if ps else {}),
         }
         with distribute.write_dir(export_dir, strategy) as target:
             info = export.export_model(
@@ -248,6 +271,36 @@ def _run(
         "history": {k: [float(x) for x in v] for k, v in history.history.items()},
         "export": info,
     }
+
+
+def parameter_server_input(
+    rows: pd.DataFrame, features: Sequence[Feature], batch_size: int, seed: int
+) -> tuple[Any, int]:
+    """The input of a parameter-server run: a ``DatasetCreator`` (every worker
+    builds a shuffled, repeated copy of ``rows``, in batches of
+    ``batch_size``) and the steps of one epoch (``len(rows) // batch_size``).
+
+    Raises:
+        ConfigError: fewer rows than one batch.
+    """
+    steps = len(rows) // batch_size
+    if steps < 1:
+        raise ConfigError(
+            f"a parameter-server epoch is len(rows) // batch_size steps; the "
+            f"{len(rows)} training rows fill no batch of {batch_size}. Lower "
+            "--batch-size.")
+    arrays = data.to_feature_arrays(rows, features)
+
+    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        dataset = tf.data.Dataset.from_tensor_slices(arrays)
+        return (dataset.shuffle(min(len(rows), 100_000), seed=seed,
+                                reshuffle_each_iteration=True)
+                .repeat()
+                .batch(context.get_per_replica_batch_size(batch_size),
+                       drop_remainder=True)
+                .prefetch(tf.data.AUTOTUNE))
+
+    return tf.keras.utils.experimental.DatasetCreator(dataset_fn), steps
 
 
 # Lower bound on the memory one text code point of one row costs in a training
