@@ -90,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", parents=[verbose],
                            help="train a pipeline and export it")
     train.add_argument("--pipeline", choices=PIPELINES, required=True)
-    train.add_argument("--data", help="pairs: CSV/TSV/Parquet file; movielens: an "
+    train.add_argument("--data", help="pairs: CSV/TSV/Parquet file, or a quoted "
+                       "glob of them ('dir/part-*.csv': streamed, each worker "
+                       "reads its own files); movielens: an "
                        "extracted ml-100k directory (default: fetched and cached)")
     train.add_argument("--export-dir", required=True)
     train.add_argument("--query-column", default="query")
@@ -257,6 +259,10 @@ def _train(args: argparse.Namespace) -> int:
             "hard negatives are off: parameter-server training does not support "
             "them; --hard-negatives none says so explicitly")
         hard_negatives = None
+    hybrid = defaults["hybrid"] if args.hybrid is None else args.hybrid
+    if getattr(prepared, "train_files", None) is not None:
+        patience, hybrid, hard_negatives = _streamed_defaults(
+            args, patience, hybrid, hard_negatives)
     result = training.run(
         prepared, args.export_dir, epochs=args.epochs or defaults["epochs"],
         batch_size=args.batch_size or defaults["batch_size"],
@@ -266,8 +272,7 @@ def _train(args: argparse.Namespace) -> int:
         seed=args.seed, strategy=strategy, max_k=args.max_k,
         checkpoint_dir=args.checkpoint_dir or checkpoints.default_dir(args.export_dir),
         resume=args.resume, patience=patience or None,
-        hybrid=defaults["hybrid"] if args.hybrid is None else args.hybrid,
-        hard_negatives=hard_negatives,
+        hybrid=hybrid, hard_negatives=hard_negatives,
         hard_negatives_every=args.hard_negatives_every,
     )
     from tfdssm.training.metrics import format_metrics  # noqa: PLC0415
@@ -281,6 +286,29 @@ def _train(args: argparse.Namespace) -> int:
         print(f"exported to {args.export_dir} (towers version "
               f"{result['export']['towers']['version']})")
     return 0
+
+
+def _streamed_defaults(
+    args: argparse.Namespace, patience: int, hybrid: bool, hard_negatives: Any
+) -> tuple[int, bool, Any]:
+    """With training rows streamed from files (a glob as --data), early
+    stopping, the hybrid export and hard negatives are off unless asked for
+    (then training refuses them with the reason)."""
+    off = []
+    if args.patience is None and patience:
+        patience = 0
+        off.append("early stopping")
+    if args.hybrid is None and hybrid:
+        hybrid = False
+        off.append("the hybrid export")
+    if args.hard_negatives is None and hard_negatives:
+        hard_negatives = None
+        off.append("hard negatives")
+    if off:
+        logging.getLogger("tfdssm").info(
+            "%s: off, the training rows are streamed from the files of --data",
+            ", ".join(off))
+    return patience, hybrid, hard_negatives
 
 
 def _serve_if_parameter_server_task() -> None:

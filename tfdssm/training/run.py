@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from tfdssm.data import files
 from tfdssm.data import readers as data
 from tfdssm.errors import ConfigError, DataWarning, ExportError
 from tfdssm.export import layout
@@ -56,6 +57,8 @@ class Prepared:
         query_key: Column grouping rows of the same query (e.g. ``user_id``) to
             exclude a query's training candidates at evaluation, or ``None``.
         info: Pipeline name and parameters, recorded in ``export.json``.
+        train_files: The training rows as files streamed by ``tf.data``
+            (:mod:`tfdssm.data.files`; ``train`` is then empty), or ``None``.
     """
 
     model: DSSM
@@ -66,6 +69,7 @@ class Prepared:
     candidate_id: str
     query_key: str | None = None
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    train_files: files.TrainFiles | None = None
 
 
 def split_frame(
@@ -164,7 +168,11 @@ def _run(
     tf.keras.utils.set_random_seed(seed)
     model = prepared.model
     strategy = strategy or tf.distribute.get_strategy()
-    replicas = _check_strategy(model, strategy, batch_size, len(prepared.train))
+    streamed = prepared.train_files
+    num_train = len(prepared.train) if streamed is None else streamed.num_rows
+    replicas = _check_strategy(model, strategy, batch_size, num_train)
+    if streamed is not None:
+        _check_streamed(patience, hybrid, hard_negatives)
     with strategy.scope():
         model.compile(optimizer=optimizers.Adam(learning_rate))
     train_rows, validation = prepared.train, None
@@ -182,7 +190,11 @@ def _run(
     fit_args: dict[str, Any] = {}
     if ps:  # every worker streams its own shuffled, repeated copy
         dataset, fit_args["steps_per_epoch"] = parameter_server_input(
-            train_rows, prepared.features, batch_size, seed)
+            streamed if streamed is not None else train_rows, prepared.features,
+            batch_size, seed)
+    elif streamed is not None:  # each worker reads its own files
+        dataset = _streamed_input(streamed, prepared.features, batch_size, seed,
+                                  strategy)
     else:
         dataset = data.make_dataset(
             train_rows, prepared.features, batch_size, seed=seed,
@@ -190,7 +202,7 @@ def _run(
             row_index=None if miner is None else ROW_INDEX)
     if miner is not None:
         dataset = miner.attach(dataset)
-    if replicas > 1:
+    if replicas > 1 and streamed is None:
         dataset = distribute.shard_by_data(dataset)
     all_callbacks = list(callbacks) + ([miner] if miner is not None else [])
     stopper = None
@@ -202,7 +214,7 @@ def _run(
     if checkpoint_dir is not None:
         run_params = {**prepared.info, "batch_size": batch_size, "seed": seed,
                       "learning_rate": learning_rate, "replicas": replicas,
-                      "train_rows": len(train_rows), "epochs": epochs,
+                      "train_rows": num_train, "epochs": epochs,
                       "patience": patience}
         saver = checkpoints.backup(checkpoint_dir, run_params, resume,
                                    chief=distribute.is_chief(strategy))
@@ -220,14 +232,15 @@ def _run(
     if ps:  # evaluate and export an unsharded copy, as after any other run
         sharded = parameter_server.sharded_variables(model)
         model = parameter_server.unsharded_copy(model, data.to_feature_arrays(
-            train_rows.head(2), prepared.features))
+            (prepared.test if streamed is not None else train_rows).head(2),
+            prepared.features))
     if saver is not None:
         checkpoints.finish(checkpoint_dir, chief=distribute.is_chief(strategy))
     if verbose:
         ran = len(history.history.get("loss", [])) or epochs
-        rate = len(train_rows) * ran / max(seconds, 1e-9)
+        rate = num_train * ran / max(seconds, 1e-9)
         logger.info("trained %d epoch(s) on %d rows in %.1fs (%s rows/s)", ran,
-                    len(train_rows), seconds, f"{rate:,.0f}")
+                    num_train, seconds, f"{rate:,.0f}")
         if stopper is not None and stopper.best_epoch is not None:
             logger.info("kept epoch %d of %d (best validation Recall@10 + MRR@10 "
                         "on %d rows)", stopper.best_epoch + 1, ran, len(validation))
@@ -241,7 +254,8 @@ def _run(
     if export_dir is not None:
         training = {
             **prepared.info, "epochs": epochs, "batch_size": batch_size,
-            "learning_rate": learning_rate, "train_rows": len(train_rows),
+            "learning_rate": learning_rate, "train_rows": num_train,
+            **({"train_files": len(streamed.files)} if streamed is not None else {}),
             "validation_rows": 0 if validation is None else len(validation),
             "test_rows": len(prepared.test), "train_seconds": round(seconds, 2),
             "strategy": type(strategy).__name__, "replicas": replicas,
@@ -273,22 +287,74 @@ def _run(
     }
 
 
+def _check_streamed(patience: int | None, hybrid: bool,
+                    hard_negatives: str | None) -> None:
+    """Refuses what needs the training rows in memory when they are streamed."""
+    options = (("early stopping (patience)", patience is not None),
+               ("the hybrid export", hybrid),
+               ("hard negatives", hard_negatives is not None))
+    asked = [name for name, on in options if on]
+    if asked:
+        raise ConfigError(
+            f"{', '.join(asked)} need(s) the training rows in memory, but they are "
+            "streamed from files (a glob as --data); pass --patience 0 --no-hybrid "
+            "--hard-negatives none, or one file.")
+
+
+def _streamed_input(
+    source: files.TrainFiles, features: Sequence[Feature], batch_size: int,
+    seed: int, strategy: tf.distribute.Strategy,
+) -> Any:
+    """Training input read from files: each worker of a multi-worker strategy
+    reads its own files (``batch_size`` is the global batch)."""
+
+    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        return files.train_dataset(
+            source, features, context.get_per_replica_batch_size(batch_size),
+            seed=seed, num_shards=context.num_input_pipelines,
+            index=context.input_pipeline_id)
+
+    if distribute.num_workers(strategy) > 1:
+        return strategy.distribute_datasets_from_function(dataset_fn)
+    return files.train_dataset(source, features, batch_size, seed=seed)
+
+
 def parameter_server_input(
-    rows: pd.DataFrame, features: Sequence[Feature], batch_size: int, seed: int
+    rows: pd.DataFrame | files.TrainFiles, features: Sequence[Feature],
+    batch_size: int, seed: int,
 ) -> tuple[Any, int]:
     """The input of a parameter-server run: a ``DatasetCreator`` (every worker
     builds a shuffled, repeated copy of ``rows``, in batches of
-    ``batch_size``) and the steps of one epoch (``len(rows) // batch_size``).
+    ``batch_size``) and the steps of one epoch (training rows // ``batch_size``).
+
+    Args:
+        rows: The training rows, or the files holding them (CSV/TSV: workers
+            read them with ``tf.data``'s CSV reader, so every worker must see
+            the same paths).
 
     Raises:
-        ConfigError: fewer rows than one batch.
+        ConfigError: fewer rows than one batch, or Parquet files.
     """
-    steps = len(rows) // batch_size
+    count = rows.num_rows if isinstance(rows, files.TrainFiles) else len(rows)
+    steps = count // batch_size
     if steps < 1:
         raise ConfigError(
-            f"a parameter-server epoch is len(rows) // batch_size steps; the "
-            f"{len(rows)} training rows fill no batch of {batch_size}. Lower "
+            f"a parameter-server epoch is training rows // batch_size steps; the "
+            f"{count} training rows fill no batch of {batch_size}. Lower "
             "--batch-size.")
+    if isinstance(rows, files.TrainFiles):
+        if not rows.files[0].lower().endswith((".csv", ".tsv")):
+            raise ConfigError(
+                "parameter-server workers read training files with tf.data's CSV "
+                f"reader; {rows.files[0]!r} is not CSV/TSV. Convert the files to "
+                "CSV or pass one file.")
+
+        def stream(context: tf.distribute.InputContext) -> tf.data.Dataset:
+            return files.train_dataset(
+                rows, features, context.get_per_replica_batch_size(batch_size),
+                seed=seed, repeat=True)
+
+        return tf.keras.utils.experimental.DatasetCreator(stream), steps
     arrays = data.to_feature_arrays(rows, features)
 
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
