@@ -51,7 +51,7 @@ def test_scan_holds_out_hashed_rows_and_counts_the_rest(tmp_path):
     assert 5 <= len(test) <= 40  # about 20 %
     assert len(every) == 100  # every query is distinct
     # The split is the tf.data filter's: same rows on every worker and in the pass.
-    masks = [files.test_mask(f"part-{i}.csv", n, 0.2, 3)
+    masks = [files.held_out(f"part-{i}.csv", n, 0.2, 3)
              for i, n in enumerate([40, 30, 30])]
     assert source.rows == [int((~m).sum()) for m in masks]
     expected = {f'q{i}-{r}, "quoted" é' for i, m in enumerate(masks)

@@ -10,7 +10,7 @@ with ``N`` workers each reads every ``N``-th file (sharding by FILE, the
 workers, every worker reads all files and keeps every ``N``-th row (by DATA).
 
 Test rows are chosen per row by a hash of the file's name and the row's
-position in it (:func:`test_mask`), the same in the pass and in ``tf.data``,
+position in it (:func:`held_out`), the same in the pass and in ``tf.data``,
 so that every worker agrees without reading the others' files.
 """
 
@@ -71,7 +71,7 @@ def _format(path: str) -> str:
     return {".pq": ".parquet"}.get(suffix, suffix)
 
 
-def test_mask(name: str, rows: int, fraction: float, seed: int = 0) -> np.ndarray:
+def held_out(name: str, rows: int, fraction: float, seed: int = 0) -> np.ndarray:
     """Which of ``rows`` rows of file ``name`` (its base name) are test rows.
 
     The same hash as the ``tf.data`` filter (:func:`_is_test`), evaluated
@@ -100,7 +100,7 @@ class TrainFiles:
         files: The files, sorted.
         columns: Every file's header (the same in all).
         rows: Training rows (test rows excluded) per file.
-        test_fraction: Share of rows held out (by :func:`test_mask`).
+        test_fraction: Share of rows held out (by :func:`held_out`).
         seed: Seed of the test split.
     """
 
@@ -175,7 +175,7 @@ def scan(
                             f"columns: {list(frame.columns)}.")
         check_text_columns(frame, columns, f"{what} ({path!r})")
         frame = frame[list(columns)].astype(object).fillna("").astype(str)
-        mask = test_mask(os.path.basename(path), len(frame), test_fraction, seed)
+        mask = held_out(os.path.basename(path), len(frame), test_fraction, seed)
         rows.append(int((~mask).sum()))
         tests.append(frame[mask])
         distinct.append(frame.drop_duplicates())
@@ -290,4 +290,4 @@ def _reader(example: str, header: Sequence[str], names: Sequence[str]):
         rows, args=(path,), output_signature=spec)
 
 
-__all__ = ["TrainFiles", "expand", "is_glob", "scan", "test_mask", "train_dataset"]
+__all__ = ["TrainFiles", "expand", "is_glob", "scan", "held_out", "train_dataset"]

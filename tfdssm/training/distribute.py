@@ -154,13 +154,12 @@ def make_strategy(
 def num_workers(strategy: tf.distribute.Strategy) -> int:
     """Worker processes taking part in ``strategy`` (1 unless multi-worker or
     parameter server; the latter counts its ``worker`` tasks, which train)."""
-    resolver = (getattr(strategy, "cluster_resolver", None)
-                or getattr(strategy.extended, "_cluster_resolver", None))
+    if is_parameter_server(strategy):
+        return int(getattr(strategy.extended, "_num_workers", 1)) or 1
+    resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None:
         return 1
     spec = resolver.cluster_spec().as_dict()
-    if is_parameter_server(strategy):
-        return len(spec.get("worker", ())) or 1
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return 1
     return sum(len(spec.get(kind, ())) for kind in ("chief", "worker")) or 1

@@ -306,16 +306,13 @@ def _streamed_input(
     seed: int, strategy: tf.distribute.Strategy,
 ) -> Any:
     """Training input read from files: each worker of a multi-worker strategy
-    reads its own files (``batch_size`` is the global batch)."""
-
-    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
-        return files.train_dataset(
-            source, features, context.get_per_replica_batch_size(batch_size),
-            seed=seed, num_shards=context.num_input_pipelines,
-            index=context.input_pipeline_id)
-
+    reads its own files (its position among the chief and workers in
+    ``TF_CONFIG``), batched by the global ``batch_size``, which the strategy
+    splits across the replicas; auto-sharding is off (the files are sharded)."""
     if distribute.num_workers(strategy) > 1:
-        return strategy.distribute_datasets_from_function(dataset_fn)
+        count, index = distribute.worker_shard()
+        return files.train_dataset(source, features, batch_size, seed=seed,
+                                   num_shards=count, index=index)
     return files.train_dataset(source, features, batch_size, seed=seed)
 
 
