@@ -534,14 +534,17 @@ FILES_SCRIPT = textwrap.dedent("""
 """)
 
 
+BOUNDS = [0, 24, 48, 80, 96]  # the rows of each file
+
+
 @pytest.fixture(scope="module")
 def file_workers(tmp_path_factory):
     root = tmp_path_factory.mktemp("file_workers")
     frame = _pairs(96)
     frame["query"] = [f"{q} row {i}" for i, q in enumerate(frame["query"])]
-    for part in range(4):  # 4 files of 24 rows
-        frame.iloc[part * 24:(part + 1) * 24].to_csv(root / f"part-{part}.csv",
-                                                       index=False)
+    # 4 files of uneven size: worker 0 reads 56 rows (files 0, 2), worker 1 40.
+    for part, (start, stop) in enumerate(zip(BOUNDS, BOUNDS[1:], strict=False)):
+        frame.iloc[start:stop].to_csv(root / f"part-{part}.csv", index=False)
     script = root / "files.py"
     script.write_text(FILES_SCRIPT)
     ports = _free_ports(2)
@@ -563,7 +566,8 @@ def file_workers(tmp_path_factory):
 
 def test_two_workers_read_every_file_row_once_per_epoch(file_workers):
     """Worker 0 reads files 0 and 2, worker 1 files 1 and 3; per epoch every
-    training row reaches a training step exactly once across both."""
+    training row reaches a training step exactly once across both, although
+    worker 1 has fewer rows (it gets empty batches while worker 0 finishes)."""
     first, second = file_workers["results"]
     held_out = set(first["test"])
     assert held_out and held_out == set(second["test"])
@@ -572,8 +576,10 @@ def test_two_workers_read_every_file_row_once_per_epoch(file_workers):
     for epoch in range(2):
         reads = [result["epochs"][epoch] for result in (first, second)]
         assert sorted(reads[0] + reads[1]) == sorted(training)  # once, all of them
-        parts = [{int(q.split(" row ")[1]) // 24 for q in read} for read in reads]
+        parts = [{int(np.searchsorted(BOUNDS, int(q.split(" row ")[1]), "right")) - 1
+                  for q in read} for read in reads]
         assert parts == [{0, 2}, {1, 3}]
+        assert len(reads[0]) > len(reads[1])
     for index, log in enumerate(file_workers["logs"]):
         assert f"worker {index} of 2 reads 2 of 4 file(s)" in log
     for result in (first, second):  # the global batch of 16, 8 rows a worker
