@@ -582,8 +582,10 @@ def test_two_workers_read_every_file_row_once_per_epoch(file_workers):
         assert len(reads[0]) > len(reads[1])
     for index, log in enumerate(file_workers["logs"]):
         assert f"worker {index} of 2 reads 2 of 4 file(s)" in log
-    for result in (first, second):  # the global batch of 16, 8 rows a worker
-        assert max(result["steps"]) == 8
+    # The same steps on both (8 rows a worker for the larger one, the global
+    # batch being 16; fewer for the other), none of them empty.
+    assert len(first["steps"]) == len(second["steps"])
+    assert max(first["steps"]) == 8 and min(first["steps"] + second["steps"]) >= 1
     losses = first["loss"]
     assert losses == second["loss"] and np.isfinite(losses).all()
     print(f"\n2 file-sharded workers on loopback: {file_workers['seconds']:.1f}s")

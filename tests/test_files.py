@@ -117,3 +117,23 @@ def test_errors_name_the_files(tmp_path):
     pd.DataFrame({"a": [1]}).to_parquet(tmp_path / "part-8.parquet")
     with pytest.raises(DataError, match="formats"):
         files.expand(str(tmp_path / "part-*"))
+
+
+def test_equal_steps_split_a_pass_into_exact_batches(tmp_path):
+    """Multi-worker: every worker takes the largest worker's number of steps,
+    each pass split into batches that differ by at most one row."""
+    _write(tmp_path, [30, 11])
+    source, _, _ = files.scan(files.expand(str(tmp_path / "part-*.csv")),
+                              ["query", "doc"], 0.0)
+    steps = files.equal_steps(source, 2, 8)
+    assert steps == 4  # ceil(30 / 8)
+    for index, count in ((0, 30), (1, 11)):
+        dataset = files.train_dataset(source, FEATURES, 8, seed=2, num_shards=2,
+                                      index=index, num_batches=steps)
+        batches = [len(b["query"]) for b in dataset.take(2 * steps)]
+        assert sum(batches[:steps]) == count and max(batches) - min(batches) <= 1
+        first = _read_all(dataset.take(steps))
+        assert len(set(first)) == count  # one pass: each row once
+    with pytest.raises(DataError, match="files of similar size"):
+        files.train_dataset(source, FEATURES, 8, num_shards=2, index=1,
+                            num_batches=12)

@@ -194,6 +194,7 @@ def train_dataset(
     num_shards: int = 1,
     index: int = 0,
     repeat: bool = False,
+    num_batches: int | None = None,
 ) -> tf.data.Dataset:
     """Streams worker ``index``'s training rows in batches of ``batch_size``.
 
@@ -207,10 +208,18 @@ def train_dataset(
         num_shards: Workers reading the files.
         index: This worker (``0 <= index < num_shards``).
         repeat: Repeat forever (parameter-server training).
+        num_batches: Instead of ``batch_size``: split each pass over this
+            worker's rows into exactly this many batches of near-equal size,
+            and repeat (multi-worker training, where every worker must take the
+            same number of steps per epoch: :func:`equal_steps`).
 
     Returns:
-        Dataset of ``{name: [batch]}`` dicts; the last batch may be partial
-        (every training row is read once per epoch across the workers).
+        Dataset of ``{name: [batch]}`` dicts; without ``num_batches`` the last
+        batch may be partial. Either way each pass reads every training row
+        of this worker once.
+
+    Raises:
+        DataError: fewer rows than ``num_batches``.
     """
     names = list(dict.fromkeys(f.name for f in features))
     dtypes = {f.name: f.dtype for f in features}
@@ -224,9 +233,10 @@ def train_dataset(
                     "keeps every %d-th row (sharding by DATA); give at least as "
                     "many files as workers to shard by FILE", len(source.files),
                     num_shards, num_shards)
-    logger.info("worker %d of %d reads %d of %d file(s), %d training rows", index,
-                num_shards, len(positions), len(source.files),
-                source.shard_rows(num_shards, index))
+    if num_shards > 1:
+        logger.info("worker %d of %d reads %d of %d file(s), %d training rows",
+                    index, num_shards, len(positions), len(source.files),
+                    source.shard_rows(num_shards, index))
     paths = [source.files[i] for i in positions]
     files = tf.data.Dataset.from_tensor_slices(
         (paths, [os.path.basename(p) for p in paths]))
@@ -254,15 +264,54 @@ def train_dataset(
     rows = rows.map(to_features, num_parallel_calls=tf.data.AUTOTUNE)
     if shuffle:
         rows = rows.shuffle(10_000, seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        rows = rows.repeat()
-    dataset = rows.batch(batch_size, drop_remainder=repeat).prefetch(tf.data.AUTOTUNE)
+    if num_batches is not None:
+        dataset = _split(rows, source.shard_rows(num_shards, index), num_batches,
+                         index).repeat()
+    elif repeat:
+        dataset = rows.repeat().batch(batch_size, drop_remainder=True)
+    else:
+        dataset = rows.batch(batch_size)
+    dataset = dataset.prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()  # sharded here: no auto-sharding on top
     options.experimental_distribute.auto_shard_policy = (
         tf.data.experimental.AutoShardPolicy.OFF)
     return dataset.with_options(options)
 
 
+def equal_steps(source: TrainFiles, num_shards: int, rows_per_step: int) -> int:
+    """Steps per epoch that let every worker read all its rows once: the
+    largest worker's rows over ``rows_per_step`` (rounded up); the others
+    take as many, smaller, steps.
+
+    >>> equal_steps(TrainFiles(["a", "b"], ["q"], [20, 9], 0.0), 2, 8)
+    3
+    """
+    return max(-(-source.shard_rows(num_shards, w) // rows_per_step)
+               for w in range(num_shards))
+
+
+def _split(rows: tf.data.Dataset, count: int, parts: int,
+           index: int) -> tf.data.Dataset:
+    """Batches a pass of ``count`` rows into exactly ``parts`` batches whose
+    sizes differ by at most one (batch ``k`` holds rows
+    ``[ceil(k count / parts), ceil((k + 1) count / parts))``)."""
+    if count < parts:
+        raise DataError(
+            f"worker {index} has {count} training row(s) for {parts} steps per "
+            "epoch (the largest worker's); the files differ too much in size. "
+            "Split the data into files of similar size, or use fewer workers.")
+    total, groups = tf.constant(count, tf.int64), tf.constant(parts, tf.int64)
+
+    def start(k: tf.Tensor) -> tf.Tensor:
+        return (k * total + groups - 1) // groups
+
+    return rows.enumerate().group_by_window(
+        key_func=lambda i, _: (i * groups) // total,
+        reduce_func=lambda k, window: window.map(lambda _, x: x).batch(count),
+        window_size_func=lambda k: start(k + 1) - start(k))
+
+
+@tf.autograph.experimental.do_not_convert
 def _reader(example: str, header: Sequence[str], names: Sequence[str]):
     """``path -> Dataset of {name: string}``: CSV/TSV with ``tf.data``'s CSV
     reader (works on any worker), Parquet through pyarrow (in this process)."""
@@ -290,4 +339,5 @@ def _reader(example: str, header: Sequence[str], names: Sequence[str]):
         rows, args=(path,), output_signature=spec)
 
 
-__all__ = ["TrainFiles", "expand", "is_glob", "scan", "held_out", "train_dataset"]
+__all__ = ["TrainFiles", "equal_steps", "expand", "held_out", "is_glob", "scan",
+           "train_dataset"]

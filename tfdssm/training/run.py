@@ -193,8 +193,10 @@ def _run(
             streamed if streamed is not None else train_rows, prepared.features,
             batch_size, seed)
     elif streamed is not None:  # each worker reads its own files
-        dataset = _streamed_input(streamed, prepared.features, batch_size, seed,
-                                  strategy)
+        dataset, steps = _streamed_input(streamed, prepared.features, batch_size,
+                                         seed, strategy)
+        if steps is not None:
+            fit_args["steps_per_epoch"] = steps
     else:
         dataset = data.make_dataset(
             train_rows, prepared.features, batch_size, seed=seed,
@@ -305,15 +307,28 @@ def _streamed_input(
     source: files.TrainFiles, features: Sequence[Feature], batch_size: int,
     seed: int, strategy: tf.distribute.Strategy,
 ) -> Any:
-    """Training input read from files: each worker of a multi-worker strategy
-    reads its own files (its position among the chief and workers in
-    ``TF_CONFIG``), batched by the global ``batch_size``, which the strategy
-    splits across the replicas; auto-sharding is off (the files are sharded)."""
-    if distribute.num_workers(strategy) > 1:
-        count, index = distribute.worker_shard()
-        return files.train_dataset(source, features, batch_size, seed=seed,
-                                   num_shards=count, index=index)
-    return files.train_dataset(source, features, batch_size, seed=seed)
+    """Training input read from files, and the steps per epoch (``None``: a
+    pass over the files).
+
+    Each worker of a multi-worker strategy reads its own files and takes the
+    same number of steps per epoch (that of the worker with the most rows at
+    ``batch_size / replicas`` rows a replica; workers with fewer rows take
+    smaller batches), so that every row is read once per epoch.
+    """
+    workers = distribute.num_workers(strategy)
+    if workers <= 1:
+        return files.train_dataset(source, features, batch_size, seed=seed), None
+    replicas = int(strategy.num_replicas_in_sync)
+    local = max(1, replicas // workers)
+    steps = files.equal_steps(source, workers, max(1, batch_size // replicas) * local)
+
+    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        return files.train_dataset(
+            source, features, batch_size, seed=seed,
+            num_shards=context.num_input_pipelines, index=context.input_pipeline_id,
+            num_batches=steps * local)
+
+    return strategy.distribute_datasets_from_function(dataset_fn), steps
 
 
 def parameter_server_input(
