@@ -137,3 +137,46 @@ def test_equal_steps_split_a_pass_into_exact_batches(tmp_path):
     with pytest.raises(DataError, match="files of similar size"):
         files.train_dataset(source, FEATURES, 8, num_shards=2, index=1,
                             num_batches=12)
+
+
+def test_cli_streams_a_glob_of_files(tmp_path, monkeypatch):
+    """`tfdssm train --data 'dir/part-*.csv'`: the pipeline streams the rows,
+    what needs them in memory is off by default (said in the log), and asking
+    for it is refused with the fix. (Training on a glob end to end: the
+    multi-worker test in test_distribute.py and the bench cluster test.)"""
+    import contextlib
+    import io
+
+    from tfdssm import cli
+    from tfdssm.training import run as training
+
+    _write(tmp_path, [40, 30, 30])
+    base = ["train", "--pipeline", "pairs", "--data", str(tmp_path / "part-*.csv"),
+            "--candidate-id-column", "doc_id", "--hidden", "8", "--dim", "8",
+            "--buckets", "500", "--epochs", "1", "--batch-size", "16",
+            "--export-dir", str(tmp_path / "export")]
+    calls = []
+
+    def fake_run(prepared, export_dir, **kwargs):
+        calls.append((prepared, kwargs))
+        raise SystemExit(0)  # stop after the arguments were checked
+
+    monkeypatch.setattr(training, "run", fake_run)
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        with pytest.raises(SystemExit):
+            cli.main(base)
+    (prepared, kwargs), = calls
+    assert prepared.train_files.files == sorted(
+        str(p) for p in tmp_path.glob("part-*.csv"))
+    assert len(prepared.train) == 0 and len(prepared.test) > 0
+    assert prepared.train_files.num_rows + len(prepared.test) == 100
+    assert (kwargs["patience"], kwargs["hybrid"], kwargs["hard_negatives"]) == (
+        None, False, None)
+    assert ("early stopping, the hybrid export, hard negatives: off, the training "
+            "rows are streamed") in err.getvalue()
+    monkeypatch.undo()
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = cli.main([*base, "--patience", "2"])
+    assert code == 2 and "--patience 0 --no-hybrid" in err.getvalue()

@@ -155,7 +155,7 @@ def cluster_run(tmp_path_factory):
     (log,) = _run_all(
         [[sys.executable, str(script), json.dumps(spec), str(csv),
           str(root / "export"), json.dumps(MODEL)]],
-        [_env()], [root / "cluster.log"], root)
+        [_env()], [root / "cluster.log"], root, timeout=300)
     lines = [line for line in log.splitlines() if line.startswith("RESULT ")]
     assert lines, log[-3000:]
     return {"result": json.loads(lines[-1][len("RESULT "):]), "log": log,
@@ -227,15 +227,19 @@ def _ms_per_step(log: str) -> float:
 @pytest.mark.bench
 def test_full_parameter_server_cluster_with_the_cli(tmp_path):
     """Chief, 2 workers and 2 ps each run `tfdssm train --strategy
-    parameter_server` with their TF_CONFIG; the export loads in a process
-    that imports TensorFlow only; steps/s against a single-process run."""
-    csv = tmp_path / "pairs.csv"
-    _pairs(480).to_csv(csv, index=False)
+    parameter_server` with their TF_CONFIG, on a glob of CSV files (which the
+    workers read); the export loads in a process that imports TensorFlow
+    only; steps/s against a single-process run on the same files."""
+    frame = _pairs(480)  # 3 files: the workers read them with tf.data
+    for part in range(3):
+        frame.iloc[part * 160:(part + 1) * 160].to_csv(
+            tmp_path / f"part-{part}.csv", index=False)
     ports = _free_ports(5)
     spec = {"chief": [f"127.0.0.1:{ports[0]}"],
             "worker": [f"127.0.0.1:{p}" for p in ports[1:3]],
             "ps": [f"127.0.0.1:{p}" for p in ports[3:]]}
-    common = ["--pipeline", "pairs", "--data", str(csv), "--candidate-id-column",
+    common = ["--pipeline", "pairs", "--data", str(tmp_path / "part-*.csv"),
+              "--candidate-id-column",
               "doc_id", "--epochs", "4", "--batch-size", "16", "--hidden", "16",
               "--dim", "8", "--buckets", "8192", "--patience", "0", "--no-hybrid",
               "--hard-negatives", "none"]
@@ -268,6 +272,9 @@ def test_full_parameter_server_cluster_with_the_cli(tmp_path):
                          [_env()], [tmp_path / "single.log"], tmp_path, timeout=600)
     single_seconds = time.monotonic() - start
     info = json.loads((tmp_path / "ps_export" / "export.json").read_text())
+    assert info["training"]["train_files"] == 3
+    assert info["training"]["parameter_servers"]["steps_per_epoch"] == (
+        info["training"]["train_rows"] // 16)
     (table,) = info["training"]["parameter_servers"]["sharded_variables"]
     assert [s["device"].split("/")[1] for s in table["shards"]] == ["job:ps"] * 2
     towers = str(tmp_path / "ps_export" / "towers" / "1")
