@@ -179,6 +179,8 @@ def _run(
     if patience is not None or hybrid:
         train_rows, validation = validation_split(prepared.train,
                                                   validation_fraction, seed)
+    if streamed is None:
+        num_train = len(train_rows)
     ps = distribute.is_parameter_server(strategy)
     if ps and hard_negatives is not None:
         raise ConfigError(
