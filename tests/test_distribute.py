@@ -14,6 +14,7 @@ import tfdssm  # noqa: F401  - selects Keras 2; must precede tensorflow
 import json
 import os
 import pathlib
+import resource
 import socket
 import subprocess
 import sys
@@ -486,3 +487,109 @@ def test_sharded_embedding_of_the_served_signature(corpus_tower, tmp_path):
     signature = tf.saved_model.load(str(tmp_path / "sm")).signatures["candidate"]
     got = sharding.embed_sharded(signature, dataset, 2, 1)
     np.testing.assert_allclose(got, full[1::2], atol=1e-5)
+
+
+# --------------------------------------------------------------------------- #
+# MultiWorkerMirroredStrategy over files: each worker reads only its files
+# --------------------------------------------------------------------------- #
+
+FILES_SCRIPT = textwrap.dedent("""
+    import json, logging, sys
+    import tfdssm
+    from tfdssm.training.distribute import make_strategy
+    strategy = make_strategy("multi_worker")  # first, before any TF op
+    import tensorflow as tf
+    from tfdssm.recipes import pairs
+    from tfdssm.training import run as train
+
+    logging.basicConfig(level=logging.INFO)
+    with strategy.scope():
+        prepared = pairs.prepare(sys.argv[1], candidate_id_column="doc_id",
+                                 num_buckets=1000, hidden=(8,), dim=8)
+    steps = []
+    epochs = []  # the query of every row each training step received
+
+    def record(queries):
+        epochs[-1].extend(q.decode() for q in queries.numpy())
+        steps.append(len(queries.numpy()))
+        return 0
+
+    fit_step = prepared.model.train_step
+
+    def train_step(batch):
+        tf.py_function(record, [batch["query"]], tf.int32)
+        return fit_step(batch)
+
+    prepared.model.train_step = train_step
+
+    class Epochs(tf.keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            epochs.append([])
+
+    result = train.run(prepared, None, epochs=2, batch_size=16, verbose=2,
+                       strategy=strategy, callbacks=[Epochs()])
+    print("RESULT " + json.dumps({
+        "epochs": epochs, "rows": prepared.train_files.num_rows,
+        "test": prepared.test["query"].tolist(), "loss": result["history"]["loss"],
+        "recall@10": result["metrics"]["recall@10"], "steps": steps}))
+""")
+
+
+BOUNDS = [0, 24, 48, 80, 96]  # the rows of each file
+
+
+@pytest.fixture(scope="module")
+def file_workers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("file_workers")
+    frame = _pairs(96)
+    frame["query"] = [f"{q} row {i}" for i, q in enumerate(frame["query"])]
+    # 4 files of uneven size: worker 0 reads 56 rows (files 0, 2), worker 1 40.
+    for part, (start, stop) in enumerate(zip(BOUNDS, BOUNDS[1:], strict=False)):
+        frame.iloc[start:stop].to_csv(root / f"part-{part}.csv", index=False)
+    script = root / "files.py"
+    script.write_text(FILES_SCRIPT)
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    start, cpu = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    logs = _run_all(
+        [[sys.executable, str(script), str(root / "part-*.csv")]] * 2,
+        [_env(TF_CONFIG=json.dumps({"cluster": cluster, "task": {
+            "type": "worker", "index": index}})) for index in range(2)],
+        [root / "worker0.log", root / "worker1.log"], root)
+    results = []
+    for log in logs:
+        lines = [line for line in log.splitlines() if line.startswith("RESULT ")]
+        assert lines, log[-3000:]
+        results.append(json.loads(lines[-1][len("RESULT "):]))
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"frame": frame, "logs": logs, "results": results,
+            "seconds": time.monotonic() - start,
+            "cpu": (used.ru_utime + used.ru_stime) - (cpu.ru_utime + cpu.ru_stime)}
+
+
+def test_two_workers_read_every_file_row_once_per_epoch(file_workers):
+    """Worker 0 reads files 0 and 2, worker 1 files 1 and 3; per epoch every
+    training row reaches a training step exactly once across both, although
+    worker 1 has fewer rows (it gets empty batches while worker 0 finishes)."""
+    first, second = file_workers["results"]
+    held_out = set(first["test"])
+    assert held_out and held_out == set(second["test"])
+    training = set(file_workers["frame"]["query"]) - held_out
+    assert first["rows"] == len(training)
+    for epoch in range(2):
+        reads = [result["epochs"][epoch] for result in (first, second)]
+        assert sorted(reads[0] + reads[1]) == sorted(training)  # once, all of them
+        parts = [{int(np.searchsorted(BOUNDS, int(q.split(" row ")[1]), "right")) - 1
+                  for q in read} for read in reads]
+        assert parts == [{0, 2}, {1, 3}]
+        assert len(reads[0]) > len(reads[1])
+    for index, log in enumerate(file_workers["logs"]):
+        assert f"worker {index} of 2 reads 2 of 4 file(s)" in log
+    # The same steps on both (8 rows a worker for the larger one, the global
+    # batch being 16; fewer for the other), none of them empty.
+    assert len(first["steps"]) == len(second["steps"])
+    assert max(first["steps"]) == 8 and min(first["steps"] + second["steps"]) >= 1
+    losses = first["loss"]
+    assert losses == second["loss"] and np.isfinite(losses).all()
+    print(f"\n2 file-sharded workers on loopback: {file_workers['seconds']:.1f}s "
+          f"wall, {file_workers['cpu']:.1f}s CPU")

@@ -197,7 +197,9 @@ def _add_train(train: argparse.ArgumentParser) -> None:
     train.add_argument("--pipeline", choices=PIPELINES, required=True,
                        help="pairs: (query, clicked document) rows of a table; "
                        "movielens: MovieLens-100k users and movies")
-    train.add_argument("--data", help="pairs: CSV/TSV/Parquet file (required); "
+    train.add_argument("--data", help="pairs: CSV/TSV/Parquet file (required), or "
+                       "a quoted glob of them ('dir/part-*.csv': streamed, each "
+                       "worker of a multi-worker run reads its own files); "
                        "movielens: an extracted ml-100k directory (default: "
                        "fetched and cached)")
     train.add_argument("--sep", type=_separator, help=_SEP_HELP)
@@ -278,8 +280,11 @@ def _add_train(train: argparse.ArgumentParser) -> None:
                        "removed when training finishes)")
     train.add_argument("--strategy", choices=STRATEGIES,
                        default="default", help="tf.distribute strategy: mirrored "
-                       "(local GPUs) or multi_worker (the cluster in TF_CONFIG; "
-                       "every worker runs this command, the chief exports)")
+                       "(local GPUs), multi_worker (the cluster in TF_CONFIG; "
+                       "every worker runs this command, the chief exports) or "
+                       "parameter_server (chief, worker and ps tasks in TF_CONFIG; "
+                       "embedding tables sharded across the ps tasks; every task "
+                       "runs this command, workers and ps serve the chief)")
 
 
 def _add_evaluate(ev: argparse.ArgumentParser) -> None:
@@ -400,8 +405,37 @@ def _check_train(args: argparse.Namespace) -> None:
     needed = [args.query_column, args.candidate_column]
     if args.candidate_id_column:
         needed.append(args.candidate_id_column)
+    if _GLOB_CHARS & set(args.data):
+        args.sep = _check_glob(args.data, needed, args.sep)
+        return
     args.sep = check_table(args.data, needed, args.sep,
                            what=f"the pairs data {str(args.data)!r}")
+
+
+_GLOB_CHARS = set("*?[")
+
+
+def _check_glob(pattern: str, needed: list[str], sep: str | None) -> None:
+    """Checks the first file a ``--data`` glob matches (streamed files are read
+    with their suffix's delimiter: ``.csv`` comma, ``.tsv`` tab)."""
+    import glob  # noqa: PLC0415
+
+    from tfdssm.data.tables import check_table  # noqa: PLC0415 - no TensorFlow
+    from tfdssm.errors import DataError  # noqa: PLC0415
+
+    paths = sorted(p for p in glob.glob(pattern) if pathlib.Path(p).is_file())
+    if not paths:
+        raise DataError(f"no file matches --data {pattern!r}; check the pattern "
+                        "(quote it so that the shell does not expand it).")
+    found = check_table(paths[0], needed, sep, what=f"the pairs data {paths[0]!r}")
+    expected = {".csv": ",", ".tsv": "\t"}.get(pathlib.Path(paths[0]).suffix.lower())
+    if found is not None and expected is not None and found != expected:
+        raise DataError(
+            f"{paths[0]!r} is delimited by {found!r}, but files matched by a glob "
+            f"are streamed with their suffix's delimiter ({expected!r} for "
+            f"{pathlib.Path(paths[0]).suffix}); rename the files (.tsv for tabs) "
+            "or convert them.")
+    return None
 
 
 def _check_export_dir(args: argparse.Namespace) -> dict[str, Any]:
@@ -462,6 +496,8 @@ def _train(args: argparse.Namespace) -> int:
     from tfdssm.training import run as training  # noqa: PLC0415
 
     defaults = DEFAULTS[args.pipeline]
+    if args.strategy == "parameter_server":
+        _serve_if_parameter_server_task()
     # First, before TensorFlow runs any op (MultiWorkerMirroredStrategy needs
     # that); the model is built in its scope so that its variables are mirrored.
     strategy = distribute.make_strategy(args.strategy)
@@ -478,6 +514,16 @@ def _train(args: argparse.Namespace) -> int:
             "--hard-negatives none says so explicitly",
             strategy.num_replicas_in_sync)
         hard_negatives = None
+    if (args.hard_negatives is None and hard_negatives
+            and distribute.is_parameter_server(strategy)):
+        logging.getLogger("tfdssm").info(
+            "hard negatives are off: parameter-server training does not support "
+            "them; --hard-negatives none says so explicitly")
+        hard_negatives = None
+    hybrid = defaults["hybrid"] if args.hybrid is None else args.hybrid
+    if getattr(prepared, "train_files", None) is not None:
+        patience, hybrid, hard_negatives = _streamed_defaults(
+            args, patience, hybrid, hard_negatives)
     result = training.run(
         prepared, args.export_dir, epochs=args.epochs or defaults["epochs"],
         batch_size=args.batch_size or defaults["batch_size"],
@@ -487,8 +533,7 @@ def _train(args: argparse.Namespace) -> int:
         seed=args.seed, strategy=strategy, max_k=args.max_k,
         checkpoint_dir=args.checkpoint_dir or checkpoints.default_dir(args.export_dir),
         resume=args.resume, patience=patience or None,
-        hybrid=defaults["hybrid"] if args.hybrid is None else args.hybrid,
-        hard_negatives=hard_negatives,
+        hybrid=hybrid, hard_negatives=hard_negatives,
         hard_negatives_every=args.hard_negatives_every,
     )
     from tfdssm.training.metrics import format_metrics  # noqa: PLC0415
@@ -502,6 +547,38 @@ def _train(args: argparse.Namespace) -> int:
         print(f"exported to {args.export_dir} (towers version "
               f"{result['export']['towers']['version']})")
     return 0
+
+
+def _streamed_defaults(
+    args: argparse.Namespace, patience: int, hybrid: bool, hard_negatives: Any
+) -> tuple[int, bool, Any]:
+    """With training rows streamed from files (a glob as --data), early
+    stopping, the hybrid export and hard negatives are off unless asked for
+    (then training refuses them with the reason)."""
+    off = []
+    if args.patience is None and patience:
+        patience = 0
+        off.append("early stopping")
+    if args.hybrid is None and hybrid:
+        hybrid = False
+        off.append("the hybrid export")
+    if args.hard_negatives is None and hard_negatives:
+        hard_negatives = None
+        off.append("hard negatives")
+    if off:
+        logging.getLogger("tfdssm").info(
+            "%s: off, the training rows are streamed from the files of --data",
+            ", ".join(off))
+    return patience, hybrid, hard_negatives
+
+
+def _serve_if_parameter_server_task() -> None:
+    """On a ``worker`` or ``ps`` task of a parameter-server cluster, serves the
+    chief until the job ends (never returns); on the chief, returns."""
+    from tfdssm.training import parameter_server  # noqa: PLC0415 - imports TF
+
+    if parameter_server.is_server_task():
+        parameter_server.run_server()
 
 
 def _prepare(args: argparse.Namespace, defaults: dict) -> Any:

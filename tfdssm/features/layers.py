@@ -77,7 +77,15 @@ def _bag_sum(table: tf.Variable, ids: tf.Tensor, valid: tf.Tensor) -> tf.Tensor:
 
         return tf.sparse.segment_sum(rows, index, examples, num_segments=batch), grad
 
-    return segment_sum(tf.gather(table, distinct))
+    return segment_sum(_rows(table, distinct))
+
+
+def _rows(table: tf.Variable, ids: tf.Tensor) -> tf.Tensor:
+    """``tf.gather(table, ids)``; a table split across parameter servers
+    (``ShardedVariable``) gathers on each shard, never joining the table."""
+    if isinstance(table, tf.__internal__.distribute.ShardedVariable):
+        return tf.nn.embedding_lookup(table, ids)
+    return tf.gather(table, ids)
 
 
 @tf.keras.utils.register_keras_serializable(package="tfdssm")

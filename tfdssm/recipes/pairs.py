@@ -9,13 +9,15 @@ text benchmark's largest gain, :mod:`tfdssm.recipes.defaults`); separate with
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 
 import pandas as pd
 
+from tfdssm.data import files
 from tfdssm.data import readers as data
 from tfdssm.data.readers import corpus_of
-from tfdssm.errors import ConfigError, DataError
+from tfdssm.errors import ConfigError, DataError, DataWarning
 from tfdssm.features import TextFeature
 from tfdssm.model.dssm import DSSM
 from tfdssm.model.towers import SharedTower, paper_tower
@@ -44,7 +46,11 @@ def prepare(
     """Reads the pairs and builds the paper-style model.
 
     Args:
-        source: CSV/TSV/Parquet path or DataFrame with one clicked pair per row.
+        source: CSV/TSV/Parquet path or DataFrame with one clicked pair per row,
+            or a glob of such files (``"dir/part-*.csv"``): then the training
+            rows are streamed from the files, each worker of a multi-worker
+            run reading only its own (:mod:`tfdssm.data.files`); the test rows
+            are a hashed ``test_fraction`` of each file's rows.
         query_column: Column with the query text.
         candidate_column: Column with the document text.
         candidate_id_column: Column identifying a document (default: its text).
@@ -73,12 +79,20 @@ def prepare(
             f"--query-column and --candidate-column are both {query_column!r}; "
             "they must name two different columns."
         )
-    frame = data.read_table(source, sep)
     what = ("the pairs data" if isinstance(source, pd.DataFrame)
             else f"the pairs data {str(source)!r}")
     needed = list(dict.fromkeys([query_column, candidate_column] + (
         [candidate_id_column] if candidate_id_column else []
     )))
+    train_files = None
+    if files.is_glob(source):  # streamed; one pass for the test rows and corpus
+        train_files, test, frame = files.scan(
+            files.expand(source), needed, test_fraction, seed, what)
+        if not train_files.num_rows:
+            raise DataError(f"{what} has no training rows (all {len(test)} rows "
+                            "were held out); add rows or lower --test-fraction.")
+    else:
+        frame = data.read_table(source, sep)
     data.check_columns(frame, needed, what)
     data.check_text_columns(frame, needed, what)
     if len(frame) == 0:
@@ -106,11 +120,19 @@ def prepare(
         query_tower, candidate_tower, candidate_id=candidate_id, loss=loss,
         temperature=temperature, remove_accidental_hits=loss == "in_batch",
     )
-    train, test = split_frame(frame, test_fraction, seed)
+    if train_files is None:
+        train, test = split_frame(frame, test_fraction, seed)
+    else:  # the training rows stay in the files
+        train = frame.iloc[:0]
+        if not len(test):
+            warnings.warn("no row was held out for evaluation (too few rows); "
+                          "evaluating on the first file's rows.", DataWarning,
+                          stacklevel=2)
+            test = frame.head(1000)
     corpus = corpus_of(frame, candidate_id, [candidate_column], what)
     return Prepared(
         model=model, features=features, train=train, test=test, corpus=corpus,
-        candidate_id=candidate_id, query_key=None,
+        candidate_id=candidate_id, query_key=None, train_files=train_files,
         info={"pipeline": "pairs", "query_column": query_column,
               "candidate_column": candidate_column,
               "candidate_id_column": candidate_id_column,

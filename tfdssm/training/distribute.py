@@ -6,7 +6,13 @@
 * ``multi_worker``: :class:`tf.distribute.MultiWorkerMirroredStrategy` over the
   cluster in ``TF_CONFIG``, which Kubernetes (Kubeflow ``TFJob``) and Vertex AI
   custom training set on every replica. Every worker runs the same command; the
-  input pipeline is sharded by data; only the chief writes the export.
+  input pipeline is sharded by data (by file for a glob of files,
+  :mod:`tfdssm.data.files`); only the chief writes the export.
+* ``parameter_server``: :class:`tf.distribute.ParameterServerStrategy` over the
+  ``chief``, ``worker`` and ``ps`` tasks in ``TF_CONFIG``; the large embedding
+  tables are sharded across the ``ps`` tasks
+  (:mod:`tfdssm.training.parameter_server`). The chief runs the program;
+  worker and ps tasks only serve (:func:`run_server`).
 
 Build the model inside ``strategy.scope()`` so that its variables are mirrored,
 then call :func:`tfdssm.training.run.run` with the same strategy::
@@ -84,16 +90,18 @@ def read_tf_config(environ: Mapping[str, str] | None = None) -> dict[str, Any] |
             f"{TF_CONFIG} task {task} is not in its cluster {cluster}: the task "
             "type must be a key of 'cluster' and the index a position in its list."
         )
-    if kind not in ("chief", "worker"):
+    if kind not in ("chief", "worker", "ps"):
         raise ConfigError(
-            f"{TF_CONFIG} task type {kind!r} is not supported; multi-worker training "
-            "runs 'chief' and 'worker' tasks only (no evaluator or parameter servers)."
+            f"{TF_CONFIG} task type {kind!r} is not supported; training runs "
+            "'chief', 'worker' and (with --strategy parameter_server) 'ps' tasks "
+            "only (no evaluator)."
         )
     return {"cluster": cluster, "task": {"type": kind, "index": index}}
 
 
 def make_strategy(
-    name: str = "default", devices: Sequence[str] | None = None
+    name: str = "default", devices: Sequence[str] | None = None,
+    min_shard_bytes: int | None = None,
 ) -> tf.distribute.Strategy:
     """Creates a strategy by name (see the module docstring).
 
@@ -101,13 +109,16 @@ def make_strategy(
         name: One of :data:`STRATEGIES`.
         devices: ``mirrored`` only: devices to mirror over, e.g.
             ``["/cpu:0", "/cpu:1"]`` (default: all local GPUs, else the CPU).
+        min_shard_bytes: ``parameter_server`` only: the smallest shard of a
+            variable split across the ps tasks (default
+            :data:`tfdssm.training.parameter_server.MIN_SHARD_BYTES`).
 
     Returns:
         The strategy; enter ``strategy.scope()`` to build the model.
 
     Raises:
-        ConfigError: an unknown name, or ``multi_worker`` without a valid
-            ``TF_CONFIG``.
+        ConfigError: an unknown name, or ``multi_worker`` /
+            ``parameter_server`` without a valid ``TF_CONFIG`` for it.
     """
     if name not in STRATEGIES:
         raise ConfigError(f"strategy must be one of {STRATEGIES}, received {name!r}.")
@@ -115,7 +126,16 @@ def make_strategy(
         return tf.distribute.get_strategy()
     if name == "mirrored":
         return tf.distribute.MirroredStrategy(devices)
-    if read_tf_config() is None:
+    if name == "parameter_server":
+        from tfdssm.training import parameter_server  # noqa: PLC0415 - a cycle
+
+        return parameter_server.make_strategy(min_shard_bytes=min_shard_bytes)
+    config = read_tf_config()
+    if config is not None and "ps" in config["cluster"]:
+        raise ConfigError(
+            f"{TF_CONFIG} names 'ps' tasks, which --strategy multi_worker does not "
+            "use; pass --strategy parameter_server (or remove the 'ps' tasks).")
+    if config is None:
         raise ConfigError(
             f"--strategy multi_worker reads the cluster from the {TF_CONFIG} "
             f"environment variable, which is not set. Set it on every worker, e.g. "
@@ -132,14 +152,22 @@ def make_strategy(
 
 
 def num_workers(strategy: tf.distribute.Strategy) -> int:
-    """Worker processes taking part in ``strategy`` (1 unless multi-worker)."""
+    """Worker processes taking part in ``strategy`` (1 unless multi-worker or
+    parameter server; the latter counts its ``worker`` tasks, which train)."""
+    if is_parameter_server(strategy):
+        return int(getattr(strategy.extended, "_num_workers", 1)) or 1
     resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not isinstance(
-        strategy, tf.distribute.MultiWorkerMirroredStrategy
-    ):
+    if resolver is None:
         return 1
     spec = resolver.cluster_spec().as_dict()
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return 1
     return sum(len(spec.get(kind, ())) for kind in ("chief", "worker")) or 1
+
+
+def is_parameter_server(strategy: tf.distribute.Strategy | None) -> bool:
+    """Whether ``strategy`` is a :class:`tf.distribute.ParameterServerStrategy`."""
+    return isinstance(strategy, tf.distribute.ParameterServerStrategy)
 
 
 def is_chief_task(
@@ -227,6 +255,7 @@ __all__ = [
     "STRATEGIES",
     "is_chief",
     "is_chief_task",
+    "is_parameter_server",
     "make_strategy",
     "num_workers",
     "read_tf_config",

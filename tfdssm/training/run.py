@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from tfdssm.data import files
 from tfdssm.data import readers as data
 from tfdssm.errors import ConfigError, DataWarning, ExportError
 from tfdssm.export import layout
@@ -31,7 +32,7 @@ from tfdssm.export import savedmodel as export
 from tfdssm.features import Feature
 from tfdssm.model import optimizers
 from tfdssm.model.dssm import DSSM
-from tfdssm.training import checkpoints, distribute
+from tfdssm.training import checkpoints, distribute, parameter_server
 from tfdssm.training import metrics as metrics_lib
 from tfdssm.training.early_stopping import RetrievalEarlyStopping
 from tfdssm.training.evaluation import evaluate_frame, features_of
@@ -56,6 +57,8 @@ class Prepared:
         query_key: Column grouping rows of the same query (e.g. ``user_id``) to
             exclude a query's training candidates at evaluation, or ``None``.
         info: Pipeline name and parameters, recorded in ``export.json``.
+        train_files: The training rows as files streamed by ``tf.data``
+            (:mod:`tfdssm.data.files`; ``train`` is then empty), or ``None``.
     """
 
     model: DSSM
@@ -66,6 +69,7 @@ class Prepared:
     candidate_id: str
     query_key: str | None = None
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    train_files: files.TrainFiles | None = None
 
 
 def split_frame(
@@ -127,7 +131,10 @@ def _run(
             current one. With several replicas ``batch_size`` is the global
             batch (each replica's in-batch negatives are its share of it), the
             last partial batch is dropped and the input is sharded by data; only
-            the chief exports.
+            the chief exports. Under a parameter-server strategy
+            (:mod:`tfdssm.training.parameter_server`) an epoch is
+            ``len(train rows) // batch_size`` asynchronous steps, and an
+            unsharded copy of the trained model is evaluated and exported.
         checkpoint_dir: Back up model and optimizer there after every epoch
             (:mod:`tfdssm.training.checkpoints`); removed when training finishes.
         resume: Continue a run that was killed from its backup in
@@ -161,22 +168,45 @@ def _run(
     tf.keras.utils.set_random_seed(seed)
     model = prepared.model
     strategy = strategy or tf.distribute.get_strategy()
-    replicas = _check_strategy(model, strategy, batch_size, len(prepared.train))
+    streamed = prepared.train_files
+    num_train = len(prepared.train) if streamed is None else streamed.num_rows
+    replicas = _check_strategy(model, strategy, batch_size, num_train)
+    if streamed is not None:
+        _check_streamed(patience, hybrid, hard_negatives)
     with strategy.scope():
         model.compile(optimizer=optimizers.Adam(learning_rate))
     train_rows, validation = prepared.train, None
     if patience is not None or hybrid:
         train_rows, validation = validation_split(prepared.train,
                                                   validation_fraction, seed)
+    if streamed is None:
+        num_train = len(train_rows)
+    ps = distribute.is_parameter_server(strategy)
+    if ps and hard_negatives is not None:
+        raise ConfigError(
+            "hard negatives are not supported with a parameter-server strategy "
+            "(each worker would need the miner's tables); pass hard_negatives=None "
+            "(--hard-negatives none).")
     miner = _hard_negatives(prepared, train_rows, hard_negatives, replicas,
                             hard_negatives_every, hard_negatives_per_row)
-    dataset = data.make_dataset(
-        train_rows, prepared.features, batch_size, seed=seed,
-        drop_remainder=replicas > 1,
-        row_index=None if miner is None else ROW_INDEX)
+    fit_args: dict[str, Any] = {}
+    if ps:  # every worker streams its own shuffled, repeated copy
+        dataset, fit_args["steps_per_epoch"] = parameter_server_input(
+            streamed if streamed is not None else train_rows, prepared.features,
+            batch_size, seed)
+    elif streamed is not None:  # each worker reads its own files
+        dataset, steps = _streamed_input(streamed, prepared.features, batch_size,
+                                         seed, strategy)
+        if steps is not None:
+            fit_args["steps_per_epoch"] = steps
+    else:
+        dataset = data.make_dataset(
+            train_rows, prepared.features, batch_size, seed=seed,
+            drop_remainder=replicas > 1,
+            row_index=None if miner is None else ROW_INDEX)
     if miner is not None:
         dataset = miner.attach(dataset)
-    if replicas > 1:
+    if replicas > 1 and streamed is None:
         dataset = distribute.shard_by_data(dataset)
     all_callbacks = list(callbacks) + ([miner] if miner is not None else [])
     stopper = None
@@ -188,7 +218,7 @@ def _run(
     if checkpoint_dir is not None:
         run_params = {**prepared.info, "batch_size": batch_size, "seed": seed,
                       "learning_rate": learning_rate, "replicas": replicas,
-                      "train_rows": len(train_rows), "epochs": epochs,
+                      "train_rows": num_train, "epochs": epochs,
                       "patience": patience}
         saver = checkpoints.backup(checkpoint_dir, run_params, resume,
                                    chief=distribute.is_chief(strategy))
@@ -199,15 +229,22 @@ def _run(
     if tensorboard_dir:
         all_callbacks.append(tf.keras.callbacks.TensorBoard(log_dir=tensorboard_dir))
     start = time.perf_counter()
-    history = model.fit(dataset, epochs=epochs, verbose=verbose, callbacks=all_callbacks)
+    history = model.fit(dataset, epochs=epochs, verbose=verbose,
+                        callbacks=all_callbacks, **fit_args)
     seconds = time.perf_counter() - start
+    sharded = []
+    if ps:  # evaluate and export an unsharded copy, as after any other run
+        sharded = parameter_server.sharded_variables(model)
+        model = parameter_server.unsharded_copy(model, data.to_feature_arrays(
+            (prepared.test if streamed is not None else train_rows).head(2),
+            prepared.features))
     if saver is not None:
         checkpoints.finish(checkpoint_dir, chief=distribute.is_chief(strategy))
     if verbose:
         ran = len(history.history.get("loss", [])) or epochs
-        rate = len(train_rows) * ran / max(seconds, 1e-9)
+        rate = num_train * ran / max(seconds, 1e-9)
         logger.info("trained %d epoch(s) on %d rows in %.1fs (%s rows/s)", ran,
-                    len(train_rows), seconds, f"{rate:,.0f}")
+                    num_train, seconds, f"{rate:,.0f}")
         if stopper is not None and stopper.best_epoch is not None:
             logger.info("kept epoch %d of %d (best validation Recall@10 + MRR@10 "
                         "on %d rows)", stopper.best_epoch + 1, ran, len(validation))
@@ -221,7 +258,8 @@ def _run(
     if export_dir is not None:
         training = {
             **prepared.info, "epochs": epochs, "batch_size": batch_size,
-            "learning_rate": learning_rate, "train_rows": len(train_rows),
+            "learning_rate": learning_rate, "train_rows": num_train,
+            **({"train_files": len(streamed.files)} if streamed is not None else {}),
             "validation_rows": 0 if validation is None else len(validation),
             "test_rows": len(prepared.test), "train_seconds": round(seconds, 2),
             "strategy": type(strategy).__name__, "replicas": replicas,
@@ -231,6 +269,9 @@ def _run(
                if saver is not None and saver.first_epoch else {}),
             **({"early_stopping": stopper.summary()} if stopper is not None else {}),
             **({"hard_negatives": miner.describe()} if miner is not None else {}),
+            **({"parameter_servers": {
+                "steps_per_epoch": fit_args["steps_per_epoch"],
+                "sharded_variables": sharded}} if ps else {}),
         }
         with distribute.write_dir(export_dir, strategy) as target:
             info = export.export_model(
@@ -248,6 +289,98 @@ def _run(
         "history": {k: [float(x) for x in v] for k, v in history.history.items()},
         "export": info,
     }
+
+
+def _check_streamed(patience: int | None, hybrid: bool,
+                    hard_negatives: str | None) -> None:
+    """Refuses what needs the training rows in memory when they are streamed."""
+    options = (("early stopping (patience)", patience is not None),
+               ("the hybrid export", hybrid),
+               ("hard negatives", hard_negatives is not None))
+    asked = [name for name, on in options if on]
+    if asked:
+        raise ConfigError(
+            f"{', '.join(asked)} need(s) the training rows in memory, but they are "
+            "streamed from files (a glob as --data); pass --patience 0 --no-hybrid "
+            "--hard-negatives none, or one file.")
+
+
+def _streamed_input(
+    source: files.TrainFiles, features: Sequence[Feature], batch_size: int,
+    seed: int, strategy: tf.distribute.Strategy,
+) -> Any:
+    """Training input read from files, and the steps per epoch (``None``: a
+    pass over the files).
+
+    Each worker of a multi-worker strategy reads its own files and takes the
+    same number of steps per epoch (that of the worker with the most rows at
+    ``batch_size / replicas`` rows a replica; workers with fewer rows take
+    smaller batches), so that every row is read once per epoch.
+    """
+    workers = distribute.num_workers(strategy)
+    if workers <= 1:
+        return files.train_dataset(source, features, batch_size, seed=seed), None
+    replicas = int(strategy.num_replicas_in_sync)
+    local = max(1, replicas // workers)
+    steps = files.equal_steps(source, workers, max(1, batch_size // replicas) * local)
+
+    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        return files.train_dataset(
+            source, features, batch_size, seed=seed,
+            num_shards=context.num_input_pipelines, index=context.input_pipeline_id,
+            num_batches=steps * local)
+
+    return strategy.distribute_datasets_from_function(dataset_fn), steps
+
+
+def parameter_server_input(
+    rows: pd.DataFrame | files.TrainFiles, features: Sequence[Feature],
+    batch_size: int, seed: int,
+) -> tuple[Any, int]:
+    """The input of a parameter-server run: a ``DatasetCreator`` (every worker
+    builds a shuffled, repeated copy of ``rows``, in batches of
+    ``batch_size``) and the steps of one epoch (training rows // ``batch_size``).
+
+    Args:
+        rows: The training rows, or the files holding them (CSV/TSV: workers
+            read them with ``tf.data``'s CSV reader, so every worker must see
+            the same paths).
+
+    Raises:
+        ConfigError: fewer rows than one batch, or Parquet files.
+    """
+    count = rows.num_rows if isinstance(rows, files.TrainFiles) else len(rows)
+    steps = count // batch_size
+    if steps < 1:
+        raise ConfigError(
+            f"a parameter-server epoch is training rows // batch_size steps; the "
+            f"{count} training rows fill no batch of {batch_size}. Lower "
+            "--batch-size.")
+    if isinstance(rows, files.TrainFiles):
+        if not rows.files[0].lower().endswith((".csv", ".tsv")):
+            raise ConfigError(
+                "parameter-server workers read training files with tf.data's CSV "
+                f"reader; {rows.files[0]!r} is not CSV/TSV. Convert the files to "
+                "CSV or pass one file.")
+
+        def stream(context: tf.distribute.InputContext) -> tf.data.Dataset:
+            return files.train_dataset(
+                rows, features, context.get_per_replica_batch_size(batch_size),
+                seed=seed, repeat=True)
+
+        return tf.keras.utils.experimental.DatasetCreator(stream), steps
+    arrays = data.to_feature_arrays(rows, features)
+
+    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        dataset = tf.data.Dataset.from_tensor_slices(arrays)
+        return (dataset.shuffle(min(len(rows), 100_000), seed=seed,
+                                reshuffle_each_iteration=True)
+                .repeat()
+                .batch(context.get_per_replica_batch_size(batch_size),
+                       drop_remainder=True)
+                .prefetch(tf.data.AUTOTUNE))
+
+    return tf.keras.utils.experimental.DatasetCreator(dataset_fn), steps
 
 
 # Lower bound on the memory one text code point of one row costs in a training
