@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", parents=[verbose],
                            help="serve an export over TF Serving's gRPC "
                            "and REST APIs (newest versions, reloaded live)")
-    serve.add_argument("--export-dir", required=True)
+    serve.add_argument("--export-dir", help="the export to serve (or --shards)")
     serve.add_argument("--grpc-port", type=_port, default=8500, help="0: any free port")
     serve.add_argument("--rest-port", type=_port, default=8501, help="0: any free port")
     serve.add_argument("--host", default="127.0.0.1",
@@ -211,7 +211,50 @@ def build_parser() -> argparse.ArgumentParser:
                        help="most rows (queries or candidates) per request")
     serve.add_argument("--model-config-file", help="TF Serving model config "
                        "(default EXPORT_DIR/models.config)")
+    _add_shard_front_options(serve)
+    _add_index_parser(sub, verbose)
     return parser
+
+
+def _add_index_parser(sub: Any, verbose: argparse.ArgumentParser) -> None:
+    """``tfdssm index``: re-index an export over a corpus with Apache Beam."""
+    index = sub.add_parser(
+        "index", parents=[verbose],
+        help="embed a corpus with an export's candidate tower (Apache Beam) and "
+        "write new retrieval versions, no retraining; other options go to Beam",
+        epilog="Options not listed here are Apache Beam pipeline options, e.g. "
+        "--runner DataflowRunner --project P --region R --temp_location gs://B/tmp. "
+        "Default: local, --runner DirectRunner --direct_running_mode "
+        "multi_processing --direct_num_workers 2 (no download). See docs/scaling.md.")
+    index.add_argument("--export-dir", required=True, help="a `tfdssm train` export")
+    index.add_argument("--corpus", required=True, nargs="+", metavar="FILES",
+                       help="corpus files or globs: CSV/TSV, Parquet or TFRecord "
+                       "with the candidate tower's columns and the id column")
+    index.add_argument("--id-column", help="column naming each candidate (default: "
+                       "the export's candidate id column)")
+    index.add_argument("--num-shards", type=_positive, default=1,
+                       help="N > 1: N retrieval models in EXPORT_DIR/shards/<i>, "
+                       "each served by its own `tfdssm serve` behind "
+                       "`tfdssm serve --shards`")
+    index.add_argument("--max-k", type=_positive,
+                       help="largest k per request (default: the export's)")
+    index.add_argument("--batch-size", type=_positive, default=512,
+                       help="rows per candidate-tower call")
+    index.add_argument("--work-dir", help="where the embedding records go (e.g. "
+                       "gs://BUCKET/tmp on Dataflow; default: a hidden directory in "
+                       "the export, removed afterwards)")
+
+
+def _add_shard_front_options(serve: argparse.ArgumentParser) -> None:
+    """``tfdssm serve --shards``: a front merging retrieval shards."""
+    serve.add_argument("--shards", help="HOST:PORT,HOST:PORT,...: serve a front that "
+                       "sends each request to these shard servers (gRPC) and merges "
+                       "their top-k, instead of an export")
+    serve.add_argument("--shard-timeout", type=float, default=5.0,
+                       help="seconds a shard may take per request (default 5)")
+    serve.add_argument("--allow-partial", action="store_true",
+                       help="answer with the shards that answered (output "
+                       "`shards_answered` says which) instead of failing the request")
 
 
 def _port(text: str) -> int:
@@ -384,8 +427,44 @@ def _query_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index(args: argparse.Namespace) -> int:
+    from tfdssm.indexing import reindex  # noqa: PLC0415 - imports TF and Beam
+
+    result = reindex.index_corpus(
+        args.export_dir, args.corpus, id_column=args.id_column,
+        num_shards=args.num_shards, max_k=args.max_k, beam_args=args.beam_args,
+        work_dir=args.work_dir, batch_size=args.batch_size)
+    for info in result["export.json"]:
+        where = (f"shard {info['shard']['index']}" if "shard" in info
+                 else args.export_dir)
+        print(f"{where}: {info['num_candidates']} candidates; retrieval version "
+              f"{info['retrieval']['version']}, retrieval_brute_force version "
+              f"{info['retrieval_brute_force']['version']} (committed)")
+    return 0
+
+
+def _serve_front(args: argparse.Namespace) -> int:
+    from tfdssm.serving.front import serve_front  # noqa: PLC0415
+
+    return serve_front(
+        args.shards, grpc_port=args.grpc_port, rest_port=args.rest_port,
+        host=args.host, timeout_seconds=args.shard_timeout,
+        allow_partial=args.allow_partial, max_request_bytes=args.max_request_bytes,
+        max_batch_size=args.max_batch_size)
+
+
 def _serve(args: argparse.Namespace) -> int:
+    from tfdssm.errors import ConfigError  # noqa: PLC0415
     from tfdssm.serving.server import serve  # noqa: PLC0415
+
+    if args.shards and args.export_dir:
+        raise ConfigError("pass --export-dir (serve an export) or --shards (a front "
+                          "over shard servers), not both.")
+    if args.shards:
+        return _serve_front(args)
+    if not args.export_dir:
+        raise ConfigError("tfdssm serve needs --export-dir DIR (or --shards "
+                          "HOST:PORT,... for a front over shard servers).")
 
     return serve(
         args.export_dir, grpc_port=args.grpc_port, rest_port=args.rest_port,
@@ -495,13 +574,17 @@ def _output(verbose: bool, quiet: bool = False) -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tfdssm`` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "index":  # only `index` passes options on (Beam)
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.beam_args = unknown
     with _output(args.verbose, getattr(args, "quiet", False)):
         import tfdssm  # noqa: PLC0415 - sets Keras 2 before TensorFlow loads
         from tfdssm.errors import TfdssmError  # noqa: PLC0415
 
         handlers = {"train": _train, "evaluate": _evaluate, "query": _query,
-                    "tflite": _tflite, "serve": _serve}
+                    "tflite": _tflite, "serve": _serve, "index": _index}
         try:
             return handlers[args.command](args)
         except TfdssmError as error:

@@ -149,7 +149,7 @@ def write_index(
         version_dir = save_retrieval(module, target, name, row)
         info[name] = {"version": int(version_dir.name),
                       "path": f"{name}/{version_dir.name}", **module.describe()}
-        LOG.info("tfdssm index: wrote %s version %s (%d candidates) in %.1f s", name,
+        LOG.info("wrote %s version %s (%d candidates) in %.1f s", name,
                  version_dir.name, len(ids), time.perf_counter() - start)
     _hook("candidates")
     info["candidate_embeddings"] = candidates.write_candidates(target, embeddings, ids)
@@ -174,7 +174,7 @@ def write_index(
     _hook("models.config")
     serving_config.write_model_configs(target, names, pins)  # the commit: last
     _sync_dir(target)
-    LOG.info("tfdssm index: committed %s (%s)", target / serving_config.CONFIG_FILE,
+    LOG.info("committed %s (%s)", target / serving_config.CONFIG_FILE,
              ", ".join(f"{n} {v}" for n, v in pins.items()))
     return info
 

@@ -81,7 +81,7 @@ def _runner(options: PipelineOptions) -> Any:
 
         mode = options.view_as(DirectOptions).direct_running_mode
         workers = options.view_as(DirectOptions).direct_num_workers
-        LOG.info("tfdssm index: running locally on Beam's FnApiRunner (%s, %s "
+        LOG.info("running locally on Beam's FnApiRunner (%s, %s "
                  "worker(s))", mode, workers)
         return fn_runner.FnApiRunner()
     return name
@@ -92,7 +92,7 @@ def _read(path: str, columns: Mapping[str, str], id_column: str):
     for row in corpus.read_rows(path, columns, id_column):
         rows += 1
         yield row
-    LOG.info("tfdssm index: read %d rows from %s in %.1f s", rows, path,
+    LOG.info("read %d rows from %s in %.1f s", rows, path,
              time.perf_counter() - start)
     beam.metrics.Metrics.counter("tfdssm_index", "rows_read").inc(rows)
 
@@ -173,7 +173,7 @@ def run(
     runner = _runner(options)
     name = options.view_as(StandardOptions).runner or "DirectRunner"
     start = time.perf_counter()
-    LOG.info("tfdssm index: embedding %d corpus file(s) with %s into %s",
+    LOG.info("embedding %d corpus file(s) with %s into %s",
              len(files), name, work_dir)
     with beam.Pipeline(runner=runner, options=options) as pipeline:
         build_pipeline(pipeline, files, handler, id_column, work_dir, num_shards,
@@ -188,7 +188,7 @@ def run(
         except Exception:  # noqa: BLE001 - metrics are optional per runner
             rows = None
     seconds = time.perf_counter() - start
-    LOG.info("tfdssm index: pipeline finished in %.1f s%s", seconds,
+    LOG.info("pipeline finished in %.1f s%s", seconds,
              f" ({rows} rows embedded)" if rows else "")
     return {"runner": name, "seconds": round(seconds, 2), "rows": rows}
 

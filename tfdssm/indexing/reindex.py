@@ -160,7 +160,7 @@ def _embed(
                     f"({len(files)} file(s)) has no rows with an {id_col!r}"
                     + (" or fewer candidates than shards; use fewer --num-shards."
                        if num_shards > 1 else "."))
-            LOG.info("tfdssm index: shard %d: %d embedded rows read back", i, len(ids))
+            LOG.info("shard %d: %d embedded rows read back", i, len(ids))
             shards.append(build.unique_rows(ids, vectors, values))
     finally:
         if own_work and not keep_work_dir:
