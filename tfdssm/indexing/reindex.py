@@ -143,7 +143,7 @@ def _embed(
     own_work = work_dir is None
     work = work_dir or str(export_dir / f".tfdssm-index-{os.getpid()}-"
                                         f"{int(time.time())}")
-    handler = CandidateTowerHandler(str(towers_dir), columns,
+    handler = CandidateTowerHandler(_stage_towers(towers_dir, work), columns,
                                     max_batch_size=batch_size)
     kinds = {**columns, id_col: "string"}
     try:
@@ -167,6 +167,23 @@ def _embed(
             shutil.rmtree(work, ignore_errors=True)
     run.update({"files": len(files), "id_column": id_col})
     return shards, run, work
+
+
+def _stage_towers(towers_dir: pathlib.Path, work: str) -> str:
+    """The towers path the workers read: the export's own, or, when the work
+    directory is remote (``gs://...``: workers on other machines), a copy there."""
+    if "://" not in work:
+        return str(towers_dir)
+    target = f"{work.rstrip('/')}/towers/{towers_dir.name}"
+    LOG.info("copying the towers SavedModel to %s for the workers", target)
+    for directory, _, files in os.walk(towers_dir):
+        relative = os.path.relpath(directory, towers_dir)
+        destination = target if relative == "." else f"{target}/{relative}"
+        tf.io.gfile.makedirs(destination)
+        for name in files:
+            tf.io.gfile.copy(os.path.join(directory, name), f"{destination}/{name}",
+                             overwrite=True)
+    return target
 
 
 def index_corpus(
