@@ -14,6 +14,7 @@ import tfdssm  # noqa: F401  - selects Keras 2; must precede tensorflow
 import contextlib
 import io
 import json
+import pathlib
 import shutil
 import time
 import urllib.request
@@ -296,3 +297,15 @@ def test_cli_default_runs_two_worker_processes_offline(pairs_export, tmp_path):
     assert "24 candidates; retrieval version 2" in done.stdout
     assert not (home / ".apache_beam").exists()  # nothing downloaded
     assert "prism" not in done.stderr.lower()
+
+
+def test_hybrid_exports_get_bm25_rebuilt_over_the_new_corpus(pairs_export):
+    info = json.loads((pathlib.Path(pairs_export[0]) / "export.json").read_text())
+    info["hybrid"] = {"weight": 0.4}  # as a hybrid export records it
+    frame = _changed_corpus()
+    fusion = build._hybrid(info, frame)
+    assert fusion.lexical.num_documents == len(frame) == 24
+    assert fusion.text_column == "query"
+    assert float(fusion.weight.numpy()) == pytest.approx(0.4)
+    assert build._hybrid({k: v for k, v in info.items() if k != "hybrid"},
+                         frame) is None

@@ -25,22 +25,25 @@ DEFAULT_BATCH_SIZE = 512
 
 
 class CandidateTowerHandler(ModelHandler[dict, PredictionResult, Any]):
-    """Embeds ``{column: value}`` rows with a towers SavedModel's ``candidate``
-    signature.
+    """Embeds chunks of rows, ``{column: [values]}``, with a towers SavedModel's
+    ``candidate`` signature.
+
+    The elements are already batches (the pipeline reads the corpus in chunks
+    of ``batch_size`` rows), so ``RunInference`` hands over one chunk per call
+    and no per-row Python work happens.
 
     Args:
         towers_path: ``EXPORT_DIR/towers/<version>`` (any path TensorFlow reads:
             local, ``gs://``, ...).
         columns: ``{column: "string" | "float"}``, the signature's inputs.
         signature: Signature to call (``candidate``).
-        min_batch_size: Smallest batch ``RunInference`` forms.
-        max_batch_size: Largest batch (rows per signature call).
 
-    ``run_inference`` returns one ``PredictionResult(row, float32 [dim])`` per row.
+    ``run_inference`` returns one ``PredictionResult(chunk, float32 [rows, dim])``
+    per chunk.
 
     >>> handler = CandidateTowerHandler("towers/1", {"doc": "string"})
     >>> handler.batch_elements_kwargs()["max_batch_size"]
-    512
+    1
     """
 
     def __init__(
@@ -48,16 +51,14 @@ class CandidateTowerHandler(ModelHandler[dict, PredictionResult, Any]):
         towers_path: str,
         columns: Mapping[str, str],
         signature: str = "candidate",
-        min_batch_size: int = 1,
-        max_batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> None:
-        super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size)
+        super().__init__(min_batch_size=1, max_batch_size=1)
         self.towers_path = str(towers_path)
         self.columns = dict(columns)
         self.signature = signature
 
     def load_model(self) -> Any:
-        """The loaded SavedModel (its signature is called per batch)."""
+        """The loaded SavedModel (its signature is called per chunk)."""
         import tensorflow as tf  # noqa: PLC0415 - after tfdssm (module top)
 
         return tf.saved_model.load(self.towers_path)
@@ -68,23 +69,25 @@ class CandidateTowerHandler(ModelHandler[dict, PredictionResult, Any]):
         model: Any,
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[PredictionResult]:
-        """Embeds a batch of rows: float32 ``[len(batch), dim]`` in one call."""
+        """Embeds each chunk: float32 ``[chunk rows, dim]`` in one call."""
         import tensorflow as tf  # noqa: PLC0415
 
-        features = {}
-        for name, kind in self.columns.items():
-            values = [row[name] for row in batch]
-            if kind == "string":
-                features[name] = tf.constant(np.asarray(values, dtype=object),
-                                             tf.string)
-            else:
-                features[name] = tf.constant(np.asarray(values, np.float32))
-        vectors = model.signatures[self.signature](**features)["embedding"].numpy()
-        return [PredictionResult(row, vector) for row, vector in zip(batch, vectors,
-                                                                     strict=True)]
+        out = []
+        for chunk in batch:
+            features = {}
+            for name, kind in self.columns.items():
+                if kind == "string":
+                    features[name] = tf.constant(
+                        np.asarray(chunk[name], dtype=object), tf.string)
+                else:
+                    features[name] = tf.constant(np.asarray(chunk[name], np.float32))
+            vectors = model.signatures[self.signature](**features)["embedding"]
+            out.append(PredictionResult(chunk, vectors.numpy()))
+        return out
 
     def get_num_bytes(self, batch: Sequence[dict]) -> int:
-        return sum(len(str(v)) for row in batch for v in row.values())
+        return sum(len(str(v)) for chunk in batch for values in chunk.values()
+                   for v in values)
 
     def get_metrics_namespace(self) -> str:
         return "tfdssm_index"

@@ -2,12 +2,15 @@
 
 ::
 
-    files --Reshuffle--> read rows --Reshuffle--> RunInference(candidate tower)
-          --> tf.train.Example records --> [Partition by id into N shards]
+    files --Reshuffle--> read chunks of rows --Reshuffle--> RunInference(candidate
+          tower, one chunk per call) --> tf.train.Example records, one per chunk
+          and shard --> [Partition by id into N shards]
           --> WriteToTFRecord  (WORK/shard-0000i-of-0000N/embeddings-*.tfrecord)
 
 Both reshuffles spread the work over the workers: the first the files, the
-second the rows (a corpus of one big file is still embedded by every worker).
+second the chunks (a corpus of one big file is still embedded by every worker).
+Rows travel in chunks (``--batch-size`` rows), so no per-row Python work is
+done between reading and writing.
 
 Runners: any Beam runner, through its standard options
 (``--runner DataflowRunner --project ... --region ... --temp_location gs://...``,
@@ -87,24 +90,30 @@ def _runner(options: PipelineOptions) -> Any:
     return name
 
 
-def _read(path: str, columns: Mapping[str, str], id_column: str):
+def _read(path: str, columns: Mapping[str, str], id_column: str, chunk_rows: int):
     start, rows = time.perf_counter(), 0
-    for row in corpus.read_rows(path, columns, id_column):
-        rows += 1
-        yield row
-    LOG.info("read %d rows from %s in %.1f s", rows, path,
-             time.perf_counter() - start)
+    for chunk in corpus.read_chunks(path, columns, id_column, chunk_rows):
+        rows += len(chunk[id_column])
+        yield chunk
+    LOG.info("read %d rows from %s in %.1f s", rows, path, time.perf_counter() - start)
     beam.metrics.Metrics.counter("tfdssm_index", "rows_read").inc(rows)
 
 
 def _encode(result: PredictionResult, id_column: str, num_shards: int,
-            keep: Sequence[str]) -> tuple[int, bytes]:
-    row = result.example
-    kept = {n: row[n] for n in keep if n in row}
-    kept[corpus.ID_KEY] = row[id_column]
-    record = corpus.encode_record(kept, corpus.ID_KEY, result.inference)
-    beam.metrics.Metrics.counter("tfdssm_index", "rows_embedded").inc()
-    return corpus.shard_of(str(row[id_column]), num_shards), record
+            keep: Sequence[str]):
+    """``(shard, record)`` per shard the chunk's rows go to."""
+    chunk = result.example
+    kept = {n: chunk[n] for n in (id_column, *keep) if n in chunk}
+    ids = chunk[id_column]
+    beam.metrics.Metrics.counter("tfdssm_index", "rows_embedded").inc(len(ids))
+    if num_shards == 1:
+        yield 0, corpus.encode_chunk(kept, id_column, result.inference)
+        return
+    parts: dict[int, list[int]] = {}
+    for i, cid in enumerate(ids):
+        parts.setdefault(corpus.shard_of(str(cid), num_shards), []).append(i)
+    for shard, rows in sorted(parts.items()):
+        yield shard, corpus.encode_chunk(kept, id_column, result.inference, rows)
 
 
 def shard_prefix(work_dir: str, index: int, num_shards: int) -> str:
@@ -120,6 +129,7 @@ def build_pipeline(
     work_dir: str,
     num_shards: int = 1,
     keep_columns: Sequence[str] = (),
+    chunk_rows: int = 512,
 ) -> None:
     """Adds the read -> embed -> write transforms to ``pipeline``.
 
@@ -133,6 +143,7 @@ def build_pipeline(
             :func:`tfdssm.indexing.corpus.shard_of` (``c``, ``num_shards``).
         keep_columns: Candidate columns stored with each embedding (the corpus
             table and a hybrid model's BM25 index are rebuilt from them).
+        chunk_rows: Rows per chunk: the unit of work, and of a tower call.
     """
     if num_shards < 1:
         raise ConfigError(f"--num-shards must be >= 1, received {num_shards}.")
@@ -141,10 +152,10 @@ def build_pipeline(
         pipeline
         | "CorpusFiles" >> beam.Create(list(files))
         | "SpreadFiles" >> beam.Reshuffle()
-        | "ReadRows" >> beam.FlatMap(_read, columns, id_column)
-        | "SpreadRows" >> beam.Reshuffle()
+        | "ReadChunks" >> beam.FlatMap(_read, columns, id_column, chunk_rows)
+        | "SpreadChunks" >> beam.Reshuffle()
         | "Embed" >> RunInference(handler)
-        | "Encode" >> beam.Map(_encode, id_column, num_shards, list(keep_columns))
+        | "Encode" >> beam.FlatMap(_encode, id_column, num_shards, list(keep_columns))
     )
     parts = records | "ByShard" >> beam.Partition(lambda kv, n: kv[0], num_shards)
     for i, part in enumerate(parts):
@@ -162,6 +173,7 @@ def run(
     num_shards: int = 1,
     keep_columns: Sequence[str] = (),
     beam_args: Sequence[str] = (),
+    chunk_rows: int = 512,
 ) -> dict[str, Any]:
     """Runs the pipeline to completion.
 
@@ -177,7 +189,7 @@ def run(
              len(files), name, work_dir)
     with beam.Pipeline(runner=runner, options=options) as pipeline:
         build_pipeline(pipeline, files, handler, id_column, work_dir, num_shards,
-                       keep_columns)
+                       keep_columns, chunk_rows)
     result = pipeline.result if hasattr(pipeline, "result") else None
     rows = None
     if result is not None:

@@ -143,17 +143,16 @@ def _embed(
     own_work = work_dir is None
     work = work_dir or str(export_dir / f".tfdssm-index-{os.getpid()}-"
                                         f"{int(time.time())}")
-    handler = CandidateTowerHandler(_stage_towers(towers_dir, work), columns,
-                                    max_batch_size=batch_size)
+    handler = CandidateTowerHandler(_stage_towers(towers_dir, work), columns)
     kinds = {**columns, id_col: "string"}
     try:
         run = pipeline.run(files, handler, id_col, work, num_shards, list(kinds),
-                           beam_args)
+                           beam_args, chunk_rows=batch_size)
         shards = []
         for i in range(num_shards):
             parts = sorted(tf.io.gfile.glob(pipeline.shard_prefix(work, i, num_shards)
                                             + "*.tfrecord"))
-            ids, vectors, values = corpus.decode_records(parts, kinds)
+            ids, vectors, values = corpus.decode_records(parts, kinds, id_col)
             if not ids:
                 raise DataError(
                     f"shard {i} of {num_shards} got no candidates: the corpus "
