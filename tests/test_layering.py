@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("tfdssm.model",),
     ("tfdssm.data",),
     ("tfdssm.export",),
+    ("tfdssm.indexing",),  # Beam embedding / re-indexing: over export, not training
     ("tfdssm.training",),
     ("tfdssm.serving", "tfdssm.client"),
     ("tfdssm.retrieve", "tfdssm.recipes"),

@@ -190,6 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_query(command("query", "top-k candidates for a query"))
     _add_serve(command("serve", "serve an export over TF Serving's gRPC and REST "
                        "APIs (newest versions, reloaded live)"))
+    _add_index(sub.add_parser(
+        "index", parents=[verbose], formatter_class=_HelpFormatter,
+        help="embed a corpus with an export's candidate tower (Apache Beam) and "
+        "write new retrieval versions, no retraining; other options go to Beam",
+        epilog="Options not listed here are Apache Beam pipeline options, e.g. "
+        "--runner DataflowRunner --project P --region R --temp_location gs://B/tmp. "
+        "Default: local, --runner DirectRunner --direct_running_mode "
+        "multi_processing --direct_num_workers 2 (no download). See docs/scaling.md."))
     return parser
 
 
@@ -331,8 +339,9 @@ def _add_query(query: argparse.ArgumentParser) -> None:
 
 
 def _add_serve(serve: argparse.ArgumentParser) -> None:
-    serve.add_argument("--export-dir", required=True, help="an export of `tfdssm "
-                       "train` (its models.config names what is served)")
+    serve.add_argument("--export-dir", help="an export of `tfdssm train` (its "
+                       "models.config names what is served); required unless "
+                       "--shards (default: none)")
     serve.add_argument("--grpc-port", type=_port, default=8500,
                        help="TF Serving gRPC port; 0: any free port")
     serve.add_argument("--rest-port", type=_port, default=8501,
@@ -348,6 +357,40 @@ def _add_serve(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--model-config-file", help="TF Serving model config "
                        "(default EXPORT_DIR/models.config)")
     _add_batching_options(serve)
+    _add_shard_front_options(serve)
+
+
+def _add_index(index: argparse.ArgumentParser) -> None:
+    """``tfdssm index``: re-index an export over a corpus with Apache Beam."""
+    index.add_argument("--export-dir", required=True, help="a `tfdssm train` export")
+    index.add_argument("--corpus", required=True, nargs="+", metavar="FILES",
+                       help="corpus files or globs: CSV/TSV, Parquet or TFRecord "
+                       "with the candidate tower's columns and the id column")
+    index.add_argument("--id-column", help="column naming each candidate (default: "
+                       "the export's candidate id column)")
+    index.add_argument("--num-shards", type=_positive, default=1,
+                       help="N > 1: N retrieval models in EXPORT_DIR/shards/<i>, "
+                       "each served by its own `tfdssm serve` behind "
+                       "`tfdssm serve --shards`")
+    index.add_argument("--max-k", type=_positive,
+                       help="largest k per request (default: the export's)")
+    index.add_argument("--batch-size", type=_positive, default=512,
+                       help="rows per candidate-tower call")
+    index.add_argument("--work-dir", help="where the embedding records go (e.g. "
+                       "gs://BUCKET/tmp on Dataflow; default: a hidden directory in "
+                       "the export, removed afterwards)")
+
+
+def _add_shard_front_options(serve: argparse.ArgumentParser) -> None:
+    """``tfdssm serve --shards``: a front merging retrieval shards."""
+    serve.add_argument("--shards", help="HOST:PORT,HOST:PORT,...: serve a front that "
+                       "sends each request to these shard servers (gRPC) and merges "
+                       "their top-k, instead of an export (default: none)")
+    serve.add_argument("--shard-timeout", type=_positive_float, default=5.0,
+                       help="seconds a shard may take per request (default 5)")
+    serve.add_argument("--allow-partial", action="store_true",
+                       help="answer with the shards that answered (output "
+                       "`shards_answered` says which) instead of failing the request")
 
 
 def _add_batching_options(serve: argparse.ArgumentParser) -> None:
@@ -378,7 +421,7 @@ def check_args(args: argparse.Namespace) -> None:
     """
     check = {"train": _check_train, "evaluate": _check_evaluate,
              "query": _check_query, "tflite": _check_export_dir,
-             "serve": _check_serve}.get(args.command)
+             "serve": _check_serve, "index": _check_index}.get(args.command)
     if check is not None:
         check(args)
 
@@ -469,9 +512,29 @@ def _check_query(args: argparse.Namespace) -> None:
         _check_export_dir(args)
 
 
+def _check_index(args: argparse.Namespace) -> None:
+    import glob  # noqa: PLC0415
+
+    from tfdssm.errors import DataError  # noqa: PLC0415 - no TensorFlow
+
+    _check_export_dir(args)
+    for pattern in args.corpus:
+        if "://" not in pattern and not glob.glob(pattern):
+            raise DataError(f"--corpus {pattern!r} matches no file; check the path "
+                            "(quote globs so that the shell does not expand them).")
+
+
 def _check_serve(args: argparse.Namespace) -> None:
     from tfdssm.errors import ConfigError  # noqa: PLC0415 - no TensorFlow
 
+    if args.shards and args.export_dir:
+        raise ConfigError("pass --export-dir (serve an export) or --shards (a front "
+                          "over shard servers), not both.")
+    if args.shards:
+        return
+    if not args.export_dir:
+        raise ConfigError("tfdssm serve needs --export-dir DIR (or --shards "
+                          "HOST:PORT,... for a front over shard servers).")
     if not pathlib.Path(args.export_dir).is_dir():
         raise ConfigError(f"--export-dir {args.export_dir!r} is not a directory; "
                           "pass the --export-dir of `tfdssm train`.")
@@ -731,7 +794,35 @@ def _query_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index(args: argparse.Namespace) -> int:
+    from tfdssm.indexing import reindex  # noqa: PLC0415 - imports TF and Beam
+
+    result = reindex.index_corpus(
+        args.export_dir, args.corpus, id_column=args.id_column,
+        num_shards=args.num_shards, max_k=args.max_k, beam_args=args.beam_args,
+        work_dir=args.work_dir, batch_size=args.batch_size)
+    for info in result["export.json"]:
+        where = (f"shard {info['shard']['index']}" if "shard" in info
+                 else args.export_dir)
+        print(f"{where}: {info['num_candidates']} candidates; retrieval version "
+              f"{info['retrieval']['version']}, retrieval_brute_force version "
+              f"{info['retrieval_brute_force']['version']} (committed)")
+    return 0
+
+
+def _serve_front(args: argparse.Namespace) -> int:
+    from tfdssm.serving.front import serve_front  # noqa: PLC0415
+
+    return serve_front(
+        args.shards, grpc_port=args.grpc_port, rest_port=args.rest_port,
+        host=args.host, timeout_seconds=args.shard_timeout,
+        allow_partial=args.allow_partial, max_request_bytes=args.max_request_bytes,
+        max_batch_size=args.max_batch_size)
+
+
 def _serve(args: argparse.Namespace) -> int:
+    if args.shards:
+        return _serve_front(args)
     from tfdssm.serving import config_files  # noqa: PLC0415 - TensorFlow-free
     from tfdssm.serving.server import serve  # noqa: PLC0415
 
@@ -854,7 +945,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tfdssm`` console script."""
     from tfdssm.errors import TfdssmError  # noqa: PLC0415 - no TensorFlow
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "index":  # only `index` passes options on (Beam)
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.beam_args = unknown
     try:
         check_args(args)  # before TensorFlow: a mistake fails fast
     except TfdssmError as error:
@@ -864,7 +959,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import tfdssm  # noqa: PLC0415 - sets Keras 2 before TensorFlow loads
 
         handlers = {"train": _train, "evaluate": _evaluate, "query": _query,
-                    "tflite": _tflite, "serve": _serve}
+                    "tflite": _tflite, "serve": _serve, "index": _index}
         try:
             return handlers[args.command](args)
         except TfdssmError as error:

@@ -1,5 +1,12 @@
 """Embedding a candidate corpus in shards, for corpora too big for one process.
 
+Superseded by ``tfdssm index`` (:mod:`tfdssm.indexing`): an Apache Beam
+pipeline that reads CSV/Parquet/TFRecord files, embeds them with the exported
+``candidate`` signature through ``RunInference`` on any Beam runner, and builds
+and commits new retrieval versions (``tfdssm.indexing.embed_corpus`` returns
+the embeddings in a notebook). This hand-rolled loop is kept, deprecated, for
+existing notebooks: :func:`write_embedding_shard` warns.
+
 Each process (worker ``index`` of ``num_shards``) reads the corpus as a
 ``tf.data`` stream, keeps every ``num_shards``-th row starting at ``index``
 (``Dataset.shard``), embeds it batch by batch and streams the vectors to its own
@@ -26,6 +33,7 @@ import os
 import pathlib
 import re
 import shutil
+import warnings
 from typing import Any
 
 import numpy as np
@@ -145,6 +153,9 @@ def write_embedding_shard(
     Returns:
         ``{"embeddings": path, "ids": path or None, "rows": n, "dim": d}``.
     """
+    warnings.warn("tfdssm.export.sharding.write_embedding_shard is deprecated: use "
+                  "`tfdssm index` or tfdssm.indexing.embed_corpus (Apache Beam, any "
+                  "runner).", DeprecationWarning, stacklevel=2)
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / shard_name("embeddings", num_shards, index, ".npy")
