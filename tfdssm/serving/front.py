@@ -45,6 +45,7 @@ from tensorflow_serving.apis import (
 
 from tfdssm.errors import ConfigError, ServingError
 from tfdssm.serving import predict
+from tfdssm.serving.metrics import Metrics
 from tfdssm.serving.models import AVAILABLE
 from tfdssm.serving.server import DEFAULT_MAX_REQUEST_BYTES, Server
 
@@ -135,13 +136,15 @@ class ShardedServable:
         return f'signature "{key}" of model "{self.name}" (sharded front)'
 
     def tensors(self, signature_name: str, protos: Any, max_bytes: int | None = None,
-                max_batch_size: int | None = None) -> dict[str, tf.Tensor]:
-        """The request's inputs, checked as a model server checks them."""
+                max_batch_size: int | None = None,
+                as_numpy: bool = False) -> dict[str, tf.Tensor | np.ndarray]:
+        """The request's inputs, checked as a model server checks them (see
+        :func:`tfdssm.serving.predict.tensors_from_protos` for ``as_numpy``)."""
         signature_def = predict.find_signature(self.signature_defs, signature_name,
                                                self.name)
         return predict.tensors_from_protos(
             protos, predict.input_specs(signature_def), self.where(signature_name),
-            max_bytes, max_batch_size)
+            max_bytes, max_batch_size, as_numpy)
 
     def predict(self, signature_name: str, inputs: Mapping[str, tf.Tensor],
                 output_filter: Sequence[str] = (),
@@ -401,6 +404,10 @@ class FrontServer(Server):
         self.manager = ShardManager(addresses, timeout_seconds, allow_partial,
                                     max_request_bytes)
         self.models = []
+        # No batching or Prometheus metrics in the front (each shard has its own).
+        self.metrics = Metrics()
+        self.batching = self.monitoring = None
+        self.batcher = None
         self.host, self.workers = host, workers
         self.max_request_bytes = int(max_request_bytes)
         self.max_batch_size = int(max_batch_size)
