@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                        default="default", help="tf.distribute strategy: mirrored "
                        "(local GPUs) or multi_worker (the cluster in TF_CONFIG; "
                        "every worker runs this command, the chief exports)")
+    _add_hash_cache_option(train)
 
     ev = sub.add_parser("evaluate", parents=[verbose],
                         help="Recall/NDCG/MRR@K of an export on a table")
@@ -214,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_hash_cache_option(train: argparse.ArgumentParser) -> None:
+    train.add_argument("--no-hash-cache", dest="hash_cache", action="store_false",
+                       help="hash the text in every training step instead of once "
+                       "per run (same weights; docs/training_speed.md)")
+
+
 def _port(text: str) -> int:
     try:
         value = int(text)
@@ -258,6 +265,7 @@ def _train(args: argparse.Namespace) -> int:
         hybrid=defaults["hybrid"] if args.hybrid is None else args.hybrid,
         hard_negatives=hard_negatives,
         hard_negatives_every=args.hard_negatives_every,
+        hash_cache=args.hash_cache,
     )
     from tfdssm.training.metrics import format_metrics  # noqa: PLC0415
 
