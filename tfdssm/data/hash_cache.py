@@ -195,8 +195,10 @@ def hash_texts(layer: TextEmbedding, texts: np.ndarray,
     """
     hash_ids = _HASHERS.get(layer)
     if hash_ids is None:
+        owner = weakref.ref(layer)  # the cache must not keep the layer alive
         hash_ids = _HASHERS[layer] = tf.function(
-            layer.hash_ids, input_signature=[tf.TensorSpec([None], tf.string)])
+            lambda texts: owner().hash_ids(texts),
+            input_signature=[tf.TensorSpec([None], tf.string)])
     parts = [hash_ids(tf.constant(np.asarray(texts[i:i + batch]).astype(str)))
              for i in range(0, len(texts), batch)]
     if not parts:
