@@ -426,7 +426,7 @@ def _hash_cache(
     directory = (None if checkpoint_dir is None
                  else pathlib.Path(checkpoint_dir) / HASH_CACHE_DIR)
     if verbose:
-        logger.info("hashing %s once for all epochs (about %.0f MiB of ids)",
+        logger.info("hashing %s once for all epochs (about %.1f MiB of ids)",
                     sorted(layers), need / 2**20)
     return layers, hash_cache_lib.HashCache(directory)
 
