@@ -254,7 +254,9 @@ def run(quick: bool = False) -> dict[str, Any]:
     def ratios(base: list[float], key: str = "cached") -> float:
         return _median([a / b for a, b in zip(ours[key], base, strict=True)])
 
-    in_graph_share = _median([1 - c / h for c, h in zip(
+    # A step's time is 1 / rate: hashing's share of an in-graph step is
+    # (t_in_graph - t_cached) / t_in_graph = 1 - rate_in_graph / rate_cached.
+    in_graph_share = _median([1 - h / c for c, h in zip(
         ours["cached"], ours["in-graph"], strict=True)])
     rows = [
         ["tfdssm, hash cache (steady state: epochs after the first)", cached, 1.0],
