@@ -293,6 +293,7 @@ def _add_train(train: argparse.ArgumentParser) -> None:
                        "parameter_server (chief, worker and ps tasks in TF_CONFIG; "
                        "embedding tables sharded across the ps tasks; every task "
                        "runs this command, workers and ps serve the chief)")
+    _add_hash_cache_option(train)
 
 
 def _add_evaluate(ev: argparse.ArgumentParser) -> None:
@@ -358,6 +359,13 @@ def _add_serve(serve: argparse.ArgumentParser) -> None:
                        "(default EXPORT_DIR/models.config)")
     _add_batching_options(serve)
     _add_shard_front_options(serve)
+
+
+def _add_hash_cache_option(train: argparse.ArgumentParser) -> None:
+    train.add_argument("--no-hash-cache", dest="hash_cache", action="store_false",
+                       help="hash the text in every training step instead of once "
+                       "per run (same weights; docs/training_speed.md; default: "
+                       "hashed once)")
 
 
 def _add_index(index: argparse.ArgumentParser) -> None:
@@ -598,6 +606,7 @@ def _train(args: argparse.Namespace) -> int:
         resume=args.resume, patience=patience or None,
         hybrid=hybrid, hard_negatives=hard_negatives,
         hard_negatives_every=args.hard_negatives_every,
+        hash_cache=args.hash_cache,
     )
     from tfdssm.training.metrics import format_metrics  # noqa: PLC0415
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import tensorflow as tf
 
 from tfdssm.errors import ConfigError
-from tfdssm.text.hashing import trigram_ids, word_ngram_ids
+from tfdssm.text.hashing import hashing_info, trigram_ids, word_ngram_ids
 from tfdssm.text.normalize import TextNormalizer
 
 COMBINERS = ("sum", "mean", "sqrtn")
@@ -47,6 +47,23 @@ def combine(total: tf.Tensor, count: tf.Tensor, combiner: str) -> tf.Tensor:
 def _bag_sum(table: tf.Variable, ids: tf.Tensor, valid: tf.Tensor) -> tf.Tensor:
     """Sums the rows of ``table`` named by the valid ``ids`` of each example.
 
+    Args:
+        table: float ``[num_buckets, dim]``.
+        ids: int ``[batch, length]``.
+        valid: bool ``[batch, length]``; ``False`` positions are skipped.
+
+    Returns:
+        float ``[batch, dim]``; rows with no valid id are zero.
+    """
+    positions = tf.where(valid)
+    return bag_sum_flat(table, tf.gather_nd(ids, positions),
+                        tf.cast(positions[:, 0], tf.int32), tf.shape(ids)[0])
+
+
+def bag_sum_flat(table: tf.Variable, ids: tf.Tensor, examples: tf.Tensor,
+                 batch: tf.Tensor) -> tf.Tensor:
+    """Sums the rows of ``table`` named by ``ids`` into their examples' bags.
+
     Gathers each distinct id once and sums with one fused sparse segment sum,
     so the gradient is an ``IndexedSlices`` with one row per distinct id in the
     batch, not one per trigram occurrence (a batch of 1,024 docstrings: 157k
@@ -56,16 +73,14 @@ def _bag_sum(table: tf.Variable, ids: tf.Tensor, valid: tf.Tensor) -> tf.Tensor:
 
     Args:
         table: float ``[num_buckets, dim]``.
-        ids: int64 ``[batch, length]``.
-        valid: bool ``[batch, length]``; ``False`` positions are skipped.
+        ids: int ``[n]`` bucket ids of every bag, bag after bag.
+        examples: int32 ``[n]`` the bag (row) of each id, sorted ascending.
+        batch: int32 scalar, the number of bags.
 
     Returns:
-        float ``[batch, dim]``; rows with no valid id are zero.
+        float ``[batch, dim]``; bags with no id are zero.
     """
-    positions = tf.where(valid)
-    distinct, index = tf.unique(tf.gather_nd(ids, positions), out_idx=tf.int32)
-    examples = tf.cast(positions[:, 0], tf.int32)  # sorted: tf.where is row-major
-    batch = tf.shape(ids)[0]
+    distinct, index = tf.unique(ids, out_idx=tf.int32)
 
     @tf.custom_gradient
     def segment_sum(rows: tf.Tensor) -> tuple[tf.Tensor, Callable]:
@@ -104,7 +119,10 @@ class TextEmbedding(tf.keras.layers.Layer):
             same buckets, e.g. ``(1, 2)``.
 
     Call args:
-        inputs: string ``[batch]``.
+        inputs: string ``[batch]`` (raw text, hashed in-graph), or the ids
+            :meth:`hash_ids` made of it: int32 ragged ``[batch, None]`` (a
+            training pipeline's hash cache, :mod:`tfdssm.data.hash_cache`).
+            Both give the same output.
 
     Returns:
         float32 ``[batch, output_dim]``; empty text gives zeros.
@@ -112,6 +130,9 @@ class TextEmbedding(tf.keras.layers.Layer):
     >>> layer = TextEmbedding(num_buckets=1000, output_dim=4)
     >>> layer(tf.constant(["good", ""])).shape
     TensorShape([2, 4])
+    >>> text = tf.constant(["good"])
+    >>> bool(tf.reduce_all(layer(layer.hash_ids(text)) == layer(text)))
+    True
     """
 
     def __init__(
@@ -147,9 +168,59 @@ class TextEmbedding(tf.keras.layers.Layer):
             initializer=tf.keras.initializers.RandomNormal(stddev=0.05),
         )
 
-    def call(self, inputs: tf.Tensor) -> tf.Tensor:
+    def call(self, inputs: tf.Tensor | tf.RaggedTensor) -> tf.Tensor:
+        if isinstance(inputs, tf.RaggedTensor):
+            return self.embed_ids(inputs)
         inputs = tf.reshape(inputs, [-1])
         return self.embed_code_points(self.normalizer(inputs, self.max_length))
+
+    def hashing_config(self) -> dict:
+        """What :meth:`hash_ids` depends on (not the weights): equal configs
+        give equal ids."""
+        return {"num_buckets": self.num_buckets, "max_length": self.max_length,
+                "word_ngrams": list(self.word_ngrams), **hashing_info()}
+
+    def hash_ids(self, inputs: tf.Tensor) -> tf.RaggedTensor:
+        """Raw text -> the bucket ids its bag sums (the string and integer
+        stages of hashing, without the embedding).
+
+        Args:
+            inputs: string ``[batch]``.
+
+        Returns:
+            int32 ragged ``[batch, None]``: each text's trigram ids in text
+            order, then its word n-gram ids; :meth:`call` on it equals
+            :meth:`call` on ``inputs``.
+        """
+        code_points = self.normalizer(tf.reshape(inputs, [-1]), self.max_length)
+        ids, valid = self._ids(code_points)
+        return tf.ragged.boolean_mask(ids, valid)
+
+    def embed_ids(self, ids: tf.RaggedTensor) -> tf.Tensor:
+        """Embeds the ids :meth:`hash_ids` made.
+
+        Args:
+            ids: int32 ragged ``[batch, None]``.
+
+        Returns:
+            float32 ``[batch, output_dim]``.
+        """
+        count = tf.cast(ids.row_lengths(), tf.float32)[:, tf.newaxis]
+        total = bag_sum_flat(self.embeddings, ids.flat_values,
+                             tf.cast(ids.value_rowids(), tf.int32), ids.nrows(tf.int32))
+        return combine(total, count, self.combiner)
+
+    def _ids(self, code_points: tf.Tensor, dense: bool = False
+             ) -> tuple[tf.Tensor, tf.Tensor]:
+        """``(ids, valid)`` int32 and bool ``[batch, width]`` of code points."""
+        ids, valid = trigram_ids(code_points, self.num_buckets)
+        if self.word_ngrams:
+            word_ids, word_valid = word_ngram_ids(
+                code_points, self.num_buckets, self.word_ngrams, dense=dense
+            )
+            ids = tf.concat([ids, word_ids], axis=1)
+            valid = tf.concat([valid, word_valid], axis=1)
+        return ids, valid
 
     def embed_code_points(self, code_points: tf.Tensor, dense: bool = False) -> tf.Tensor:
         """Embeds normalised code points (the part a TFLite model runs).
@@ -162,13 +233,7 @@ class TextEmbedding(tf.keras.layers.Layer):
         Returns:
             float32 ``[batch, output_dim]``.
         """
-        ids, valid = trigram_ids(code_points, self.num_buckets)
-        if self.word_ngrams:
-            word_ids, word_valid = word_ngram_ids(
-                code_points, self.num_buckets, self.word_ngrams, dense=dense
-            )
-            ids = tf.concat([ids, word_ids], axis=1)
-            valid = tf.concat([valid, word_valid], axis=1)
+        ids, valid = self._ids(code_points, dense)
         count = tf.reduce_sum(tf.cast(valid, tf.float32), axis=1, keepdims=True)
         if dense:
             vectors = tf.gather(self.embeddings, ids)

@@ -28,6 +28,10 @@ from tfdssm.model.towers import Tower
 LOSSES = losses.LOSSES
 # Batch key of the mined hard negatives' candidate columns (tfdssm.training.negatives).
 HARD_NEGATIVES = "__hard_negatives__"
+# Batch key of the candidate ids' fingerprints (candidate_key), which a batch
+# carries when its candidate id column holds hashed text ids instead
+# (tfdssm.data.hash_cache); accidental-hit removal compares these.
+CANDIDATE_KEY = "__candidate_key__"
 
 
 @tf.keras.utils.register_keras_serializable(package="tfdssm")
@@ -165,6 +169,8 @@ class DSSM(tfrs.Model):
         if self.loss_name == "paper":
             return self._paper_loss(queries, candidates)
         ids = features[self.candidate_id] if self.candidate_id else None
+        if CANDIDATE_KEY in features:  # the id column holds hashed ids
+            ids = features[CANDIDATE_KEY]
         batch = tf.cast(tf.shape(candidates)[0], tf.float32)
         expected = None
         if self._probabilities is not None:
@@ -184,8 +190,11 @@ class DSSM(tfrs.Model):
                                   "candidate_probabilities (logQ correction).")
             candidates = tf.concat([candidates, self.candidate_tower(hard)], axis=0)
             if ids is not None:
+                hard_ids = hard.get(CANDIDATE_KEY)
+                if hard_ids is None:
+                    hard_ids = hard[self.candidate_id]
                 ids = tf.concat([tf.reshape(ids, [-1]),
-                                 tf.reshape(hard[self.candidate_id], [-1])], 0)
+                                 tf.reshape(hard_ids, [-1])], 0)
         if ids is not None and self.remove_accidental_hits:
             ids = _comparable_ids(ids)
         if self.loss_name in losses.SCORE_LOSSES:
@@ -330,8 +339,21 @@ def _comparable_ids(ids: tf.Tensor) -> tf.Tensor:
     """
     ids = tf.reshape(ids, [-1])
     if ids.dtype == tf.string:
-        return tf.strings.to_hash_bucket_fast(ids, 2**63 - 1)
+        return candidate_key(ids)
     return ids
+
+
+def candidate_key(ids: tf.Tensor) -> tf.Tensor:
+    """The int64 fingerprint of string candidate ids that accidental-hit
+    removal compares (see :func:`_comparable_ids`).
+
+    Args:
+        ids: string ``[n]``.
+
+    Returns:
+        int64 ``[n]``.
+    """
+    return tf.strings.to_hash_bucket_fast(ids, 2**63 - 1)
 
 
 def _replicas() -> int:

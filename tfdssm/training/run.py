@@ -25,6 +25,7 @@ import pandas as pd
 import tensorflow as tf
 
 from tfdssm.data import files
+from tfdssm.data import hash_cache as hash_cache_lib
 from tfdssm.data import readers as data
 from tfdssm.errors import ConfigError, DataWarning, ExportError
 from tfdssm.export import layout
@@ -40,6 +41,7 @@ from tfdssm.training.negatives import ROW_INDEX, HardNegatives
 
 logger = logging.getLogger("tfdssm")
 
+HASH_CACHE_DIR = "hash_cache"  # under the checkpoint dir: ids for --resume
 VALIDATION_CANDIDATES = 50_000  # corpus sample for each epoch's validation
 
 
@@ -112,6 +114,7 @@ def _run(
     hard_negatives: str | None = None,
     hard_negatives_every: int = 1,
     hard_negatives_per_row: int = 1,
+    hash_cache: bool = True,
 ) -> dict[str, Any]:
     """Fits, evaluates and (optionally) exports a prepared pipeline.
 
@@ -158,6 +161,10 @@ def _run(
             (:mod:`tfdssm.training.negatives`). Not with ``candidate_probabilities``.
         hard_negatives_every: ``"self"``: re-mine after every N epochs.
         hard_negatives_per_row: Hard negatives added per training row.
+        hash_cache: Hash each text column once and train on the ids
+            (:mod:`tfdssm.data.hash_cache`; kept in ``checkpoint_dir`` too, so
+            ``resume`` does not hash again); ``False`` hashes in every step.
+            Either way the weights and the exported models are the same.
 
     Returns:
         ``{"metrics": ..., "history": ..., "export": export.json content or None}``
@@ -189,7 +196,11 @@ def _run(
             "(--hard-negatives none).")
     miner = _hard_negatives(prepared, train_rows, hard_negatives, replicas,
                             hard_negatives_every, hard_negatives_per_row)
+    row_index = None if miner is None else ROW_INDEX
     fit_args: dict[str, Any] = {}
+    cached, cache = _hash_cache(prepared, train_rows,
+                                hash_cache and streamed is None and not ps,
+                                checkpoint_dir, verbose)
     if ps:  # every worker streams its own shuffled, repeated copy
         dataset, fit_args["steps_per_epoch"] = parameter_server_input(
             streamed if streamed is not None else train_rows, prepared.features,
@@ -199,12 +210,18 @@ def _run(
                                          seed, strategy)
         if steps is not None:
             fit_args["steps_per_epoch"] = steps
+    elif cached:
+        dataset = hash_cache_lib.make_cached_dataset(
+            train_rows, prepared.features, cached, cache, batch_size, seed=seed,
+            drop_remainder=replicas > 1, row_index=row_index,
+            candidate_id=model.candidate_id)
     else:
         dataset = data.make_dataset(
             train_rows, prepared.features, batch_size, seed=seed,
-            drop_remainder=replicas > 1,
-            row_index=None if miner is None else ROW_INDEX)
+            drop_remainder=replicas > 1, row_index=row_index)
     if miner is not None:
+        if cached:
+            miner.columns = cache.columns(miner.columns, cached, model.candidate_id)
         dataset = miner.attach(dataset)
     if replicas > 1 and streamed is None:
         dataset = distribute.shard_by_data(dataset)
@@ -232,6 +249,8 @@ def _run(
     history = model.fit(dataset, epochs=epochs, verbose=verbose,
                         callbacks=all_callbacks, **fit_args)
     seconds = time.perf_counter() - start
+    if checkpoint_dir is not None:
+        shutil.rmtree(pathlib.Path(checkpoint_dir) / HASH_CACHE_DIR, ignore_errors=True)
     sharded = []
     if ps:  # evaluate and export an unsharded copy, as after any other run
         sharded = parameter_server.sharded_variables(model)
@@ -516,6 +535,33 @@ def _hard_negatives(
     return HardNegatives(mode, model, train_rows, prepared.corpus,
                          prepared.features, prepared.candidate_id,
                          per_row=per_row, every=every)
+
+
+def _hash_cache(
+    prepared: Prepared, train_rows: pd.DataFrame, enabled: bool,
+    checkpoint_dir: str | os.PathLike | None, verbose: int,
+) -> tuple[dict[str, Any], hash_cache_lib.HashCache | None]:
+    """The text columns a run feeds as cached ids, and their cache (``{}`` and
+    ``None``: hash in-graph)."""
+    if not enabled:
+        return {}, None
+    layers = hash_cache_lib.cacheable_columns(prepared.model)
+    if not layers:
+        return {}, None
+    need = hash_cache_lib.estimated_bytes(
+        layers, {n: train_rows[n].astype(str).to_numpy() for n in layers})
+    have = _available_memory()
+    if have and need > hash_cache_lib.MEMORY_FRACTION * have:
+        logger.info("hashing in every step: the cached ids of %s would take %.1f "
+                    "GiB of the %.1f GiB available", sorted(layers), need / 2**30,
+                    have / 2**30)
+        return {}, None
+    directory = (None if checkpoint_dir is None
+                 else pathlib.Path(checkpoint_dir) / HASH_CACHE_DIR)
+    if verbose:
+        logger.info("hashing %s once for all epochs (about %.1f MiB of ids)",
+                    sorted(layers), need / 2**20)
+    return layers, hash_cache_lib.HashCache(directory)
 
 
 def validation_split(
