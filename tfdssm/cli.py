@@ -195,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a query feature (repeat for several)")
     query.add_argument("text", nargs="*", help="query texts (single text feature)")
 
+    _add_filter_options(train, query)
+
     serve = sub.add_parser("serve", parents=[verbose],
                            help="serve an export over TF Serving's gRPC "
                            "and REST APIs (newest versions, reloaded live)")
@@ -212,6 +214,40 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-config-file", help="TF Serving model config "
                        "(default EXPORT_DIR/models.config)")
     return parser
+
+
+def _names(text: str) -> list[str]:
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated column names like genres,language, "
+            f"received {text!r}")
+    return names
+
+
+def _token(text: str) -> str:
+    namespace, sep, token = text.partition("=")
+    if not (namespace and sep and token):
+        raise argparse.ArgumentTypeError(
+            f"expected NAMESPACE=TOKEN like genres=Comedy, received {text!r}")
+    return text
+
+
+def _add_filter_options(train: argparse.ArgumentParser,
+                        query: argparse.ArgumentParser) -> None:
+    """Filtered retrieval (docs/filters.md): restrict columns at export, allow /
+    deny tokens per query."""
+    train.add_argument("--restrict-columns", type=_names, default=[],
+                       metavar="COL[,COL]", help="corpus columns whose values the "
+                       "candidates carry as filter tokens (lists and '|'-separated "
+                       "strings give several), for top_k_filter / query --allow")
+    query.add_argument("--allow", action="append", default=[],
+                       metavar="NAMESPACE=TOKEN", type=_token,
+                       help="only candidates with this token, e.g. genres=Comedy "
+                       "(repeat: OR within a namespace, AND across namespaces)")
+    query.add_argument("--deny", action="append", default=[],
+                       metavar="NAMESPACE=TOKEN", type=_token,
+                       help="leave out candidates with this token (repeatable)")
 
 
 def _port(text: str) -> int:
@@ -258,6 +294,7 @@ def _train(args: argparse.Namespace) -> int:
         hybrid=defaults["hybrid"] if args.hybrid is None else args.hybrid,
         hard_negatives=hard_negatives,
         hard_negatives_every=args.hard_negatives_every,
+        restrict_columns=args.restrict_columns,
     )
     from tfdssm.training.metrics import format_metrics  # noqa: PLC0415
 
@@ -297,6 +334,7 @@ def _prepare(args: argparse.Namespace, defaults: dict) -> Any:
                          else args.temperature),
             test_fraction=(defaults["test_fraction"] if args.test_fraction is None
                            else args.test_fraction),
+            corpus_columns=args.restrict_columns,
         )
     else:
         from tfdssm.recipes import movielens  # noqa: PLC0415
@@ -355,14 +393,16 @@ def _query(args: argparse.Namespace) -> int:
         raise DataError("give every query feature the same number of values.")
     rows = len(next(iter(features.values())))
     exclude = [args.exclude] * rows if args.exclude else None
-    ids, scores = retriever.top_k(features, k=args.k, exclude=exclude)
+    ids, scores = retriever.top_k(features, k=args.k, exclude=exclude,
+                                  allow=args.allow or None, deny=args.deny or None)
     for row in range(len(ids)):
         label = ", ".join(f"{n}={features[n][row]}" for n in retriever.query_names)
         print(f"# {label}")
         for rank, (cid, score, text) in enumerate(
             zip(ids[row], scores[row], retriever.describe(ids[row])), start=1
         ):
-            print(f"{rank:>3}. {cid:<12} {score:8.4f}  {text}")
+            if cid:
+                print(f"{rank:>3}. {cid:<12} {score:8.4f}  {text}")
     return 0
 
 
@@ -374,7 +414,8 @@ def _query_server(args: argparse.Namespace) -> int:
         features = client.query_features(parse_feature_args(args.feature), args.text,
                                          args.model)
         ids, scores = client.top_k(features, k=args.k, exclude=args.exclude or None,
-                                   model=args.model)
+                                   model=args.model, allow=args.allow or None,
+                                   deny=args.deny or None)
     for row in range(len(ids)):
         print("# " + ", ".join(f"{n}={v[row]}" for n, v in features.items()))
         ranked = zip(ids[row], scores[row], strict=True)

@@ -39,6 +39,7 @@ def prepare(
     temperature: float | None = None,
     test_fraction: float = 0.1,
     seed: int = 42,
+    corpus_columns: Sequence[str] = (),
 ) -> Prepared:
     """Reads the pairs and builds the paper-style model.
 
@@ -60,6 +61,9 @@ def prepare(
         temperature: Softmax temperature (default: 0.05, cosine towers).
         test_fraction: Rows held out for evaluation.
         seed: Split seed.
+        corpus_columns: More columns the candidate corpus keeps (e.g. the
+            restrict columns of a filtered-retrieval export: ``language``);
+            like the text, a document must have one value of each.
 
     Returns:
         A :class:`tfdssm.training.run.Prepared` to pass to
@@ -76,11 +80,12 @@ def prepare(
     needed = list(dict.fromkeys([query_column, candidate_column] + (
         [candidate_id_column] if candidate_id_column else []
     )))
-    data.check_columns(frame, needed, what)
+    extra = [c for c in dict.fromkeys(corpus_columns) if c not in needed]
+    data.check_columns(frame, needed + extra, what)
     data.check_text_columns(frame, needed, what)
     if len(frame) == 0:
         raise DataError(f"{what} has a header but no rows.")
-    frame = frame[needed].copy()
+    frame = frame[needed + extra].copy()
     for column in needed:
         frame[column] = frame[column].astype(object).fillna("").astype(str)
     candidate_id = candidate_id_column or candidate_column
@@ -104,7 +109,7 @@ def prepare(
         temperature=temperature, remove_accidental_hits=loss == "in_batch",
     )
     train, test = split_frame(frame, test_fraction, seed)
-    corpus = corpus_of(frame, candidate_id, [candidate_column], what)
+    corpus = corpus_of(frame, candidate_id, [candidate_column, *extra], what)
     return Prepared(
         model=model, features=features, train=train, test=test, corpus=corpus,
         candidate_id=candidate_id, query_key=None,

@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from tfdssm.data import readers as data
 from tfdssm.errors import ConfigError, DataWarning, ExportError
-from tfdssm.export import layout
+from tfdssm.export import layout, tokens
 from tfdssm.export import savedmodel as export
 from tfdssm.features import Feature
 from tfdssm.model import optimizers
@@ -108,6 +108,7 @@ def _run(
     hard_negatives: str | None = None,
     hard_negatives_every: int = 1,
     hard_negatives_per_row: int = 1,
+    restrict_columns: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Fits, evaluates and (optionally) exports a prepared pipeline.
 
@@ -151,6 +152,9 @@ def _run(
             (:mod:`tfdssm.training.negatives`). Not with ``candidate_probabilities``.
         hard_negatives_every: ``"self"``: re-mine after every N epochs.
         hard_negatives_per_row: Hard negatives added per training row.
+        restrict_columns: Corpus columns whose values the exported candidates
+            carry as restrict tokens, for filtered retrieval (``top_k_filter``;
+            :mod:`tfdssm.export.tokens`).
 
     Returns:
         ``{"metrics": ..., "history": ..., "export": export.json content or None}``
@@ -236,6 +240,7 @@ def _run(
             info = export.export_model(
                 model, target, corpus=prepared.corpus, metrics=metrics,
                 training=training, max_k=max_k, hybrid=hybrid, validation=validation,
+                restrict_columns=restrict_columns,
             )
         if not distribute.is_chief(strategy):
             info = None
@@ -265,6 +270,10 @@ def run(*args: Any, **kwargs: Any) -> dict[str, Any]:
     params = bound.arguments
     export_dir, checkpoint_dir = params["export_dir"], params["checkpoint_dir"]
     _check_memory(params["prepared"], params["batch_size"])
+    if params["restrict_columns"]:  # before training, not after
+        corpus = getattr(params["prepared"], "corpus", None)
+        tokens.check_columns(params["restrict_columns"],
+                             [] if corpus is None else corpus.columns)
     if export_dir is not None:
         layout.check_export_dir(export_dir)
     created = [pathlib.Path(d) for d in (export_dir, checkpoint_dir)
