@@ -121,7 +121,7 @@ class Restricts(tf.Module):
             ns_id = tf.where(tf.equal(namespace, name), index, ns_id)
         malformed = present & tf.logical_not(well_formed)
         unknown = present & well_formed & (ns_id < 0)
-        known = list(self.namespaces)
+        known = ", ".join(self.namespaces) or "(none)"
         checks = [
             tf.debugging.Assert(
                 tf.logical_not(tf.reduce_any(malformed)),
@@ -130,8 +130,8 @@ class Restricts(tf.Module):
                 summarize=10),
             tf.debugging.Assert(
                 tf.logical_not(tf.reduce_any(unknown)),
-                [f"unknown {what} namespace; this model's namespaces are {known} "
-                 "(chosen at export with --restrict-columns); received:",
+                [f"unknown {what} namespace; the namespaces of this model are: "
+                 f"{known} (chosen at export with --restrict-columns); received:",
                  tf.boolean_mask(flat, unknown)], summarize=10),
         ]
         with tf.control_dependencies(checks):
