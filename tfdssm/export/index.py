@@ -42,11 +42,14 @@ denied ones. The brute-force model scores the passing candidates exactly
 (:func:`tfdssm.export.restricts.exact_search`). The ScaNN model oversamples:
 it asks the index for ``2 * wanted * N / passing + wanted`` neighbours, keeps
 the passing ones, and falls back to exact scoring of the passing candidates
-when that number is above :attr:`ScannRetrieval.max_oversample` (a selective
-filter) or when the oversampled answer holds fewer than
-``min(wanted, passing)`` of them. A filter nothing passes gives ``""`` ids and
-``-inf`` scores. Tokens that are not ``namespace=token`` or name an unknown
-namespace fail with ``INVALID_ARGUMENT``.
+when that number is above ``max_oversample`` (a selective filter), when at
+most ``exact_below`` candidates pass (a quarter of what the ScaNN tree scans
+per query: scoring them exactly costs about the same), or when the
+oversampled answer holds fewer than ``min(wanted, passing)`` of them. The
+decision is per batch: one selective row sends the batch to the exact path.
+A filter nothing passes gives ``""`` ids and ``-inf`` scores. Tokens that are
+not ``namespace=token`` or name an unknown namespace fail with
+``INVALID_ARGUMENT``.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ BRUTE_FORCE_BELOW = 1000  # ScaNN: exact float scoring below this corpus size.
 RESERVED_INPUTS = ("k", "exclude", "allow", "deny")
 OVERSAMPLE = 2.0  # ScaNN filters: expected passing neighbours / wanted
 MAX_OVERSAMPLE = 2000  # ScaNN filters: at least this many neighbours may be asked
+EXACT_SHARE = 0.25  # ScaNN filters: exact when passing <= this x candidates scanned
 
 
 def scann_options(num_candidates: int, max_k: int = DEFAULT_MAX_K) -> dict[str, Any]:
@@ -433,6 +437,13 @@ class ScannRetrieval(RetrievalModule):
         # candidates exactly instead.
         self.max_oversample = min(self.num_candidates,
                                   max(MAX_OVERSAMPLE, 4 * self.reorder))
+        # ... and at most this many passing candidates are scored exactly
+        # anyway: a quarter of what ScaNN scores approximately per query, so
+        # gathering and scoring them costs about what ScaNN's scan does.
+        scanned = (self.num_candidates if mode == "brute_force" else
+                   self.num_candidates * self.options["num_leaves_to_search"]
+                   / self.options["num_leaves"])
+        self.exact_below = int(scanned * EXACT_SHARE)
 
     def search(self, queries: tf.Tensor, n: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         handle = self.searcher.recreate_handle()  # created once per loaded model
@@ -451,7 +462,8 @@ class ScannRetrieval(RetrievalModule):
         asked = tf.math.ceil(OVERSAMPLE * wanted * self.num_candidates
                              / tf.maximum(count, 1.0)) + wanted
         most = tf.reduce_max(asked)
-        oversampled = most <= self.max_oversample
+        oversampled = (most <= self.max_oversample) & (
+            tf.reduce_min(count) > self.exact_below)
 
         def exact() -> tuple[tf.Tensor, tf.Tensor]:
             return exact_search(self.embeddings, queries, passing, n)
@@ -486,7 +498,8 @@ class ScannRetrieval(RetrievalModule):
         out = {**super().describe(), "scann": dict(self.options)}
         if self.filters:
             out["filter"] = {"oversample": OVERSAMPLE,
-                             "max_oversample": self.max_oversample}
+                             "max_oversample": self.max_oversample,
+                             "exact_below": self.exact_below}
         return out
 
 
