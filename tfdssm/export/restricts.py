@@ -145,32 +145,62 @@ class Restricts(tf.Module):
                  & tf.equal(tf.gather(self.vocabulary, position), flat))
         return row, ns_id, position, found, present
 
-    def _postings(
-        self, row: tf.Tensor, ns_id: tf.Tensor, position: tf.Tensor, found: tf.Tensor
-    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        """Expands the found tokens into ``(row, namespace id, candidate)`` triples."""
-        row = tf.boolean_mask(row, found)
-        ns_id = tf.boolean_mask(ns_id, found)
-        position = tf.boolean_mask(position, found)
-        starts = tf.gather(self.splits, position)
-        lengths = tf.gather(self.splits, position + 1) - starts
-        which = tf.repeat(tf.range(tf.size(lengths, out_type=tf.int64)), lengths)
-        offsets = tf.range(tf.reduce_sum(lengths), dtype=tf.int64) - tf.gather(
-            tf.cumsum(lengths, exclusive=True), which)
-        candidates = tf.gather(self.postings, tf.gather(starts, which) + offsets)
-        return tf.gather(row, which), tf.gather(ns_id, which), candidates
+    def _cells(self, row: tf.Tensor, position: tf.Tensor, keep: tf.Tensor,
+               batch: tf.Tensor) -> tf.Tensor:
+        """Expands the kept request tokens' posting lists.
 
-    def _mark(
-        self, row: tf.Tensor, candidate: tf.Tensor, batch: tf.Tensor
-    ) -> tf.Tensor:
-        """bool ``[batch, num_candidates]``: True at the given pairs."""
-        shape = tf.stack([tf.cast(batch, tf.int64), self.num_candidates])
-        hits = tf.scatter_nd(tf.stack([row, candidate], axis=1),
-                             tf.ones(tf.shape(row), tf.int32), shape)
-        return hits > 0
+        Args:
+            row, position: int64 ``[tokens]``: request row and vocabulary
+                position of each request token.
+            keep: bool ``[tokens]``: the tokens to expand.
+            batch: Request rows.
+
+        Returns:
+            int64 ``[hits]``: cell ``row * num_candidates + candidate`` of every
+            (request row, candidate) pair the kept tokens name.
+        """
+        row = tf.boolean_mask(row, keep)  # a few request tokens: cheap
+        position = tf.boolean_mask(position, keep)
+        starts = tf.gather(self.splits, position)
+        limits = tf.gather(self.splits, position + 1)
+        spans = tf.ragged.range(starts, limits)  # one RaggedRange op
+        candidates = tf.gather(self.postings, spans.flat_values)
+
+        def with_rows() -> tf.Tensor:
+            step = tf.range(tf.size(candidates, out_type=tf.int64))
+            which = tf.searchsorted(spans.row_splits[None, 1:], step[None, :],
+                                    side="right", out_type=tf.int64)[0]
+            return tf.gather(row, which) * self.num_candidates + candidates
+
+        return tf.cond(batch > 1, with_rows, lambda: candidates)
+
+    def _mark(self, cells: tf.Tensor, batch: tf.Tensor) -> tf.Tensor:
+        """bool ``[batch, num_candidates]``: True at the given cells.
+
+        A scatter for few cells; ``bincount`` (multi-threaded, a fixed cost
+        over the whole mask) for more than a sixteenth of the mask.
+        """
+        size = tf.cast(batch, tf.int64) * self.num_candidates
+
+        def scatter() -> tf.Tensor:
+            return tf.tensor_scatter_nd_update(
+                tf.zeros(tf.reshape(size, [1]), tf.bool), cells[:, None],
+                tf.ones(tf.shape(cells), tf.bool))
+
+        def count() -> tf.Tensor:
+            return tf.math.bincount(cells, minlength=size, maxlength=size,
+                                    dtype=tf.int32) > 0
+
+        mask = tf.cond(tf.size(cells, out_type=tf.int64) * 16 < size, scatter,
+                       count)
+        return tf.reshape(mask, tf.stack([batch, self.num_candidates]))
 
     def passing(self, allow: tf.Tensor, deny: tf.Tensor) -> tf.Tensor:
         """Which candidates pass each row's filter.
+
+        One pass over the posting lists the request names, one mark
+        (scatter or ``bincount``) per namespace asked for and one for the
+        denied tokens.
 
         Args:
             allow: string ``[batch, n]``, ``namespace=token`` or ``""``.
@@ -186,17 +216,23 @@ class Restricts(tf.Module):
         width = tf.shape(allow)[1]
         ok = tf.ones(tf.stack([batch, self.num_candidates]), tf.bool)
         row, ns_id, position, found, present = self._lookup(allow, "allow")
-        hit_row, hit_ns, hit_candidate = self._postings(row, ns_id, position, found)
         for index in range(len(self.namespaces)):
-            asked = tf.reduce_any(tf.reshape(present & tf.equal(ns_id, index),
-                                             [batch, width]), axis=1)
-            mine = tf.equal(hit_ns, index)
-            satisfied = self._mark(tf.boolean_mask(hit_row, mine),
-                                   tf.boolean_mask(hit_candidate, mine), batch)
-            ok &= satisfied | tf.logical_not(asked)[:, None]
-        row, ns_id, position, found, _ = self._lookup(deny, "deny")
-        hit_row, _, hit_candidate = self._postings(row, ns_id, position, found)
-        return ok & tf.logical_not(self._mark(hit_row, hit_candidate, batch))
+            mine = tf.equal(ns_id, index)
+            asked = tf.reduce_any(tf.reshape(present & mine, [batch, width]), axis=1)
+
+            def restrict(ok=ok, asked=asked, mine=mine) -> tf.Tensor:
+                cells = self._cells(row, position, found & mine, batch)
+                return ok & (self._mark(cells, batch)
+                             | tf.logical_not(asked)[:, None])
+
+            ok = tf.cond(tf.reduce_any(asked), restrict, lambda ok=ok: ok)
+        row, _, position, found, _ = self._lookup(deny, "deny")
+
+        def remove(ok=ok) -> tf.Tensor:
+            cells = self._cells(row, position, found, batch)
+            return ok & tf.logical_not(self._mark(cells, batch))
+
+        return tf.cond(tf.reduce_any(found), remove, lambda: ok)
 
 
 def dense_scores(queries: tf.Tensor, vectors: tf.Tensor) -> tf.Tensor:
@@ -231,6 +267,13 @@ def exact_search(
     batch = tf.shape(passing)[0]
     counts = tf.reduce_sum(tf.cast(passing, tf.int64), axis=1)
 
+    def single() -> tuple[tf.Tensor, tf.Tensor]:  # one query row: no table
+        candidate = tf.where(passing[0])[:, 0]
+        vectors = tf.gather(embeddings, candidate)
+        scores = dense_scores(queries, vectors)  # [1, pairs]
+        best = tf.math.top_k(scores, tf.minimum(n, tf.shape(scores)[1]))
+        return best.values, tf.cast(tf.gather(candidate, best.indices), tf.int32)
+
     def gathered() -> tuple[tf.Tensor, tf.Tensor]:
         coords = tf.where(passing)  # [pairs, 2], row-major
         row, candidate = coords[:, 0], coords[:, 1]
@@ -260,8 +303,10 @@ def exact_search(
         best = tf.math.top_k(scores, n)
         return best.values, best.indices
 
-    values, indices = tf.cond(tf.reduce_sum(counts) <= gather_limit, gathered,
-                              scored)
+    few = tf.reduce_sum(counts) <= gather_limit
+    values, indices = tf.cond(
+        few & tf.equal(batch, 1), single,
+        lambda: tf.cond(few, gathered, scored))
     missing = tf.math.is_inf(values) & (values < 0)
     return tf.where(missing, tf.constant(np.nan, tf.float32), values), indices
 
