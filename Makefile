@@ -28,16 +28,17 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# Long benchmarks (not CI): `make bench` (a full run also refreshes README.md's
-# table), or one suite: `make bench SUITES="--suite quality"`. The long versions of
+# Long benchmarks (not CI): `make bench` (a full run also refreshes
+# docs/benchmarks.md), or one suite: `make bench SUITES="--suite quality"`. The long versions of
 # tests marked `bench` (1/8/32 clients, 17 killed exports, amplification
-# requests from 4 clients, 6 slowly copied versions) run first; `make bench BENCH_TESTS=` skips them.
-BENCH_TESTS ?= tests/test_load.py tests/test_reliability.py
+# requests from 4 clients, 6 slowly copied versions) and the README's long blocks
+# (make demo, full trainings) run first; `make bench BENCH_TESTS=` skips them.
+BENCH_TESTS ?= tests/test_load.py tests/test_reliability.py tests/test_readme.py
 bench: $(STAMP) bench-data
 	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
 	$(if $(BENCH_TESTS),$(BIN)/python -m pytest -q -s -m bench $(BENCH_TESTS))
 	$(BIN)/python -m benchmarks.run $(SUITES) $(BENCH_ARGS) \
-	  $(if $(SUITES)$(BENCH_ARGS),,--readme README.md)
+	  $(if $(SUITES)$(BENCH_ARGS),,--readme docs/benchmarks.md)
 
 # The text suite's corpora (Debian's man pages and English package descriptions);
 # best effort: without root or apt the suite says which command it needs.

@@ -1,7 +1,7 @@
 """Runs the benchmark suites and prints one Markdown report.
 
     python -m benchmarks.run [--suite quality --suite hashing ...] [--quick]
-                             [--readme README.md]
+                             [--readme docs/benchmarks.md]
 
 Writes ``benchmarks/results/report.md`` and PNG plots beside it; with
 ``--readme``, also puts the report between the README's ``bench:start`` and
@@ -59,13 +59,16 @@ def update_readme(path: pathlib.Path, report: str) -> None:
     """Replaces the text between the README's markers with ``report``.
 
     The report's own title is dropped and its plot paths are made relative to
-    the README (``results/x.png`` -> ``benchmarks/results/x.png``).
+    the page (``results/x.png`` -> ``benchmarks/results/x.png``, from ``docs/``
+    ``../benchmarks/results/x.png``).
     """
     text = path.read_text()
     if START not in text or END not in text:
         raise SystemExit(f"{path} has no {START} ... {END} markers to replace")
     body = report.split("\n", 1)[1].strip()
-    body = re.sub(r"\]\(results/", "](benchmarks/results/", body)
+    prefix = "../benchmarks/results/" if path.parent.name == "docs" else (
+        "benchmarks/results/")
+    body = re.sub(r"\]\(results/", f"]({prefix}", body)
     head, rest = text.split(START, 1)
     path.write_text(f"{head}{START}\n{body}\n{END}{rest.split(END, 1)[1]}")
 

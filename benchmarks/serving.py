@@ -17,9 +17,14 @@ The ratios of the two are gRPC's overhead: protobuf encoding, the loopback
 network, the server's validation and its worker pool, and the client's own CPU
 on the same cores.
 
+With batching (``measure(..., batching=True)``, the suite's default), a second
+``tfdssm serve --batching-parameters-file`` process (:data:`BATCHING_FILE`)
+runs the same levels, version swap and SIGTERM; its rows are compared with the
+same in-process (unbatched) calls and with the unbatched gRPC run.
+
 ``python -m benchmarks.run --suite serving`` (1 and 8 clients x 15 s, 32 x 30 s;
 ``--quick``: 1 and 8 clients x 4 s). ``tests/test_load.py`` runs the same code,
-shortened, in CI.
+shortened and unbatched, in CI.
 """
 
 from __future__ import annotations
@@ -43,6 +48,17 @@ import numpy as np
 from benchmarks import common
 
 MODELS = ("retrieval", "retrieval_brute_force", "towers")
+# TF Serving's text format (docs/serving.md): a batch runs as soon as the batch
+# thread is free; requests arriving meanwhile merge. One thread on two cores:
+# the other core decodes and answers requests (measured here: 3.0 rows per call
+# and half the server CPU per request of two threads, which ran 1.5 rows).
+BATCHING_FILE = """\
+max_batch_size { value: 64 }
+batch_timeout_micros { value: 0 }
+max_enqueued_batches { value: 100 }
+num_batch_threads { value: 1 }
+pad_variable_length_inputs: true
+"""
 
 
 # --------------------------------------------------------------------------- #
@@ -544,17 +560,21 @@ def slow_candidates_request(prepared: Any, rows: int = 4096) -> Any:
 
 
 def grpc_levels(export_copy: pathlib.Path, prepared: Any, requests: Sequence[Any],
-                levels: Sequence[tuple[int, float]]) -> dict[str, Any]:
+                levels: Sequence[tuple[int, float]],
+                serve_args: Sequence[str] = ()) -> dict[str, Any]:
     """``tfdssm serve`` on ``export_copy`` (which gets a new version) at each level.
 
     A warm-up run first (the most clients, up to 2 s); the last level's run
     swaps in a new ``retrieval`` version a quarter into it (loading and warming
     it up under load takes seconds); then SIGTERM under load.
 
+    Args:
+        serve_args: More ``tfdssm serve`` arguments (e.g. batching).
+
     Returns:
         ``{"loads": [Load per level], "warm", "swap", "sigterm", "bind", "log"}``.
     """
-    server = start_serve(export_copy, "--poll-seconds", "0.2")
+    server = start_serve(export_copy, "--poll-seconds", "0.2", *serve_args)
     try:
         bind = server.listening()
         warm = run_load(server.target, requests, max(c for c, _ in levels),
@@ -568,6 +588,7 @@ def grpc_levels(export_copy: pathlib.Path, prepared: Any, requests: Sequence[Any
             server.target, requests, clients, seconds, rss=server.rss_mb,
             events=[(seconds / 4, lambda: swapped.update(
                 version=add_version(export_copy / "retrieval")))]))
+        stats = batch_stats(server) if "--monitoring-config-file" in serve_args else {}
         sigterm = sigterm_under_load(server, requests,
                                      slow_candidates_request(prepared))
     finally:
@@ -577,7 +598,34 @@ def grpc_levels(export_copy: pathlib.Path, prepared: Any, requests: Sequence[Any
             "failed": len(loads[-1].failed)}
     return {"loads": loads, "warm": warm, "swap": swap, "sigterm": sigterm,
             "bind": {port: sorted(a) for port, a in bind.items()},
-            "log": server.log[-12:]}
+            "log": server.log[-12:], "batch_stats": stats}
+
+
+METRICS_PATH = "/monitoring/prometheus/metrics"
+
+
+def batch_stats(server: ServeProcess) -> dict[str, float]:
+    """Mean rows per merged call, merged calls, requests and mean queuing
+    delay so far, from the server's Prometheus metrics."""
+    import urllib.request  # noqa: PLC0415
+
+    url = f"http://127.0.0.1:{server.rest_port}{METRICS_PATH}"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        text = response.read().decode()
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name = line.split("{")[0].split(" ")[0]
+        totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    prefix = ":tensorflow:serving:batching_session:"
+    runs = totals.get(prefix + "processed_batch_size_count", 0.0)
+    queued = totals.get(prefix + "queuing_latency_count", 0.0)
+    return {"merged_calls": runs, "requests": queued,
+            "mean_batch_rows": round(totals.get(prefix + "processed_batch_size_sum",
+                                                0.0) / max(runs, 1), 2),
+            "mean_queuing_ms": round(totals.get(prefix + "queuing_latency_sum", 0.0)
+                                     / max(queued, 1) / 1e3, 3)}
 
 
 def in_process_levels(export_dir: str | os.PathLike, requests: Sequence[Any],
@@ -595,13 +643,18 @@ def in_process_levels(export_dir: str | os.PathLike, requests: Sequence[Any],
                       for clients, seconds in levels], "warm": warm}
 
 
-def compare(grpc: Load, local: Load) -> dict[str, Any]:
-    """One level: both summaries and gRPC's overhead ratios."""
-    return {"clients": grpc.clients, "grpc": grpc.summary(),
-            "in_process": local.summary(),
-            "p50_overhead": _ratio(grpc.latency_ms(50), local.latency_ms(50)),
-            "p99_overhead": _ratio(grpc.latency_ms(99), local.latency_ms(99)),
-            "throughput_ratio": _ratio(grpc.per_second, local.per_second)}
+def compare(grpc: Load, local: Load, unbatched: Load | None = None) -> dict[str, Any]:
+    """One level: both summaries and gRPC's overhead ratios (and, for a batched
+    run, its p99 over the ``unbatched`` gRPC run's)."""
+    out = {"clients": grpc.clients, "grpc": grpc.summary(),
+           "in_process": local.summary(),
+           "p50_overhead": _ratio(grpc.latency_ms(50), local.latency_ms(50)),
+           "p99_overhead": _ratio(grpc.latency_ms(99), local.latency_ms(99)),
+           "throughput_ratio": _ratio(grpc.per_second, local.per_second)}
+    if unbatched is not None:
+        out["p99_vs_unbatched"] = _ratio(grpc.latency_ms(99), unbatched.latency_ms(99))
+        out["unbatched_p99_ms"] = round(unbatched.latency_ms(99), 2)
+    return out
 
 
 def _ratio(a: float, b: float) -> float:
@@ -610,7 +663,8 @@ def _ratio(a: float, b: float) -> float:
 
 
 def measure(export_dir: str | os.PathLike, prepared: Any,
-            levels: Sequence[tuple[int, float]], users: int = 64) -> dict[str, Any]:
+            levels: Sequence[tuple[int, float]], users: int = 64,
+            batching: bool = False) -> dict[str, Any]:
     """The whole scenario on a copy of ``export_dir`` (which is not changed).
 
     Args:
@@ -619,25 +673,53 @@ def measure(export_dir: str | os.PathLike, prepared: Any,
         levels: ``(clients, seconds)`` per load level, gRPC and in-process
             alike; the last level's gRPC run has the version swap.
         users: Distinct users in the request mix (4 requests each).
+        batching: Also run the levels against a server with batching on
+            (:data:`BATCHING_FILE`).
 
     Returns:
         ``{"levels": [compare() per level], "load": the last gRPC level's
         Load.summary(), "warmup_failed", "failures", "swap", "sigterm",
-        "bind", "log"}``.
+        "bind", "log"}``, and with ``batching`` ``"batched": {"levels",
+        "load", "failures", "swap", "sigterm", "parameters"}`` (the levels
+        compared with the same in-process runs and the unbatched gRPC runs).
     """
     requests = predict_requests(movielens_users(prepared, users))
     with tempfile.TemporaryDirectory(prefix="tfdssm-bench-serving-") as tmp:
         copy = pathlib.Path(tmp) / "export"
         shutil.copytree(export_dir, copy)
         served = grpc_levels(copy, prepared, requests, levels)
+        batched = None
+        if batching:
+            copy = pathlib.Path(tmp) / "export-batched"
+            shutil.copytree(export_dir, copy)
+            parameters = pathlib.Path(tmp) / "batching.txt"
+            parameters.write_text(BATCHING_FILE)
+            monitoring = pathlib.Path(tmp) / "monitoring.txt"
+            monitoring.write_text(
+                f'prometheus_config {{ enable: true, path: "{METRICS_PATH}" }}\n')
+            batched = grpc_levels(copy, prepared, requests, levels,
+                                  ("--batching-parameters-file", str(parameters),
+                                   "--monitoring-config-file", str(monitoring)))
     local = in_process_levels(export_dir, requests, levels)
     failed = [c for load in served["loads"] for c in load.failed]
-    return {"levels": [compare(g, i) for g, i in
-                       zip(served["loads"], local["loads"], strict=True)],
-            "load": served["loads"][-1].summary(),
-            "warmup_failed": len(served["warm"].failed) + len(local["warm"].failed),
+    out = {"levels": [compare(g, i) for g, i in
+                      zip(served["loads"], local["loads"], strict=True)],
+           "load": served["loads"][-1].summary(),
+           "warmup_failed": len(served["warm"].failed) + len(local["warm"].failed),
+           "failures": [(c.model, c.code, c.details) for c in failed[:5]],
+           **{key: served[key] for key in ("swap", "sigterm", "bind", "log")}}
+    if batched is not None:
+        failed = [c for load in batched["loads"] for c in load.failed]
+        out["batched"] = {
+            "levels": [compare(b, i, g) for b, i, g in zip(
+                batched["loads"], local["loads"], served["loads"], strict=True)],
+            "load": batched["loads"][-1].summary(),
+            "warmup_failed": len(batched["warm"].failed),
             "failures": [(c.model, c.code, c.details) for c in failed[:5]],
-            **{key: served[key] for key in ("swap", "sigterm", "bind", "log")}}
+            "parameters": BATCHING_FILE.strip().replace("\n", "; "),
+            **{key: batched[key] for key in ("swap", "sigterm", "log",
+                                             "batch_stats")}}
+    return out
 
 
 def markdown(result: Mapping[str, Any]) -> str:
@@ -672,7 +754,43 @@ def markdown(result: Mapping[str, Any]) -> str:
         f"{len(sigterm['in_flight_failed'])} failed; a {sigterm['slow_seconds']} s "
         f"request in flight {'completed' if sigterm['slow_ok'] else 'FAILED'}; exit "
         f"code {sigterm['exit_code']} after {sigterm['exit_seconds']} s. Listening "
-        f"on {result['bind']}.")
+        f"on {result['bind']}."
+        + (_batched_markdown(result["batched"]) if "batched" in result else ""))
+
+
+def _batched_markdown(batched: Mapping[str, Any]) -> str:
+    """The batching-on rows: against the same in-process (unbatched) calls and
+    the unbatched gRPC run of the same requests."""
+    rows = [[level["clients"], level["grpc"]["requests"], level["grpc"]["failed"],
+             level["grpc"]["requests_per_s"], level["grpc"]["p50_ms"],
+             level["grpc"]["p99_ms"], level["in_process"]["requests_per_s"],
+             level["in_process"]["p50_ms"], level["unbatched_p99_ms"],
+             f"{level['throughput_ratio']:.2f}", f"{level['p50_overhead']:.2f}x",
+             f"{level['p99_vs_unbatched']:.2f}x"]
+            for level in batched["levels"]]
+    sigterm, swap = batched["sigterm"], batched["swap"]
+    stats = batched.get("batch_stats", {})
+    return (
+        "\n\n#### With server-side batching (`tfdssm serve "
+        "--batching-parameters-file`)\n\n"
+        f"Parameters: `{batched['parameters']}`. Same requests and clients; the "
+        "baseline is the same in-process unbatched calls as above.\n\n"
+        + common.table(["clients", "gRPC requests", "failed", "batched req/s",
+                        "batched p50 ms", "batched p99 ms", "in-process req/s",
+                        "in-process p50 ms", "unbatched gRPC p99 ms",
+                        "throughput (batched / in-process)",
+                        "p50 overhead (batched / in-process)",
+                        "p99 (batched / unbatched gRPC)"], rows)
+        + f"\n\nOver the batched run: {stats.get('requests', 0):.0f} requests in "
+        f"{stats.get('merged_calls', 0):.0f} SavedModel calls, "
+        f"{stats.get('mean_batch_rows', 0)} rows per call on average, "
+        f"{stats.get('mean_queuing_ms', 0)} ms mean queuing delay (the server's "
+        "Prometheus metrics). "
+        f"Version swap under batched load: versions served "
+        f"{swap['versions_served']}, {swap['failed']} failed requests. SIGTERM: "
+        f"{sigterm['in_flight']} in flight, {len(sigterm['in_flight_failed'])} "
+        f"failed; exit code {sigterm['exit_code']} after "
+        f"{sigterm['exit_seconds']} s.")
 
 
 def run(quick: bool = False) -> dict[str, Any]:
@@ -683,5 +801,5 @@ def run(quick: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         prepared = movielens.prepare(verbose=False)
         train.run(prepared, tmp, epochs=1, verbose=0)
-        result = measure(tmp, prepared, levels)
+        result = measure(tmp, prepared, levels, batching=True)
     return {"markdown": markdown(result), "result": result}

@@ -34,3 +34,18 @@ def test_readme_needs_a_full_run(capsys):
     with pytest.raises(SystemExit):
         run.main(["--quick", "--readme", "README.md"])
     assert "full run" in capsys.readouterr().err
+
+
+def test_a_page_under_docs_gets_plot_paths_relative_to_it(tmp_path):
+    page = tmp_path / "docs" / "benchmarks.md"
+    page.parent.mkdir()
+    page.write_text(f"# Benchmarks\n{run.START}\n{run.END}\n")
+    run.update_readme(page, REPORT)
+    assert "](../benchmarks/results/recall_at_k.png)" in page.read_text()
+    assert (tmp_path / "docs" / "../benchmarks").resolve() == tmp_path / "benchmarks"
+
+
+def test_the_repository_page_has_the_markers():
+    page = run.pathlib.Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+    text = page.read_text()
+    assert run.START in text and run.END in text

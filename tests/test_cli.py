@@ -134,8 +134,31 @@ def test_evaluate_prints_recall(trained, tiny_csv):
     code, out, err = _run_main(["evaluate", "--export-dir", export_dir,
                                 "--data", tiny_csv])
     assert code == 0, err
-    assert "evaluation on 60 rows, 10 candidates" in out
+    assert ("evaluation on 60 rows; candidate pool: the exported corpus, as served "
+            "(10 candidates)") in out
     assert re.search(r"recall@10\s+1\.0000", out)  # 10 candidates: always in the top 10
+
+
+def test_evaluate_pool_is_the_served_corpus_unless_asked(trained, tiny_csv, tmp_path):
+    """Documents only the evaluation file has are not ranked by default (the
+    served model never returns them); --add-eval-docs adds them, and says so."""
+    export_dir = trained[0]
+    extra = tmp_path / "extra.csv"
+    rows = tiny_csv.read_text().splitlines()
+    extra.write_text("\n".join([*rows, "new query,all about nuts,D99",
+                                "other query,all about plums,D98"]) + "\n")
+    code, _, err = _run_main(["evaluate", "--export-dir", export_dir, "--data", extra])
+    _assert_user_error(code, err, "2 of 62 row(s)", "does not serve",
+                       "10 candidates", "--add-eval-docs")
+    code, out, err = _run_main(["evaluate", "--export-dir", export_dir, "--data",
+                                extra, "--add-eval-docs"])
+    assert code == 0, err
+    assert ("evaluation on 62 rows; candidate pool: the exported corpus + the "
+            "evaluation file's documents (12 candidates, 2 added)") in out
+    code, out, err = _run_main(["evaluate", "--export-dir", export_dir, "--data",
+                                extra, "--add-eval-docs", "--json"])
+    metrics = json.loads(out)
+    assert metrics["num_candidates"] == 12 and metrics["pool"] == "exported+eval"
 
 
 def test_evaluate_json(trained, tiny_csv):
@@ -147,6 +170,7 @@ def test_evaluate_json(trained, tiny_csv):
     assert set(metrics) >= {"recall@1", "recall@5", "ndcg@5", "mrr@5", "auc"}
     assert "recall@10" not in metrics
     assert metrics["num_queries"] == 60 and metrics["num_candidates"] == 10
+    assert metrics["pool"] == "exported"
     assert 0.0 <= metrics["recall@1"] <= metrics["recall@5"] <= 1.0
 
 
@@ -159,12 +183,33 @@ def test_query_prints_ranked_ids(trained):
     assert [b.splitlines()[0] for b in blocks] == ["query=apple recipe 1",
                                                   "query=Café 北京"]
     for block in blocks:
-        rows = re.findall(r"^\s*(\d+)\. (.+?)\s+(-?\d+\.\d{4})  ", block, flags=re.M)
+        rows = re.findall(r"^\s*(\d+)\. (.+?)\s+(-?\d+\.\d{4})$", block, flags=re.M)
         assert [int(r[0]) for r in rows] == [1, 2, 3, 4]
         assert all(r[1].startswith("all about ") for r in rows)  # ids are the doc texts
+        assert block.count("all about ") == 4  # the text is the id: shown once
         scores = [float(r[2]) for r in rows]
         assert scores == sorted(scores, reverse=True)
-        assert all(-1.0001 <= s <= 1.0001 for s in scores)  # cosine towers
+        # Cosine towers, plus up to the hybrid's BM25 weight (pairs default).
+        weight = json.loads((export_dir / "export.json").read_text()).get("hybrid")
+        upper = 1.0001 + (weight or {}).get("weight", 0.0)
+        assert all(-1.0001 <= s <= upper for s in scores), (scores, weight)
+
+
+@pytest.mark.parametrize("columns", [80, 140])
+def test_query_output_fits_the_terminal(columns, monkeypatch, capsys):
+    """Long ids and texts are cut to one line of the terminal's width, with `…`;
+    a text that is its id is shown once."""
+    monkeypatch.setenv("COLUMNS", str(columns))
+    long = "lorem ipsum\ndolor " * 60
+    cli._print_ranked("query=" + long, ["D1", "D22", long], [0.9, 0.5, -0.25],
+                      [long, "short doc", None])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and lines[0].startswith("# query=lorem ipsum dolor")
+    assert all(len(line) <= columns for line in lines), lines
+    assert re.match(r"^  1\. D1 \s*0\.9000  lorem ipsum dolor .*…$", lines[1])
+    assert re.match(r"^  2\. D22\s+0\.5000  short doc$", lines[2])
+    assert re.match(r"^  3\. lorem ipsum dolor .*…\s+-0\.2500$", lines[3])
+    assert lines[3].count("lorem") < 30
 
 
 def test_console_script_evaluate_matches_in_process(trained, tiny_csv, tmp_path):
@@ -359,3 +404,17 @@ def test_commands_keep_tensorflow_noise_out_of_stderr(trained, tmp_path):
     assert re.search(r"^  1\. ", proc.stdout, re.M), proc.stdout
     assert not NOISE.search(proc.stderr), proc.stderr
     assert proc.stderr == ""
+
+
+def test_corpus_warnings_are_not_repeated_on_every_query(pairs_export, tmp_path):
+    """An empty corpus cell is warned about at export; querying stays quiet."""
+    import pandas as pd  # noqa: PLC0415
+
+    copy = tmp_path / "copy"
+    shutil.copytree(pairs_export[0], copy)
+    corpus = pd.read_parquet(copy / "corpus.parquet")
+    corpus.loc[3, "doc"] = ""
+    corpus.to_parquet(copy / "corpus.parquet", index=False)
+    code, out, err = _run_main(["query", "--export-dir", copy, "--k", "2", "kiwi"])
+    assert code == 0, err
+    assert err == "" and out.startswith("# query=kiwi")

@@ -154,3 +154,29 @@ def test_cli_query_server_prints_ranked_ids(client, exported):
     assert code == 2 and "k must be between 1 and max_k=50" in err
     with pytest.raises(SystemExit):  # --server and --export-dir are exclusive
         _run_cli(["query", "--server", client.target, "--export-dir", "x", *flags])
+
+
+def test_a_rest_port_gets_a_hint_not_just_an_http2_error():
+    """gRPC sent to an HTTP/1.1 server (TF Serving's REST port, 8501) fails with
+    'Failed parsing HTTP/2'; the error says it is the REST port and where gRPC is."""
+    import http.server  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    class Quiet(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):  # noqa: D401 - keep the test output clean
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        target = f"127.0.0.1:{server.server_address[1]}"
+        code, out, err = _run_cli(["query", "--server", target, "--timeout", "5",
+                                   "--feature", "user_id=1"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert code == 2 and out == ""
+    assert "Failed parsing HTTP/2" in err, err
+    assert "this looks like the REST port (HTTP/1.1); gRPC is on port" in err
+    assert "default 8500" in err and len(err.strip().splitlines()) == 1

@@ -437,7 +437,7 @@ def test_sharded_embeddings_concatenate_to_the_unsharded_ones(corpus_tower, tmp_
     assert [w["rows"] for w in written] == [9, 8, 8]
     assert {w["dim"] for w in written} == {4}
     assert not list(tmp_path.glob(".*"))  # no temporary files left behind
-    ids, embeddings = sharding.read_embedding_shards(tmp_path)
+    embeddings, ids = sharding.read_embedding_shards(tmp_path)
     assert ids.tolist() == corpus["doc_id"].tolist()
     np.testing.assert_allclose(embeddings, full, atol=1e-6)
     shard = np.load(written[1]["embeddings"])

@@ -83,5 +83,18 @@ def test_1_8_32_clients_against_in_process_then_sigterm():
 def test_1_8_32_clients_for_15_15_30_seconds_then_sigterm():
     export_dir, prepared, _ = trained_export()
     levels = [(1, 15.0), (8, 15.0), (32, 30.0)]
-    result = serving.measure(export_dir, prepared, levels)
+    result = serving.measure(export_dir, prepared, levels, batching=True)
+    batched = result.pop("batched")
     _check(result, levels, max_growth_mb=64)
+    # Batching on: the same levels, swap and SIGTERM, nothing failed.
+    print(f"\nbatched: {json.dumps(batched['levels'], indent=1)}")
+    assert batched["warmup_failed"] == 0 and not batched["failures"], batched
+    assert [level["clients"] for level in batched["levels"]] == [c for c, _ in levels]
+    for level in batched["levels"]:
+        assert level["grpc"]["failed"] == 0 and level["grpc"]["requests"] > 0, level
+        assert level["throughput_ratio"] > 0 and level["p99_vs_unbatched"] > 0
+    assert batched["swap"]["versions_served"] == [1, 2], batched["swap"]
+    assert batched["sigterm"]["in_flight_failed"] == [], batched["sigterm"]
+    assert batched["sigterm"]["exit_code"] == 0, batched["sigterm"]
+    assert serving.markdown({**result, "batched": batched}).count("\n| ") == 2 * (
+        len(levels) + 1)

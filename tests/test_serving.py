@@ -31,6 +31,7 @@ import pytest
 import scann  # noqa: F401 - registers ScaNN's ops for loading `retrieval` in-process
 import tensorflow as tf
 from serving_helpers import running_server, trained_export, user_features
+from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
@@ -40,9 +41,9 @@ from tensorflow_serving.apis import (
 )
 
 from tfdssm import cli
-from tfdssm.errors import ConfigError, ExportError
+from tfdssm.errors import ConfigError, ExportError, ServingError
 from tfdssm.export import serving_config as config
-from tfdssm.serving import json_codec
+from tfdssm.serving import json_codec, predict
 from tfdssm.serving.predict import InputSpec
 from tfdssm.serving.server import Server
 
@@ -263,6 +264,88 @@ def test_json_codec_single_input_and_b64():
     assert fmt == "columnar" and inputs["query"].numpy().tolist() == [b"x"]
     assert json_codec.response_body({"e": np.array([[0.1]], np.float32)}, "row") == {
         "predictions": [[0.1]]}
+
+
+def _raw(dtype: int, dims: list[int], **fields) -> tensor_pb2.TensorProto:
+    proto = tensor_pb2.TensorProto(dtype=dtype, **fields)
+    for size in dims:
+        proto.tensor_shape.dim.add().size = size
+    return proto
+
+
+@pytest.mark.parametrize("proto", [
+    tf.make_tensor_proto(np.array([[1.5, -2.0]], np.float32)),
+    tf.make_tensor_proto(np.array([1.5, 2.0], np.float64), tf.float64),
+    tf.make_tensor_proto(np.array([3, -4], np.int32), tf.int32),
+    tf.make_tensor_proto(np.array([2**40], np.int64), tf.int64),
+    tf.make_tensor_proto(np.array([True, False]), tf.bool),
+    tf.make_tensor_proto(np.array([[b"a", b"\xff"]], object), tf.string),
+    tf.make_tensor_proto(np.array(b"scalar", object), tf.string),
+    _raw(types_pb2.DT_INT32, [2], int_val=[3, 4]),
+    _raw(types_pb2.DT_INT32, [2, 2], int_val=[7]),  # one value, broadcast
+    _raw(types_pb2.DT_INT32, [2]),  # no values: zeros
+    _raw(types_pb2.DT_STRING, [3], string_val=[b"a", b"b"]),  # padded
+    _raw(types_pb2.DT_FLOAT, [2], float_val=[9.0],  # tensor_content wins
+         tensor_content=np.array([1, 2], np.float32).tobytes()),
+    _raw(types_pb2.DT_INT64, [0, 3]),
+    _raw(types_pb2.DT_HALF, [1], half_val=[15360]),
+], ids=lambda p: f"{types_pb2.DataType.Name(p.dtype)}")
+def test_tensor_from_proto_decodes_as_make_ndarray(proto):
+    got = predict.tensor_from_proto("x", proto)
+    want = tf.make_ndarray(proto)
+    assert got.dtype == tf.as_dtype(proto.dtype)
+    assert got.shape == want.shape
+    assert np.asarray(got.numpy()).tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("proto", [
+    _raw(types_pb2.DT_INT32, [2], int_val=[1, 2, 3]),
+    _raw(types_pb2.DT_INT32, [2], tensor_content=b"\x01\x02\x03"),
+    _raw(types_pb2.DT_STRING, [1], tensor_content=b"abcd"),
+])
+def test_malformed_tensor_protos_are_invalid_argument(proto):
+    with pytest.raises(ServingError, match="not a valid TensorProto") as error:
+        predict.tensor_from_proto("x", proto)
+    assert error.value.code == "INVALID_ARGUMENT"
+
+
+@pytest.mark.parametrize("array", [
+    np.array([[0.1, -np.inf]], np.float32), np.array([1e300], np.float64),
+    np.array([[1, 2]], np.int32), np.array([2**40], np.int64),
+    np.array([7], np.uint8), np.array([True]), np.array(2.5, np.float32),
+    np.zeros((2, 0), np.float32), np.array([[b"a", "é"]], object),
+    np.array(["u"]), np.array([1.0], np.float16),
+], ids=lambda a: f"{a.dtype}{list(a.shape)}")
+def test_tensor_to_proto_uses_typed_fields_and_round_trips(array):
+    proto = predict.tensor_to_proto(array)
+    assert proto.HasField("tensor_shape")
+    assert [d.size for d in proto.tensor_shape.dim] == list(array.shape)
+    back = tf.make_ndarray(proto)
+    if array.dtype.kind in "OU":
+        assert not proto.tensor_content and proto.dtype == types_pb2.DT_STRING
+        want = [v if isinstance(v, bytes) else str(v).encode() for v in array.ravel()]
+        assert back.ravel().tolist() == want
+    else:
+        assert proto.dtype == tf.as_dtype(array.dtype).as_datatype_enum
+        if array.dtype != np.float16:
+            assert not proto.tensor_content
+        np.testing.assert_array_equal(back.reshape(array.shape), array)
+
+
+def test_servable_prepares_each_signature_once(server, exported):
+    _, prepared = exported
+    servable = server.manager.get("towers")
+    users = {k: tf.constant(v) for k, v in _typed(user_features(prepared, 2)).items()}
+    first = servable.predict("query", users)
+    cached = servable._signatures["query"]
+    again = servable.predict("query", users, ["embedding"])
+    assert servable._signatures["query"] is cached
+    np.testing.assert_array_equal(first["embedding"], again["embedding"])
+    for _ in range(2):  # unknown signatures raise every time, and are not kept
+        with pytest.raises(ServingError, match='"nope" not found') as error:
+            servable.predict("nope", users)
+        assert error.value.code == "FAILED_PRECONDITION"
+    assert "nope" not in servable._signatures
 
 
 # --------------------------------------------------------------------------- #

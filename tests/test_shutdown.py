@@ -34,10 +34,16 @@ import tensorflow as tf
 from grpc._cython import cygrpc
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
+from tfdssm.serving.config_files import BatchingParameters
 from tfdssm.serving.server import Server
 
 WAIT = 30.0  # generous: a loaded 2-core CI machine
 GRACE = 20.0
+# The guarantees hold with server-side batching on too (requests then wait for
+# their batch inside the gRPC workers, and the batcher stops after them).
+BATCHING = pytest.mark.parametrize("batching", [
+    None, BatchingParameters(max_batch_size=4, batch_timeout_micros=5000,
+                             num_batch_threads=1)], ids=["unbatched", "batched"])
 
 
 @pytest.fixture(scope="module")
@@ -168,10 +174,12 @@ def _stopping(server: Server) -> threading.Thread:
 # --------------------------------------------------------------------------- #
 
 
-def test_grpc_calls_queued_in_grpc_core_are_served_not_cancelled(export_dir):
+@BATCHING
+def test_grpc_calls_queued_in_grpc_core_are_served_not_cancelled(export_dir, batching):
     """Calls gRPC core holds for grpcio's serving thread when the stop comes."""
     count = 8
-    with _started(export_dir, rest_port=None, workers=2) as (server, server_id):
+    with _started(export_dir, rest_port=None, workers=2,
+                  batching=batching) as (server, server_id):
         channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
         grpc.channel_ready_future(channel).result(timeout=WAIT)
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
@@ -195,9 +203,10 @@ def test_grpc_calls_queued_in_grpc_core_are_served_not_cancelled(export_dir):
         channel.close()
 
 
-def test_grpc_stop_refuses_late_calls_with_unavailable_and_drains(export_dir):
+@BATCHING
+def test_grpc_stop_refuses_late_calls_with_unavailable_and_drains(export_dir, batching):
     """A call after the stop began: UNAVAILABLE; the one in flight: served."""
-    with (_started(export_dir, rest_port=None) as (server, _),
+    with (_started(export_dir, rest_port=None, batching=batching) as (server, _),
           _gate_model(server) as (entered, release)):
         target = f"127.0.0.1:{server.grpc_port}"
         channel = grpc.insecure_channel(target)

@@ -144,9 +144,16 @@ def test_multi_valued_feature_in_tflite(tmp_path):
 @pytest.mark.parametrize("mode", ["dynamic", "float16"])
 def test_quantized_variants_are_smaller_and_agree(pairs_export, mode):
     path, model = pairs_export
+    float_spec = (path / "query_tower.json").read_text()
     written = tflite.write_tflite(model.query_tower, path, mode)
     full = (path / "query_tower.tflite").stat().st_size
     assert written["bytes"] < full
+    # The float model's spec is left alone; the variant has its own, naming
+    # the ops of the variant (quantised models add DEQUANTIZE).
+    assert (path / "query_tower.json").read_text() == float_spec
+    spec = json.loads((path / f"query_tower.{mode}.json").read_text())
+    assert spec["ops"] == written["ops"] != json.loads(float_spec)["ops"]
+    assert spec["inputs"] == json.loads(float_spec)["inputs"]
     result = tflite.parity(path, [{"query": t} for t in tflite.MULTILINGUAL],
                            written["path"])
     assert result["min_cosine"] > 0.99

@@ -1,5 +1,10 @@
 """The ``tfdssm`` command line: parses arguments and calls the library.
 
+Arguments and input files (exists, readable, delimiter, header columns) are
+checked before TensorFlow is imported (:func:`check_args`), so a mistake fails
+in a fraction of a second. Every option's help shows its default (per pipeline
+where the recipes differ: :mod:`tfdssm.recipes.defaults`).
+
 Exit codes: 0 success, 2 a user error (message on stderr, no traceback), 1 an
 unexpected failure.
 """
@@ -11,9 +16,11 @@ import contextlib
 import json
 import logging
 import os
+import pathlib
+import shutil
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from tfdssm.export import QUANTIZATIONS
@@ -21,7 +28,6 @@ from tfdssm.recipes import PIPELINES
 from tfdssm.recipes.defaults import DEFAULTS, HARD_NEGATIVES, LOSSES, STRATEGIES
 
 # Per-pipeline defaults live in the library: tfdssm.recipes.defaults.
-
 
 
 def _per_pipeline(option: str) -> str:
@@ -35,8 +41,57 @@ def _per_pipeline(option: str) -> str:
             value = "on" if value else "off"
         elif value is None:
             value = "none"
-        shown.append(f"{name}: {value}")
-    return "default " + "; ".join(shown)
+        shown.append((name, value))
+    if len({v for _, v in shown}) == 1:
+        return f"default {shown[0][1]}"
+    return "default " + "; ".join(f"{n}: {v}" for n, v in shown)
+
+
+def _shown(value: Any) -> str:
+    """A default as ``--help`` shows it."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value) or "none"
+    return "none" if value is None else str(value)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to every option whose help does not already
+    name its default (flags show ``off``; list options ``none``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or action.required or action.default is None
+                or action.default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: {_shown(action.default)})".lstrip()
+
+
+def _version() -> str:
+    """The installed distribution's version, else ``tfdssm.__version__``."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
+        return version("tfdssm")
+    except (ImportError, PackageNotFoundError):
+        from tfdssm import __version__  # noqa: PLC0415 - no TensorFlow
+
+        return __version__
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: looked up only when asked for."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str,
+                 **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print tfdssm's version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any,
+                 **kwargs: Any) -> None:
+        print(f"tfdssm {_version()}")
+        parser.exit()
 
 
 def _sizes(text: str) -> list[int]:
@@ -51,8 +106,8 @@ def _sizes(text: str) -> list[int]:
     return sizes
 
 
-def _number(convert: type, kind: str, ok, rule: str):
-    """An argparse type: ``convert(text)``, then ``ok(value)`` or ``rule`` in the error."""
+def _number(convert: type, kind: str, ok: Callable[[Any], bool], rule: str):
+    """An argparse type: ``convert(text)``, then ``ok(value)``, else ``rule``."""
 
     def parse(text: str):
         try:
@@ -70,39 +125,101 @@ def _number(convert: type, kind: str, ok, rule: str):
 _positive = _number(int, "an integer", lambda v: v >= 1, ">= 1")
 _non_negative = _number(int, "an integer", lambda v: v >= 0, ">= 0")
 _positive_float = _number(float, "a number", lambda v: v > 0, "> 0")
+_fraction = _number(float, "a number", lambda v: 0 < v < 1, "between 0 and 1")
 _MAX_LENGTH_LIMIT = 1_000_000  # tfdssm.features.basic.MAX_LENGTH_LIMIT (no TF here)
 _max_length = _number(int, "an integer", lambda v: 1 <= v <= _MAX_LENGTH_LIMIT,
                       f"between 1 and {_MAX_LENGTH_LIMIT:,} code points")
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a port number, received {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"ports are 0-65535, received {value}")
+    return value
+
+
+def _host_port(text: str) -> str:
+    host, colon, port = text.rpartition(":")
+    if not colon or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"expected HOST:PORT like localhost:8500, received {text!r}")
+    return text
+
+
+def _separator(text: str) -> str:
+    from tfdssm.data.tables import parse_separator  # noqa: PLC0415 - no TensorFlow
+    from tfdssm.errors import DataError  # noqa: PLC0415
+
+    try:
+        return parse_separator(text)
+    except DataError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+_SEP_HELP = ("CSV/TSV delimiter: ',', tab (or '\\t'), ';' or '|' (default: "
+             "detected from the file's first lines)")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``tfdssm`` argument parser (no TensorFlow)."""
     parser = argparse.ArgumentParser(
-        prog="tfdssm", description="Train, evaluate and query DSSM two-tower models."
+        prog="tfdssm", description="Train, evaluate and query DSSM two-tower models.",
+        formatter_class=_HelpFormatter,
     )
+    parser.add_argument("--version", action=_VersionAction)
+    parser.add_argument("--verbose", "-v", action="store_true", default=False,
+                        help="also show TensorFlow's logs and tfdssm's debug messages")
     verbose = argparse.ArgumentParser(add_help=False)
     verbose.add_argument("--verbose", "-v", action="store_true",
                          default=argparse.SUPPRESS, help="also show TensorFlow's "
-                         "logs and tfdssm's debug messages")
-    parser.add_argument("--verbose", "-v", action="store_true", default=False,
-                        help="also show TensorFlow's logs and tfdssm's debug messages")
+                         "logs and tfdssm's debug messages (default: off)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", parents=[verbose],
-                           help="train a pipeline and export it")
-    train.add_argument("--pipeline", choices=PIPELINES, required=True)
-    train.add_argument("--data", help="pairs: CSV/TSV/Parquet file; movielens: an "
-                       "extracted ml-100k directory (default: fetched and cached)")
-    train.add_argument("--export-dir", required=True)
-    train.add_argument("--query-column", default="query")
-    train.add_argument("--candidate-column", default="doc")
-    train.add_argument("--candidate-id-column")
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[verbose], help=text, description=text,
+                              formatter_class=_HelpFormatter)
+
+    train = command("train", "train a pipeline and export it")
+    _add_train(train)
+    _add_evaluate(command("evaluate", "Recall/NDCG/MRR@K of an export on a table"))
+    _add_tflite(command("tflite", "(re)build query_tower.tflite, print size and "
+                        "parity with the SavedModel"))
+    query = command("query", "top-k candidates for a query")
+    _add_query(query)
+    _add_filter_options(train, query)
+    _add_serve(command("serve", "serve an export over TF Serving's gRPC and REST "
+                       "APIs (newest versions, reloaded live)"))
+    return parser
+
+
+def _add_train(train: argparse.ArgumentParser) -> None:
+    train.add_argument("--pipeline", choices=PIPELINES, required=True,
+                       help="pairs: (query, clicked document) rows of a table; "
+                       "movielens: MovieLens-100k users and movies")
+    train.add_argument("--data", help="pairs: CSV/TSV/Parquet file (required); "
+                       "movielens: an extracted ml-100k directory (default: "
+                       "fetched and cached)")
+    train.add_argument("--sep", type=_separator, help=_SEP_HELP)
+    train.add_argument("--export-dir", required=True, help="where the export goes "
+                       "(a new version is added if it exists)")
+    train.add_argument("--query-column", default="query",
+                       help="pairs: the query text column")
+    train.add_argument("--candidate-column", default="doc",
+                       help="pairs: the document text column")
+    train.add_argument("--candidate-id-column", help="pairs: a column identifying "
+                       "each document (default: the document text is its id)")
     train.add_argument("--epochs", type=_positive, help="passes over the training "
                        "rows; with early stopping, the most (" +
                        _per_pipeline("epochs") + ")")
     train.add_argument("--batch-size", type=_positive, help="rows per step, also "
                        "the in-batch negatives (" + _per_pipeline("batch_size") + ")")
     train.add_argument("--learning-rate", type=_positive_float,
-                       help=_per_pipeline("learning_rate"))
+                       help="Adam's learning rate (" +
+                       _per_pipeline("learning_rate") + ")")
     train.add_argument("--hidden", type=_sizes, help="hidden layer sizes, e.g. "
                        "300,300 (" + _per_pipeline("hidden") + ")")
     train.add_argument("--dim", type=_positive, help="embedding size (" +
@@ -110,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--buckets", type=_positive, help="trigram hash buckets (" +
                        _per_pipeline("buckets") + ")")
     train.add_argument("--activation", choices=["tanh", "relu", "gelu", "swish"],
-                       help=_per_pipeline("activation"))
+                       help="hidden layers' activation (" +
+                       _per_pipeline("activation") + ")")
     train.add_argument("--max-length", type=_max_length, help="code points kept per "
                        "text, pairs (" + _per_pipeline("max_length") + ")")
     train.add_argument("--word-ngrams", type=_sizes, default=[],
@@ -145,10 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "plus the rating history (time-decay pooled), or YoutubeDNN")
     train.add_argument("--num-heads", type=_positive, default=1,
                        help="movielens: query vectors per user (multi-interest)")
-    train.add_argument("--test-fraction", type=float)
-    train.add_argument("--tensorboard-dir")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--quiet", action="store_true")
+    train.add_argument("--test-fraction", type=_fraction, help="rows held out for "
+                       "the final evaluation (" + _per_pipeline("test_fraction") + ")")
+    train.add_argument("--tensorboard-dir", help="write TensorBoard logs here "
+                       "(default: none)")
+    train.add_argument("--seed", type=int, default=0, help="shuffling and "
+                       "initialisation seed")
+    train.add_argument("--quiet", action="store_true",
+                       help="print warnings only, no progress")
     train.add_argument("--max-k", type=_positive, default=100,
                        help="largest k the retrieval models accept per request")
     train.add_argument("--resume", action="store_true",
@@ -162,50 +284,60 @@ def build_parser() -> argparse.ArgumentParser:
                        "(local GPUs) or multi_worker (the cluster in TF_CONFIG; "
                        "every worker runs this command, the chief exports)")
 
-    ev = sub.add_parser("evaluate", parents=[verbose],
-                        help="Recall/NDCG/MRR@K of an export on a table")
-    ev.add_argument("--export-dir", required=True)
+
+def _add_evaluate(ev: argparse.ArgumentParser) -> None:
+    ev.add_argument("--export-dir", required=True, help="an export of `tfdssm train`")
     ev.add_argument("--data", required=True, help="CSV/TSV/Parquet with the query "
                     "columns and the candidate id column")
-    ev.add_argument("--k", type=_sizes, default=[10, 50, 100])
+    ev.add_argument("--sep", type=_separator, help=_SEP_HELP)
+    ev.add_argument("--k", type=_sizes, default=[10, 50, 100],
+                    help="cut-offs of Recall/NDCG/MRR@K")
+    ev.add_argument("--add-eval-docs", action="store_true", help="also rank the "
+                    "evaluation file's own documents (rows whose document the "
+                    "export does not serve can then be scored; the figures are "
+                    "then not the served model's); by default the pool is the "
+                    "exported corpus, what the served model ranks (default: off)")
     ev.add_argument("--json", action="store_true", help="print JSON")
 
-    lite = sub.add_parser("tflite", parents=[verbose],
-                          help="(re)build query_tower.tflite, print size "
-                          "and parity with the SavedModel")
-    lite.add_argument("--export-dir", required=True)
+
+def _add_tflite(lite: argparse.ArgumentParser) -> None:
+    lite.add_argument("--export-dir", required=True, help="an export of `tfdssm train`")
     lite.add_argument("--quantize", choices=QUANTIZATIONS,
                       default="none", help="none writes query_tower.tflite; the "
                       "others write query_tower.<mode>.tflite beside it")
 
-    query = sub.add_parser("query", parents=[verbose],
-                           help="top-k candidates for a query")
+
+def _add_query(query: argparse.ArgumentParser) -> None:
     where = query.add_mutually_exclusive_group(required=True)
-    where.add_argument("--export-dir", help="retrieve in process from an export")
-    where.add_argument("--server", metavar="HOST:PORT", help="ask a running model "
-                       "server (tfdssm serve / TF Serving) over gRPC")
+    where.add_argument("--export-dir", help="retrieve in process from an export "
+                       "(this or --server is required)")
+    where.add_argument("--server", metavar="HOST:PORT", type=_host_port,
+                       help="ask a running model server (tfdssm serve / TF "
+                       "Serving) over gRPC, e.g. localhost:8500 (this or "
+                       "--export-dir is required)")
     query.add_argument("--model", choices=["retrieval", "retrieval_brute_force"],
                        default="retrieval", help="with --server: the retrieval model")
-    query.add_argument("--k", type=_positive, default=10)
+    query.add_argument("--k", type=_positive, default=10, help="results per query")
     query.add_argument("--exclude", action="append", default=[], metavar="ID",
                        help="a candidate id to leave out (repeat for several)")
-    query.add_argument("--timeout", type=float, default=10.0,
+    query.add_argument("--timeout", type=_positive_float, default=10.0,
                        help="with --server: seconds per request")
     query.add_argument("--feature", action="append", default=[], metavar="NAME=VALUE",
                        help="a query feature (repeat for several)")
-    query.add_argument("text", nargs="*", help="query texts (single text feature)")
+    query.add_argument("text", nargs="*", help="query texts (single text feature; "
+                       "default: none, the features come from --feature)")
 
-    _add_filter_options(train, query)
 
-    serve = sub.add_parser("serve", parents=[verbose],
-                           help="serve an export over TF Serving's gRPC "
-                           "and REST APIs (newest versions, reloaded live)")
-    serve.add_argument("--export-dir", required=True)
-    serve.add_argument("--grpc-port", type=_port, default=8500, help="0: any free port")
-    serve.add_argument("--rest-port", type=_port, default=8501, help="0: any free port")
+def _add_serve(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument("--export-dir", required=True, help="an export of `tfdssm "
+                       "train` (its models.config names what is served)")
+    serve.add_argument("--grpc-port", type=_port, default=8500,
+                       help="TF Serving gRPC port; 0: any free port")
+    serve.add_argument("--rest-port", type=_port, default=8501,
+                       help="TF Serving REST port; 0: any free port")
     serve.add_argument("--host", default="127.0.0.1",
-                       help="address to bind (default: loopback only)")
-    serve.add_argument("--poll-seconds", type=float, default=1.0,
+                       help="address to bind (loopback only by default)")
+    serve.add_argument("--poll-seconds", type=_positive_float, default=1.0,
                        help="how often to look for new versions")
     serve.add_argument("--max-request-bytes", type=_positive, default=64 * 1024 * 1024,
                        help="largest gRPC message / REST body accepted")
@@ -213,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="most rows (queries or candidates) per request")
     serve.add_argument("--model-config-file", help="TF Serving model config "
                        "(default EXPORT_DIR/models.config)")
-    return parser
+    _add_batching_options(serve)
 
 
 def _names(text: str) -> list[str]:
@@ -250,15 +382,116 @@ def _add_filter_options(train: argparse.ArgumentParser,
                        help="leave out candidates with this token (repeatable)")
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a port number, received {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"ports are 0-65535, received {value}")
-    return value
+def _add_batching_options(serve: argparse.ArgumentParser) -> None:
+    """``tfdssm serve``'s TF Serving batching and monitoring flags."""
+    serve.add_argument("--enable-batching", action="store_true",
+                       help="merge concurrent requests to the same model, version "
+                       "and signature into one SavedModel call")
+    serve.add_argument("--batching-parameters-file", metavar="FILE",
+                       help="TF Serving BatchingParameters text proto (implies "
+                       "--enable-batching; default: TF Serving's defaults)")
+    serve.add_argument("--monitoring-config-file", metavar="FILE",
+                       help="TF Serving MonitoringConfig text proto; "
+                       "prometheus_config { enable: true } serves Prometheus "
+                       "metrics on the REST port (default: none, no metrics)")
+
+
+# --------------------------------------------------------------------------- #
+# Checks before TensorFlow loads
+# --------------------------------------------------------------------------- #
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Checks a command's arguments and input files without TensorFlow; fills
+    in what it found (the delimiter of ``--data``).
+
+    Raises:
+        TfdssmError: the first problem, said in one line.
+    """
+    check = {"train": _check_train, "evaluate": _check_evaluate,
+             "query": _check_query, "tflite": _check_export_dir,
+             "serve": _check_serve}.get(args.command)
+    if check is not None:
+        check(args)
+
+
+def _check_train(args: argparse.Namespace) -> None:
+    from tfdssm.data.tables import check_table  # noqa: PLC0415 - no TensorFlow
+    from tfdssm.errors import ConfigError, DataError  # noqa: PLC0415
+
+    if pathlib.Path(args.export_dir).is_file():
+        raise ConfigError(f"--export-dir {args.export_dir!r} is a file, not a "
+                          "directory; pass a new directory or an earlier export.")
+    if args.pipeline == "movielens":
+        if args.data and not pathlib.Path(args.data).is_dir():
+            raise DataError(f"--data {args.data!r} is not a directory; --pipeline "
+                            "movielens reads an extracted ml-100k directory (or "
+                            "leave --data out to fetch it).")
+        return
+    if not args.data:
+        raise ConfigError("--pipeline pairs needs --data FILE.csv.")
+    if args.query_column == args.candidate_column:
+        raise ConfigError(
+            f"--query-column and --candidate-column are both {args.query_column!r}; "
+            "they must name two different columns.")
+    needed = [args.query_column, args.candidate_column]
+    if args.candidate_id_column:
+        needed.append(args.candidate_id_column)
+    args.sep = check_table(args.data, needed, args.sep,
+                           what=f"the pairs data {str(args.data)!r}")
+
+
+def _check_export_dir(args: argparse.Namespace) -> dict[str, Any]:
+    from tfdssm.export.layout import read_export  # noqa: PLC0415 - no TensorFlow
+
+    return read_export(args.export_dir)
+
+
+def _check_evaluate(args: argparse.Namespace) -> None:
+    from tfdssm.data.tables import check_table  # noqa: PLC0415 - no TensorFlow
+
+    info = _check_export_dir(args)
+    # Text query features and the candidate id: enough to catch a wrong file;
+    # the library checks every column once the data is read.
+    needed = [f["name"] for f in info.get("query", {}).get("features", [])
+              if f.get("kind") == "text"]
+    if info.get("candidate_id"):
+        needed.append(info["candidate_id"])
+    args.sep = check_table(args.data, needed, args.sep,
+                           what=f"the evaluation data {args.data!r}")
+
+
+def _check_query(args: argparse.Namespace) -> None:
+    from tfdssm.errors import DataError  # noqa: PLC0415 - no TensorFlow
+
+    for item in args.feature:
+        name, equals, _ = item.partition("=")
+        if not equals or not name:
+            raise DataError(f"--feature expects NAME=VALUE, received {item!r}.")
+    if args.export_dir is not None:
+        _check_export_dir(args)
+
+
+def _check_serve(args: argparse.Namespace) -> None:
+    from tfdssm.errors import ConfigError  # noqa: PLC0415 - no TensorFlow
+
+    if not pathlib.Path(args.export_dir).is_dir():
+        raise ConfigError(f"--export-dir {args.export_dir!r} is not a directory; "
+                          "pass the --export-dir of `tfdssm train`.")
+    if args.model_config_file and not pathlib.Path(args.model_config_file).is_file():
+        raise ConfigError(f"--model-config-file {args.model_config_file!r} does "
+                          "not exist.")
+    for option in ("batching_parameters_file", "monitoring_config_file"):
+        path = getattr(args, option, None)
+        if path and not pathlib.Path(path).is_file():
+            flag = "--" + option.replace("_", "-")
+            raise ConfigError(f"{flag} {path!r} does not exist; pass a TF Serving "
+                              "text-proto file (see docs/serving.md).")
+
+
+# --------------------------------------------------------------------------- #
+# Commands
+# --------------------------------------------------------------------------- #
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -334,6 +567,7 @@ def _prepare(args: argparse.Namespace, defaults: dict) -> Any:
                          else args.temperature),
             test_fraction=(defaults["test_fraction"] if args.test_fraction is None
                            else args.test_fraction),
+            sep=getattr(args, "sep", None),
             corpus_columns=args.restrict_columns,
         )
     else:
@@ -357,14 +591,23 @@ def _evaluate(args: argparse.Namespace) -> int:
     from tfdssm.training.evaluation import evaluate_export  # noqa: PLC0415
     from tfdssm.training.metrics import format_metrics  # noqa: PLC0415
 
-    read_export(args.export_dir)  # not an export: say so before reading the data
-    frame = read_table(args.data)
+    info = read_export(args.export_dir)  # not an export: say so before the data
+    frame = read_table(args.data, sep=args.sep)
     metrics, candidates = evaluate_export(
-        args.export_dir, frame, ks=args.k, what=f"the evaluation data {args.data!r}")
-    if args.json:
-        print(json.dumps(metrics, indent=2))
+        args.export_dir, frame, ks=args.k, what=f"the evaluation data {args.data!r}",
+        add_eval_docs=args.add_eval_docs)
+    served = info.get("num_candidates")
+    if args.add_eval_docs:
+        pool = (f"the exported corpus + the evaluation file's documents "
+                f"({candidates} candidates"
+                + (f", {candidates - served} added)" if served is not None else ")"))
     else:
-        print(f"evaluation on {len(frame)} rows, {candidates} candidates:")
+        pool = f"the exported corpus, as served ({candidates} candidates)"
+    if args.json:
+        print(json.dumps({**metrics, "pool": "exported+eval" if args.add_eval_docs
+                          else "exported"}, indent=2))
+    else:
+        print(f"evaluation on {len(frame)} rows; candidate pool: {pool}:")
         print(format_metrics(metrics))
     return 0
 
@@ -387,7 +630,8 @@ def _query(args: argparse.Namespace) -> int:
         features[text[0]] = list(args.text)
     missing = [n for n in retriever.query_names if n not in features]
     if missing:
-        raise DataError(f"missing query feature(s) {missing}; pass --feature NAME=VALUE.")
+        raise DataError(
+            f"missing query feature(s) {missing}; pass --feature NAME=VALUE.")
     sizes = {len(v) for v in features.values()}
     if len(sizes) != 1:
         raise DataError("give every query feature the same number of values.")
@@ -397,13 +641,42 @@ def _query(args: argparse.Namespace) -> int:
                                   allow=args.allow or None, deny=args.deny or None)
     for row in range(len(ids)):
         label = ", ".join(f"{n}={features[n][row]}" for n in retriever.query_names)
-        print(f"# {label}")
-        for rank, (cid, score, text) in enumerate(
-            zip(ids[row], scores[row], retriever.describe(ids[row])), start=1
-        ):
-            if cid:
-                print(f"{rank:>3}. {cid:<12} {score:8.4f}  {text}")
+        texts = retriever.describe(ids[row])
+        _print_ranked(label, ids[row], scores[row],
+                      [None if t == c else t for c, t in zip(ids[row], texts,
+                                                             strict=True)])
     return 0
+
+
+def _clip(text: str, width: int) -> str:
+    """One line of at most ``width`` characters (``…`` where it was cut).
+
+    >>> _clip("a  long\ntext", 8), _clip("short", 8)
+    ('a long …', 'short')
+    """
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+
+
+def _print_ranked(label: str, ids: Sequence[str], scores: Sequence[float],
+                  texts: Sequence[str | None] | None = None) -> None:
+    """A query's results, one line each, fitted to the terminal (100 columns
+    when output is not a terminal): ``rank. id score  text``; long ids and
+    texts are cut with ``…``; a text that is its id is shown once."""
+    width = max(shutil.get_terminal_size((100, 24)).columns, 60)
+    print(_clip(f"# {label}", width))
+    texts = texts or [None] * len(ids)
+    # The id column: 2/5 of the line beside a text, else all but the score.
+    limit = width * 2 // 5 if any(texts) else width - 16
+    shown = [_clip(cid, limit if t else width - 16) for cid, t in
+             zip(ids, texts, strict=True)]
+    pad = min(max((len(c) for c in shown), default=0), limit)
+    for rank, (cid, score, text) in enumerate(zip(shown, scores, texts, strict=True),
+                                              start=1):
+        if not cid:  # a multi-head export's padding
+            continue
+        line = f"{rank:>3}. {cid:<{pad}} {score:8.4f}"
+        print(line + (f"  {_clip(text, width - len(line) - 2)}" if text else ""))
 
 
 def _query_server(args: argparse.Namespace) -> int:
@@ -417,22 +690,29 @@ def _query_server(args: argparse.Namespace) -> int:
                                    model=args.model, allow=args.allow or None,
                                    deny=args.deny or None)
     for row in range(len(ids)):
-        print("# " + ", ".join(f"{n}={v[row]}" for n, v in features.items()))
-        ranked = zip(ids[row], scores[row], strict=True)
-        for rank, (cid, score) in enumerate(ranked, start=1):
-            if cid:
-                print(f"{rank:>3}. {cid:<12} {score:8.4f}")
+        label = ", ".join(f"{n}={v[row]}" for n, v in features.items())
+        _print_ranked(label, [str(c) for c in ids[row]], scores[row])
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from tfdssm.serving import config_files  # noqa: PLC0415 - TensorFlow-free
     from tfdssm.serving.server import serve  # noqa: PLC0415
 
+    batching = None
+    if args.batching_parameters_file:
+        batching = config_files.read_batching_parameters(args.batching_parameters_file)
+    elif args.enable_batching:
+        batching = config_files.BatchingParameters()
+    monitoring = None
+    if args.monitoring_config_file:
+        monitoring = config_files.read_monitoring_config(args.monitoring_config_file)
     return serve(
         args.export_dir, grpc_port=args.grpc_port, rest_port=args.rest_port,
         host=args.host, poll_seconds=args.poll_seconds,
         max_request_bytes=args.max_request_bytes,
         max_batch_size=args.max_batch_size, model_config_file=args.model_config_file,
+        batching=batching, monitoring=monitoring,
     )
 
 
@@ -536,10 +816,16 @@ def _output(verbose: bool, quiet: bool = False) -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tfdssm`` console script."""
+    from tfdssm.errors import TfdssmError  # noqa: PLC0415 - no TensorFlow
+
     args = build_parser().parse_args(argv)
+    try:
+        check_args(args)  # before TensorFlow: a mistake fails fast
+    except TfdssmError as error:
+        print(f"tfdssm: error: {error}", file=sys.stderr)
+        return 2
     with _output(args.verbose, getattr(args, "quiet", False)):
         import tfdssm  # noqa: PLC0415 - sets Keras 2 before TensorFlow loads
-        from tfdssm.errors import TfdssmError  # noqa: PLC0415
 
         handlers = {"train": _train, "evaluate": _evaluate, "query": _query,
                     "tflite": _tflite, "serve": _serve}

@@ -37,6 +37,28 @@ from tfdssm.errors import DataError, ServingError
 RESERVED = ("k", "exclude", "allow", "deny")
 
 
+_HTTP1_SIGNS = ("Failed parsing HTTP/2", "Expected SETTINGS frame",
+                "http1.x server")
+
+
+def rest_port_hint(target: str, details: str) -> str:
+    """What to say when a gRPC call reached an HTTP/1.1 (REST) port.
+
+    >>> rest_port_hint("localhost:8501", "Failed parsing HTTP/2 (...)")[:58]
+    'this looks like the REST port (HTTP/1.1); gRPC is on port '
+    >>> rest_port_hint("localhost:8500", "Connection refused")
+    ''
+    """
+    if not any(sign in details for sign in _HTTP1_SIGNS):
+        return ""
+    host, _, port = target.rpartition(":")
+    grpc_port = ("8500 with the default ports (TF Serving's and `tfdssm serve`'s), "
+                 f"i.e. --server {host}:8500" if port == "8501" else
+                 "--grpc-port of `tfdssm serve` (TF Serving: --port; default 8500)")
+    return (f"this looks like the REST port (HTTP/1.1); gRPC is on port "
+            f"{grpc_port}. REST clients use http://{target}/v1/models/...")
+
+
 class Client:
     """Talks to one model server.
 
@@ -73,10 +95,12 @@ class Client:
         except grpc.RpcError as error:
             code = error.code()
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                details = error.details() or ""
+                hint = rest_port_hint(self.target, details) or (
+                    "is `tfdssm serve` (or TF Serving) running there?")
                 raise ServingError(
                     f"cannot reach a model server at {self.target} ({code.name}: "
-                    f"{error.details()}); is `tfdssm serve` (or TF Serving) running "
-                    "there?", code.name) from None
+                    f"{details}); {hint}", code.name) from None
             raise ServingError(f"the server at {self.target} answered {code.name}: "
                                f"{error.details()}", code.name) from None
 

@@ -15,68 +15,14 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from tfdssm.data.tables import (  # noqa: F401 - TABLE_SUFFIXES, read_table re-exported
+    TABLE_SUFFIXES,
+    misparse_hint,
+    read_table,
+)
 from tfdssm.errors import DataError, DataWarning
 from tfdssm.features import Feature
 from tfdssm.text.normalize import to_valid_unicode
-
-TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq")
-
-
-def read_table(source: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:
-    """Reads a CSV/TSV/Parquet file (or passes a DataFrame through).
-
-    Args:
-        source: A path ending in ``.csv``, ``.tsv``, ``.parquet`` or ``.pq``, or
-            a DataFrame.
-
-    Returns:
-        The table; string columns are read as ``str`` (no type guessing).
-
-    Raises:
-        DataError: missing, empty or unreadable file, unknown suffix, a CSV/TSV
-            header naming a column twice (pandas would rename the second
-            ``name.1`` and the first would be read silently).
-    """
-    if isinstance(source, pd.DataFrame):
-        return source
-    path = pathlib.Path(source)
-    if not path.is_file():
-        raise DataError(f"data file {str(path)!r} does not exist (or is not a file).")
-    suffix = path.suffix.lower()
-    if suffix not in TABLE_SUFFIXES:
-        raise DataError(
-            f"cannot read {str(path)!r}: expected one of {TABLE_SUFFIXES}, got "
-            f"{suffix or 'no suffix'!r}. Convert it to CSV or Parquet."
-        )
-    if path.stat().st_size == 0:
-        raise DataError(f"data file {str(path)!r} is empty; it needs a header row.")
-    try:
-        if suffix in (".parquet", ".pq"):
-            return pd.read_parquet(path)
-        options = dict(sep="\t" if suffix == ".tsv" else ",", dtype=str,
-                       keep_default_na=False, encoding="utf-8")
-        _check_header(path, pd.read_csv(path, header=None, nrows=1, **options))
-        return pd.read_csv(path, **options)
-    except UnicodeDecodeError as error:
-        raise DataError(
-            f"{str(path)!r} is not valid UTF-8 (byte {error.start}): re-save it as "
-            "UTF-8, e.g. `iconv -f latin1 -t utf-8`."
-        ) from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError,
-            ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
-        raise DataError(f"cannot parse {str(path)!r}: {error}") from None
-
-
-def _check_header(path: pathlib.Path, header: pd.DataFrame) -> None:
-    """Refuses a header naming a column twice (pandas renames the second)."""
-    names = [str(v) for v in header.iloc[0]] if len(header) else []
-    repeated = sorted({n for n in names if n and names.count(n) > 1})
-    if repeated:
-        columns = [i + 1 for i, n in enumerate(names) if n == repeated[0]]
-        raise DataError(
-            f"the header of {str(path)!r} names column {repeated[0]!r} more than once "
-            f"(columns {columns}); only one could be read. Rename or drop the "
-            "repeated column(s).")
 
 
 def check_text_columns(frame: pd.DataFrame, names: Sequence[str],
@@ -111,9 +57,11 @@ def check_columns(frame: pd.DataFrame, names: Sequence[str], what: str = "data")
     """Raises a :class:`DataError` naming missing columns and the available ones."""
     missing = [n for n in names if n not in frame.columns]
     if missing:
+        hint = misparse_hint(list(frame.columns))
         raise DataError(
             f"{what} has no column(s) {missing}; available columns: "
-            f"{list(frame.columns)}. Check the column names (they are case-sensitive)."
+            f"{list(frame.columns)}. "
+            + (hint or "Check the column names (they are case-sensitive).")
         )
 
 
@@ -232,6 +180,7 @@ def make_dataset(
     seed: int = 0,
     drop_remainder: bool = False,
     row_index: str | None = None,
+    sep: str | None = None,
 ) -> tf.data.Dataset:
     """Builds a batched ``tf.data.Dataset`` of raw feature columns.
 
@@ -244,6 +193,8 @@ def make_dataset(
         drop_remainder: Drop a last partial batch.
         row_index: Also yield each row's position in the table (int64) under
             this name (e.g. for :mod:`tfdssm.training.negatives`).
+        sep: CSV/TSV delimiter (``None``: sniffed, see
+            :func:`tfdssm.data.tables.read_table`).
 
     Returns:
         Dataset of ``{name: [batch]}`` dicts (strings stay ``tf.string``).
@@ -256,7 +207,7 @@ def make_dataset(
     """
     if batch_size < 1:
         raise DataError(f"batch_size must be >= 1, received {batch_size}.")
-    frame = read_table(source)
+    frame = read_table(source, sep)
     if len(frame) == 0:
         raise DataError("the data has a header but no rows.")
     arrays = to_feature_arrays(frame, features)

@@ -23,7 +23,7 @@ from tfdssm.export.lexical import LexicalIndex
 
 logger = logging.getLogger("tfdssm")
 
-DEFAULT_WEIGHT = 0.3  # without validation rows; see the README's text benchmark
+DEFAULT_WEIGHT = 0.3  # without validation rows; see docs/benchmarks.md, text retrieval
 _TUNE_K = 10
 
 

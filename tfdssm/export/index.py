@@ -77,7 +77,7 @@ EXACT_SHARE = 0.25  # ScaNN filters: exact when passing <= this x candidates sca
 
 
 def scann_options(num_candidates: int, max_k: int = DEFAULT_MAX_K) -> dict[str, Any]:
-    """ScaNN index parameters for a corpus size (measured in the README).
+    """ScaNN index parameters for a corpus size (measured in docs/benchmarks.md).
 
     * ``< 1000`` candidates: exact brute-force scoring (no tree, no quantisation).
     * otherwise a k-means tree with ``min(sqrt(N), N / 100)`` leaves (>= ~100

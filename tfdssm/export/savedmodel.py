@@ -444,7 +444,7 @@ def export_model(
         "tensorflow_version": tf.__version__,
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "towers": {"version": int(tower_dir.name), "path": f"towers/{tower_dir.name}"},
-        "candidate_id": model.candidate_id,
+        "candidate_id": id_column,  # the corpus column retrieval returns
         "query": _tower_info(model.query_tower),
         "candidate": _tower_info(model.candidate_tower),
         "hashing": hashing_info(),

@@ -182,7 +182,7 @@ def write_embedding_shard(
 
 def read_embedding_shards(
     directory: str | os.PathLike,
-) -> tuple[np.ndarray | None, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Reassembles all shards in corpus order (the inverse of the sharding).
 
     For a corpus larger than memory, read the shard files one at a time instead
@@ -190,7 +190,8 @@ def read_embedding_shards(
     corpus row ``i + j * n``.
 
     Returns:
-        ``(ids [rows] str or None, float32 [rows, dim])``.
+        ``(embeddings float32 [rows, dim], ids [rows] str or None)``: the order
+        of :func:`tfdssm.export.candidates.read_candidates`.
 
     Raises:
         DataError: no shard files, a missing shard, or shard sizes that do not
@@ -230,11 +231,11 @@ def read_embedding_shards(
     id_files = [directory / shard_name("ids", num_shards, i, ".txt")
                 for i in range(num_shards)]
     if not all(p.is_file() for p in id_files):
-        return None, embeddings
+        return embeddings, None
     ids = np.empty([total], dtype=object)
     for i, path in enumerate(id_files):
         ids[i::num_shards] = path.read_text(encoding="utf-8").splitlines()
-    return ids.astype(str), embeddings
+    return embeddings, ids.astype(str)
 
 
 __all__ = [

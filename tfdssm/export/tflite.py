@@ -15,7 +15,9 @@ Model inputs, one per query feature (batch of 1):
 * numeric: float32 ``[1]``, the raw value.
 
 Output: ``embedding`` float32 ``[1, dim]`` (``[1, heads, dim]`` for a multi-head
-tower). ``query_tower.json`` records this.
+tower). ``query_tower.json`` records this for ``query_tower.tflite``; each
+quantised variant ``query_tower.<mode>.tflite`` has its own
+``query_tower.<mode>.json`` (same inputs, its own op list): see :func:`spec_path`.
 
 Each feature says how it enters (or why it cannot) through
 :meth:`tfdssm.features.Feature.tflite_input`. Towers reading other kinds of
@@ -56,6 +58,17 @@ KERAS_DIR = "keras_towers"
 from tfdssm.export import QUANTIZATIONS  # noqa: E402 - the option list, defined once
 
 SUPPORTED_KINDS = ("text", "categorical", "multi_valued", "numeric")
+
+
+def spec_path(model_path: str | os.PathLike) -> pathlib.Path:
+    """The JSON spec describing one ``.tflite`` file: beside it, same stem.
+
+    >>> spec_path("e/query_tower.tflite").name
+    'query_tower.json'
+    >>> spec_path("e/query_tower.float16.tflite").name
+    'query_tower.float16.json'
+    """
+    return pathlib.Path(model_path).with_suffix(".json")
 
 
 def unsupported(tower: tf.keras.layers.Layer) -> str | None:
@@ -234,7 +247,7 @@ class TFLiteQueryTower:
 
     Args:
         model: Path to the ``.tflite`` file, or its bytes.
-        spec: ``query_tower.json`` content (read next to the file by default).
+        spec: The model's JSON spec (default: read from :func:`spec_path`).
     """
 
     def __init__(self, model: str | os.PathLike | bytes,
@@ -244,7 +257,7 @@ class TFLiteQueryTower:
             if not path.is_file():
                 raise ExportError(f"{str(path)!r} not found; run `tfdssm tflite`.")
             if spec is None:
-                spec = json.loads((path.parent / SPEC_FILE).read_text())
+                spec = json.loads(spec_path(path).read_text())
             model = path.read_bytes()
         self.spec = dict(spec or {})
         self.interpreter = _interpreter(model)
@@ -338,7 +351,8 @@ def write_tflite(
     export_dir: str | os.PathLike,
     quantization: str = "none",
 ) -> dict[str, Any]:
-    """Writes ``query_tower.tflite`` (+ ``.json`` spec and vocabularies).
+    """Writes ``query_tower[.<mode>].tflite``, its ``.json`` spec beside it
+    (:func:`spec_path`) and the vocabularies.
 
     Returns:
         ``{"path", "bytes", "ops", "quantization"}``.
@@ -357,7 +371,7 @@ def write_tflite(
     spec = {"inputs": specs, "output": {"name": "embedding", "dtype": "float32",
                                         "shape": [1, *_heads(tower), tower.output_dim]},
             "hashing": hashing_info(), "ops": ops}
-    layout.write_json_atomic(export_dir / SPEC_FILE, spec)
+    layout.write_json_atomic(spec_path(path), spec)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_bytes(model)
     os.replace(tmp, path)
@@ -391,8 +405,7 @@ def parity(
         ``{"max_abs_diff", "min_cosine", "queries"}``.
     """
     export_dir = pathlib.Path(export_dir)
-    lite = TFLiteQueryTower(model or export_dir / TFLITE_FILE,
-                            json.loads((export_dir / SPEC_FILE).read_text()))
+    lite = TFLiteQueryTower(model or export_dir / TFLITE_FILE)
     signature = loading.load_towers(export_dir).signatures["query"]
     vocabularies = {
         s["name"]: (export_dir / s["vocabulary"]).read_text().splitlines()

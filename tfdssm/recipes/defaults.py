@@ -3,8 +3,8 @@
 No TensorFlow here: ``tfdssm train --help`` shows these without loading it.
 
 The ``pairs`` defaults were chosen by the text-retrieval benchmark
-(``make bench SUITES="--suite text"``; README, "Text retrieval") on three real
-corpora, the same values for all of them: shared towers (+0.11 to +0.23
+(``make bench SUITES="--suite text"``; docs/benchmarks.md, "Text retrieval") on
+three real corpora, the same values for all of them: shared towers (+0.11 to +0.23
 Recall@10 over separate ones on every corpus), batch 1024, learning rate
 0.003, temperature 0.05, 1,024 code points per text, up to 20 epochs with early
 stopping (patience 2: the small corpora peak at epochs 4-8, the largest still
@@ -12,7 +12,7 @@ gains at 20), retrieval models that fuse the towers' score with BM25
 (``hybrid``: the towers alone trail BM25 on all three corpora) and one BM25-mined
 hard negative per training row (the served model's Recall@10 and MRR@10 were
 as good or better on all three corpora). The
-``movielens`` defaults reproduce the README's MovieLens figures.
+``movielens`` defaults reproduce the MovieLens figures of docs/benchmarks.md.
 
 >>> DEFAULTS["pairs"]["shared_towers"], DEFAULTS["movielens"]["hybrid"]
 (True, False)

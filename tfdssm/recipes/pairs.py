@@ -39,6 +39,7 @@ def prepare(
     temperature: float | None = None,
     test_fraction: float = 0.1,
     seed: int = 42,
+    sep: str | None = None,
     corpus_columns: Sequence[str] = (),
 ) -> Prepared:
     """Reads the pairs and builds the paper-style model.
@@ -61,6 +62,8 @@ def prepare(
         temperature: Softmax temperature (default: 0.05, cosine towers).
         test_fraction: Rows held out for evaluation.
         seed: Split seed.
+        sep: CSV/TSV delimiter (``None``: sniffed from the file's first lines
+            among ``,`` tab ``;`` ``|``).
         corpus_columns: More columns the candidate corpus keeps (e.g. the
             restrict columns of a filtered-retrieval export: ``language``);
             like the text, a document must have one value of each.
@@ -74,7 +77,7 @@ def prepare(
             f"--query-column and --candidate-column are both {query_column!r}; "
             "they must name two different columns."
         )
-    frame = data.read_table(source)
+    frame = data.read_table(source, sep)
     what = ("the pairs data" if isinstance(source, pd.DataFrame)
             else f"the pairs data {str(source)!r}")
     needed = list(dict.fromkeys([query_column, candidate_column] + (

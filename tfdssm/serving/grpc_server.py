@@ -45,7 +45,8 @@ from tensorflow_serving.apis import (
 )
 
 from tfdssm.errors import ServingError
-from tfdssm.serving import predict
+from tfdssm.serving import batching, predict
+from tfdssm.serving.metrics import Metrics
 from tfdssm.serving.models import ModelManager
 
 LOG = logging.getLogger("tfdssm.serving")
@@ -86,32 +87,51 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         manager: ModelManager,
         max_batch_size: int | None = predict.DEFAULT_MAX_BATCH_SIZE,
         max_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
+        batcher: batching.Batcher | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.manager = manager
         self.max_batch_size = max_batch_size
         self.max_bytes = max_bytes  # the inputs' size once expanded
+        self.batcher = batcher
+        self.metrics = metrics or Metrics()
 
     def Predict(self, request: predict_pb2.PredictRequest,  # noqa: N802
                 context: grpc.ServicerContext) -> predict_pb2.PredictResponse:
+        start = time.perf_counter()
+        spec = request.model_spec
+        signature = spec.signature_name or predict.DEFAULT_SIGNATURE
+        version: int | str = spec.version.value if spec.HasField("version") else ""
+        status = "OK"
         try:
-            spec = request.model_spec
             servable = self.manager.get(spec.name, requested_version(spec))
-            signature = spec.signature_name or predict.DEFAULT_SIGNATURE
+            version = servable.version
             inputs = servable.tensors(signature, request.inputs, self.max_bytes,
-                                      self.max_batch_size)
-            outputs = servable.predict(signature, inputs, list(request.output_filter),
-                                       self.max_batch_size)
+                                      self.max_batch_size, as_numpy=True)
+            outputs = batching.run(self.batcher, servable, signature, inputs,
+                                   list(request.output_filter), self.max_batch_size,
+                                   context.time_remaining())
+            return self._response(servable, signature, outputs)
         except ServingError as error:
+            status = error.code if hasattr(grpc.StatusCode, error.code) else "UNKNOWN"
             _abort(context, error)
         except Exception as error:  # noqa: BLE001 - answer, log, keep serving
             LOG.exception("tfdssm serve: internal error in Predict")
+            status = "INTERNAL"
             context.abort(grpc.StatusCode.INTERNAL, f"internal error: {error}")
+        finally:
+            self.metrics.request(spec.name, version, signature, status, "GRPC",
+                                 (time.perf_counter() - start) * 1e6)
+
+    @staticmethod
+    def _response(servable: Any, signature: str,
+                  outputs: dict) -> predict_pb2.PredictResponse:
         response = predict_pb2.PredictResponse()
         response.model_spec.name = servable.name
         response.model_spec.version.value = servable.version
         response.model_spec.signature_name = signature
         for name, array in outputs.items():
-            response.outputs[name].CopyFrom(predict.tensor_to_proto(array))
+            predict.tensor_to_proto(array, response.outputs[name])
         return response
 
     def GetModelMetadata(  # noqa: N802
@@ -314,13 +334,16 @@ def start_grpc(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     workers: int = 8,
     max_batch_size: int | None = predict.DEFAULT_MAX_BATCH_SIZE,
+    batcher: batching.Batcher | None = None,
+    metrics: Metrics | None = None,
 ) -> tuple[GrpcServer, int]:
     """Starts a gRPC server; returns it and the bound port (``port=0``: any free).
 
     ``max_message_bytes`` limits a request's size and the size its inputs
     declare once expanded (checked before anything is expanded, see
     :func:`tfdssm.serving.predict.tensors_from_protos`); ``max_batch_size``
-    its rows.
+    its rows; ``batcher`` merges concurrent Predict calls (``None``: each
+    runs alone); ``metrics`` counts them.
 
     Raises:
         ServingError: the address cannot be bound.
@@ -336,7 +359,8 @@ def start_grpc(
     )
     handlers = _GenericHandlersOnly(server)
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionService(manager, max_batch_size, int(max_message_bytes)), handlers)
+        PredictionService(manager, max_batch_size, int(max_message_bytes), batcher,
+                          metrics), handlers)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(
         ModelService(manager), handlers)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -43,6 +43,7 @@ from tfdssm.errors import ServingError
 from tfdssm.export import warmup
 from tfdssm.export.versioning import fingerprint, version_dirs
 from tfdssm.serving import predict
+from tfdssm.serving.metrics import Metrics
 
 LOG = logging.getLogger("tfdssm.serving")
 MAX_LOAD_ATTEMPTS = 3
@@ -68,6 +69,8 @@ class Servable:
     path: pathlib.Path
     loaded: Any
     signature_defs: dict[str, Any]
+    _signatures: dict[str, predict.Signature] = dataclasses.field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     def predict(
         self,
@@ -77,15 +80,30 @@ class Servable:
         max_batch_size: int | None = None,
     ) -> dict[str, Any]:
         """Validates and runs one request (see :func:`tfdssm.serving.predict.run`)."""
+        return predict.run_signature(self.signature(signature_name), inputs,
+                                     output_filter, max_batch_size)
+
+    def signature(self, signature_name: str) -> predict.Signature:
+        """The signature (``""``: ``serving_default``), prepared on first use.
+
+        Raises:
+            ServingError: ``FAILED_PRECONDITION`` for an unknown or uncallable
+                signature (never cached).
+        """
         key = signature_name or predict.DEFAULT_SIGNATURE
+        signature = self._signatures.get(key)
+        if signature is None:  # two threads may both prepare it: the same result
+            signature = self._signatures[key] = self._prepare(key)
+        return signature
+
+    def _prepare(self, key: str) -> predict.Signature:
         signature_def = predict.find_signature(self.signature_defs, key, self.name)
         function = self.loaded.signatures.get(key)
         if function is None:
             raise ServingError(
                 f'signature "{key}" of model "{self.name}" is not callable (only '
                 "Predict signatures are).", "FAILED_PRECONDITION")
-        return predict.run(function, signature_def, inputs, self.where(key),
-                           output_filter, max_batch_size)
+        return predict.Signature.of(function, signature_def, self.where(key))
 
     def where(self, signature_name: str) -> str:
         """``signature "x" of model "y" (version n)``, for messages."""
@@ -98,15 +116,20 @@ class Servable:
         protos: Any,
         max_bytes: int | None = None,
         max_batch_size: int | None = None,
-    ) -> dict[str, tf.Tensor]:
-        """A request's ``TensorProto`` inputs as tensors, checked against the
-        signature and the limits before any is expanded (see
-        :func:`tfdssm.serving.predict.tensors_from_protos`)."""
-        signature_def = predict.find_signature(self.signature_defs, signature_name,
-                                               self.name)
-        return predict.tensors_from_protos(
-            protos, predict.input_specs(signature_def), self.where(signature_name),
-            max_bytes, max_batch_size)
+        as_numpy: bool = False,
+    ) -> dict[str, Any]:
+        """A request's ``TensorProto`` inputs as tensors (or numpy arrays),
+        checked against the signature and the limits before any is expanded
+        (see :func:`tfdssm.serving.predict.tensors_from_protos`)."""
+        key = signature_name or predict.DEFAULT_SIGNATURE
+        signature = self._signatures.get(key)
+        if signature is not None:
+            specs, where = signature.specs, signature.where
+        else:  # not callable signatures too: their error comes from predict()
+            signature_def = predict.find_signature(self.signature_defs, key, self.name)
+            specs, where = predict.input_specs(signature_def), self.where(key)
+        return predict.tensors_from_protos(protos, specs, where, max_bytes,
+                                           max_batch_size, as_numpy)
 
 
 def load_servable(name: str, version: int, path: pathlib.Path) -> Servable:
@@ -176,10 +199,13 @@ class ModelManager:
         poll_seconds: How often to look for new versions.
         reload: Called on every poll; returns the models again (a changed
             config: new pins) or ``None`` (unchanged).
+        metrics: Where loads, failed loads and unloads are counted.
     """
 
     def __init__(self, models: Sequence[tuple], poll_seconds: float = 1.0,
-                 reload: Callable[[], Sequence[tuple] | None] | None = None) -> None:
+                 reload: Callable[[], Sequence[tuple] | None] | None = None,
+                 metrics: Metrics | None = None) -> None:
+        self.metrics = metrics or Metrics()
         self._models = {spec[0]: _Model(spec[0], pathlib.Path(spec[1]),
                                         pinned=spec[2] if len(spec) > 2 else None)
                         for spec in models}
@@ -259,6 +285,9 @@ class ModelManager:
             self._thread.join(timeout=60)
         with self._lock:
             for model in self._models.values():
+                if model.current is not None:
+                    self.metrics.model_event(model.name, model.current.version,
+                                             "unload")
                 model.current = None
 
     def _poll(self) -> None:
@@ -308,10 +337,12 @@ class ModelManager:
             for model in changed:
                 if model.name not in ready:
                     continue
-                old, model.current, model.pending = model.current, ready[model.name], None
+                old, model.current = model.current, ready[model.name]
+                model.pending = None
                 model.states[model.current.version] = (AVAILABLE, "")
                 if old is not None and old.version != model.current.version:
                     model.states[old.version] = (END, "")
+                    self.metrics.model_event(model.name, old.version, "unload")
         LOG.info("tfdssm serve: serving %s", {m.name: m.current.version
                                               for m in pinned if m.current})
         return True
@@ -350,11 +381,13 @@ class ModelManager:
         except Exception as error:  # noqa: BLE001 - any failure: keep the old one
             model.failures[version] = (attempts + 1, seen)
             model.states[version] = (END, str(error))
+            self.metrics.model_event(name, version, "load_failed", str(path))
             LOG.error("tfdssm serve: model %r version %d failed to load (attempt %d; "
                       "retried when %s changes): %s", name, version, attempts + 1,
                       path, error)
             return None
         model.failures.pop(version, None)
+        self.metrics.model_event(name, version, "load", str(path))
         LOG.info("tfdssm serve: model %r version %d loaded in %.1fs", name, version,
                  time.perf_counter() - start)
         return servable
@@ -382,6 +415,7 @@ class ModelManager:
             if old is not None and old.version != newest:
                 model.states[old.version] = (END, "")
         if old is not None:
+            self.metrics.model_event(name, old.version, "unload")
             LOG.info("tfdssm serve: model %r version %d unloaded", name, old.version)
         return True
 

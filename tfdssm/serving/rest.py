@@ -8,7 +8,10 @@ Endpoints (paths case-insensitive, as TF Serving's):
 * ``GET  /v1/models/NAME[/versions/V]/metadata``: ``{"model_spec": ...,
   "metadata": {"signature_def": {"signature_def": {...}}}}``;
 * ``POST /v1/models/NAME[/versions/V]:predict``: see
-  :mod:`tfdssm.serving.json_codec`.
+  :mod:`tfdssm.serving.json_codec`;
+* ``GET  /monitoring/prometheus/metrics`` (the path of the monitoring config,
+  when it enables Prometheus): :mod:`tfdssm.serving.metrics` in Prometheus'
+  text format.
 
 Errors are ``{"error": "..."}`` with TF Serving's HTTP codes (400 for
 ``INVALID_ARGUMENT`` and ``FAILED_PRECONDITION``, 404 ``NOT_FOUND``, 413 for a
@@ -44,7 +47,8 @@ from google.protobuf import json_format
 
 from tfdssm.errors import ServingError
 from tfdssm.export.versioning import parse_version
-from tfdssm.serving import grpc_server, json_codec, predict
+from tfdssm.serving import batching, grpc_server, json_codec, predict
+from tfdssm.serving import metrics as metrics_lib
 from tfdssm.serving.models import ModelManager
 
 LOG = logging.getLogger("tfdssm.serving")
@@ -73,10 +77,16 @@ class RestServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], manager: ModelManager,
                  max_body_bytes: int,
-                 max_batch_size: int | None = predict.DEFAULT_MAX_BATCH_SIZE) -> None:
+                 max_batch_size: int | None = predict.DEFAULT_MAX_BATCH_SIZE,
+                 batcher: batching.Batcher | None = None,
+                 metrics: metrics_lib.Metrics | None = None,
+                 metrics_path: str | None = None) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.manager = manager
+        self.batcher = batcher
+        self.metrics = metrics or metrics_lib.Metrics()
+        self.metrics_path = metrics_path  # None: no metrics endpoint
         self.max_body_bytes = int(max_body_bytes)
         self.max_batch_size = max_batch_size
         self.draining = False  # set by stop_accepting: connections now are late
@@ -213,6 +223,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _get(self, path: str) -> tuple[int, Any]:
         manager = self.server.manager
+        if self.server.metrics_path is not None and path == self.server.metrics_path:
+            return 200, _Text(self.server.metrics.render(), metrics_lib.CONTENT_TYPE)
         if _LABEL.match(path):
             raise ServingError("tfdssm serve has no version labels; use "
                                "/versions/<number> or no version (the newest).")
@@ -240,16 +252,32 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if match["method"].lower() != "predict":
             raise ServingError(f"tfdssm serve implements :predict only, not "
                                f":{match['method']}.", "UNIMPLEMENTED")
-        request = json_codec.parse_body(self._read_body())
-        servable = self.server.manager.get(match["name"], _version(match["version"]))
-        signature = request.get("signature_name") or predict.DEFAULT_SIGNATURE
-        signature_def = predict.find_signature(servable.signature_defs, signature,
-                                               servable.name)
-        inputs, fmt = json_codec.request_inputs(
-            request, predict.input_specs(signature_def), self.server.max_batch_size)
-        outputs = servable.predict(signature, inputs,
+        start = time.perf_counter()
+        version: int | str = match["version"] or ""
+        signature, status = predict.DEFAULT_SIGNATURE, "OK"
+        try:
+            request = json_codec.parse_body(self._read_body())
+            servable = self.server.manager.get(match["name"],
+                                               _version(match["version"]))
+            version = servable.version
+            signature = request.get("signature_name") or signature  # a str: checked
+            signature_def = predict.find_signature(servable.signature_defs, signature,
+                                                   servable.name)
+            inputs, fmt = json_codec.request_inputs(
+                request, predict.input_specs(signature_def), self.server.max_batch_size)
+            outputs = batching.run(self.server.batcher, servable, signature, inputs,
                                    max_batch_size=self.server.max_batch_size)
-        return 200, json_codec.response_body(outputs, fmt)
+            return 200, json_codec.response_body(outputs, fmt)
+        except ServingError as error:
+            status = error.code if error.code in HTTP_CODES else "INVALID_ARGUMENT"
+            status = "RESOURCE_EXHAUSTED" if status == "REQUEST_TOO_LARGE" else status
+            raise
+        except Exception:
+            status = "INTERNAL"
+            raise
+        finally:
+            self.server.metrics.request(match["name"], version, signature, status,
+                                        "REST", (time.perf_counter() - start) * 1e6)
 
     def _body_size(self) -> int:
         """The Content-Length, checked against the limit (nothing is read).
@@ -304,9 +332,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             pass
 
     def _send(self, status: int, body: Any) -> None:
-        payload = json_codec.dumps(body)
+        if isinstance(body, _Text):
+            payload, content_type = body.text.encode("utf-8"), body.content_type
+        else:
+            payload, content_type = json_codec.dumps(body), "application/json"
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
         self.send_header("Connection", "close")
         self.end_headers()
@@ -319,6 +350,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         LOG.debug("tfdssm serve REST: " + format, *args)
+
+
+class _Text:
+    """A non-JSON answer (the metrics)."""
+
+    def __init__(self, text: str, content_type: str) -> None:
+        self.text, self.content_type = text, content_type
 
 
 def _version(text: str | None) -> int | None:
@@ -365,14 +403,21 @@ def start_rest(
     manager: ModelManager, host: str = "127.0.0.1", port: int = 8501,
     max_body_bytes: int = 64 * 1024 * 1024,
     max_batch_size: int | None = predict.DEFAULT_MAX_BATCH_SIZE,
+    batcher: batching.Batcher | None = None,
+    metrics: metrics_lib.Metrics | None = None,
+    metrics_path: str | None = None,
 ) -> tuple[RestServer, threading.Thread, int]:
     """Starts the REST server in a thread; returns it, the thread and the port.
+
+    ``batcher`` merges concurrent predictions (``None``: each runs alone);
+    ``metrics`` counts them and, with ``metrics_path``, is served there.
 
     Raises:
         ServingError: the address cannot be bound.
     """
     try:
-        server = RestServer((host, port), manager, max_body_bytes, max_batch_size)
+        server = RestServer((host, port), manager, max_body_bytes, max_batch_size,
+                            batcher, metrics, metrics_path)
     except OSError as error:
         raise ServingError(f"cannot listen for REST on {host}:{port} ({error}); choose "
                            "another --rest-port or stop the process using it.",

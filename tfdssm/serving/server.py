@@ -36,6 +36,9 @@ from typing import Any
 from tfdssm.errors import ConfigError
 from tfdssm.export import serving_config as config
 from tfdssm.serving import grpc_server, rest
+from tfdssm.serving.batching import Batcher
+from tfdssm.serving.config_files import BatchingParameters, MonitoringOptions
+from tfdssm.serving.metrics import Metrics
 from tfdssm.serving.models import AVAILABLE, ModelManager
 from tfdssm.serving.predict import DEFAULT_MAX_BATCH_SIZE
 
@@ -80,8 +83,13 @@ class Server:
         max_request_bytes: Largest gRPC message / REST body accepted.
         model_config_file: A TF Serving model config to use instead of
             ``export_dir/models.config``.
-        workers: gRPC worker threads.
+        workers: gRPC worker threads (default 8; with batching 128, as
+            requests wait for their batch in them).
         max_batch_size: Most rows a request may have.
+        batching: Merge concurrent requests with these parameters (see
+            :mod:`tfdssm.serving.batching`); ``None``: each request runs alone.
+        monitoring: Serve Prometheus metrics on the REST port (see
+            :mod:`tfdssm.serving.metrics`); ``None``: no metrics endpoint.
     """
 
     def __init__(
@@ -93,8 +101,10 @@ class Server:
         poll_seconds: float = 1.0,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         model_config_file: str | os.PathLike | None = None,
-        workers: int = 8,
+        workers: int | None = None,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        batching: BatchingParameters | None = None,
+        monitoring: MonitoringOptions | None = None,
     ) -> None:
         for label, port in (("--grpc-port", grpc_port), ("--rest-port", rest_port)):
             if port is not None and not 0 <= int(port) <= 65535:
@@ -108,10 +118,17 @@ class Server:
                               f"{max_batch_size}.")
         if poll_seconds <= 0:
             raise ConfigError(f"poll interval must be > 0 s, received {poll_seconds}.")
+        if monitoring is not None and monitoring.prometheus and rest_port is None:
+            raise ConfigError("the monitoring config enables Prometheus metrics, "
+                              "which are served on the REST port; set --rest-port.")
         watcher, specs = _config_watcher(export_dir, model_config_file)
         self.models = [(name, path) for name, path, _ in specs]
-        self.manager = ModelManager(specs, poll_seconds, watcher)
-        self.host, self.workers = host, workers
+        self.metrics = Metrics()
+        self.manager = ModelManager(specs, poll_seconds, watcher, self.metrics)
+        self.batching, self.monitoring = batching, monitoring
+        self.batcher: Batcher | None = None
+        self.host = host
+        self.workers = workers or (128 if batching is not None else 8)
         self.max_request_bytes = int(max_request_bytes)
         self.max_batch_size = int(max_batch_size)
         self.grpc_port, self.rest_port = grpc_port, rest_port
@@ -124,13 +141,17 @@ class Server:
         and polling."""
         self.manager.load_all()
         try:
+            if self.batching is not None:
+                self.batcher = Batcher(self.batching, self.metrics).start()
             self._grpc, self.grpc_port = grpc_server.start_grpc(
                 self.manager, self.host, self.grpc_port, self.max_request_bytes,
-                self.workers, self.max_batch_size)
+                self.workers, self.max_batch_size, self.batcher, self.metrics)
             if self.rest_port is not None:
+                path = (self.monitoring.path if self.monitoring is not None
+                        and self.monitoring.prometheus else None)
                 self._rest, self._rest_thread, self.rest_port = rest.start_rest(
                     self.manager, self.host, self.rest_port, self.max_request_bytes,
-                    self.max_batch_size)
+                    self.max_batch_size, self.batcher, self.metrics, path)
         except Exception:
             self.stop(grace_seconds=0)
             raise
@@ -158,6 +179,9 @@ class Server:
             rest_stopping.join()
             self._rest.server_close()  # joins running handlers
             self._rest = None
+        if self.batcher is not None:  # every admitted request has been answered
+            self.batcher.stop(max(deadline, time.monotonic() + 1.0))
+            self.batcher = None
         self.manager.stop()
 
     def describe(self) -> str:
@@ -169,8 +193,14 @@ class Server:
             loaded.append(f"{name} (version {', '.join(versions) or 'none'})")
         rest_text = (f", REST on http://{self.host}:{self.rest_port}"
                      if self.rest_port is not None else "")
+        extras = ""
+        if self.batching is not None:
+            extras += (f"; batching up to {self.batching.max_batch_size} rows, "
+                       f"{self.batching.batch_timeout_micros} us timeout")
+        if self.monitoring is not None and self.monitoring.prometheus:
+            extras += f"; Prometheus metrics at {self.monitoring.path}"
         return (f"serving {', '.join(loaded)}; gRPC on {self.host}:{self.grpc_port}"
-                f"{rest_text}")
+                f"{rest_text}{extras}")
 
     def __enter__(self) -> Server:
         return self.start()

@@ -2,19 +2,21 @@
 
 :func:`evaluate_frame` embeds test queries and a corpus with any pair of
 towers (Keras towers or an export's signatures); :func:`evaluate_export`
-evaluates an export directory on a table, adding the table's own candidates
-to the exported corpus (what ``tfdssm evaluate`` does).
+evaluates an export directory on a table against the exported corpus, the
+pool the served model ranks (what ``tfdssm evaluate`` does); with
+``add_eval_docs`` the table's own candidates join that pool.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pandas as pd
 
 from tfdssm.data import readers as data
-from tfdssm.errors import DataError
+from tfdssm.errors import DataError, DataWarning
 from tfdssm.export import layout
 from tfdssm.export.loading import load_towers, read_corpus, tower_features
 from tfdssm.features import Feature
@@ -49,9 +51,12 @@ def evaluate_frame(
         )
     positives = ids.map(index).to_numpy()
     queries = embed(query_tower, data.to_feature_arrays(test, query_features))
-    candidates = embed(
-        candidate_tower, data.to_feature_arrays(corpus, candidate_features)
-    )
+    with warnings.catch_warnings():
+        # Empty corpus cells are the export's to report (once), not every
+        # evaluation's.
+        warnings.filterwarnings("ignore", ".*missing or empty cell", DataWarning)
+        arrays = data.to_feature_arrays(corpus, candidate_features, "the corpus")
+    candidates = embed(candidate_tower, arrays)
     metrics = rank_metrics(queries, positives, candidates, ks=ks)
     if train is not None and query_key is not None:
         seen: dict[str, list[int]] = {}
@@ -103,20 +108,29 @@ def evaluate_export(
     frame: pd.DataFrame,
     ks: Sequence[int] = DEFAULT_KS,
     what: str = "the evaluation data",
+    add_eval_docs: bool = False,
 ) -> tuple[dict[str, float], int]:
     """Rank metrics of an export's towers on a table of (query, candidate) rows.
+
+    The candidates ranked are the exported corpus (``corpus.parquet``), the
+    pool the served retrieval models rank, so the figures are the served
+    model's. ``add_eval_docs`` adds the table's own candidates to the pool
+    (when it has the candidate columns), so rows whose candidate was never
+    exported can be ranked; the figures then describe a bigger pool.
 
     Args:
         export_dir: An export directory (``export.json``, ``towers/``, corpus).
         frame: One row per query with the query columns and the candidate id.
         ks: Cut-offs of Recall/NDCG/MRR@K.
         what: How errors name ``frame``.
+        add_eval_docs: Also rank the candidates ``frame`` brings along.
 
     Returns:
         ``(metrics, number of candidates ranked)``.
 
     Raises:
-        DataError: an empty table, missing columns or ids.
+        DataError: an empty table, missing columns or ids; a row whose
+            candidate is not in the pool (the message says how to add it).
         ExportError: not an export, or its corpus is missing.
     """
     info = layout.read_export(export_dir)
@@ -130,10 +144,29 @@ def evaluate_export(
                        what)
     if candidate_id not in [f.name for f in candidate_features]:
         data.check_ids(frame, candidate_id, what)  # an id column of its own
-    corpus = evaluation_pool(read_corpus(export_dir), frame, candidate_id,
-                             candidate_features, what)
+    corpus = read_corpus(export_dir)
+    if add_eval_docs:
+        corpus = evaluation_pool(corpus, frame, candidate_id, candidate_features,
+                                 what)
+    else:
+        _check_in_corpus(frame, corpus, candidate_id, what)
     metrics = evaluate_frame(
         towers.signatures["query"], towers.signatures["candidate"], frame, corpus,
         candidate_id, query_features, candidate_features, ks=ks,
     )
     return metrics, len(corpus)
+
+
+def _check_in_corpus(frame: pd.DataFrame, corpus: pd.DataFrame, candidate_id: str,
+                     what: str) -> None:
+    """Refuses rows whose candidate the export does not serve, saying how to
+    rank them anyway."""
+    ids = frame[candidate_id].astype(str)
+    unknown = ~ids.isin(set(corpus[candidate_id].astype(str)))
+    if unknown.any():
+        raise DataError(
+            f"{int(unknown.sum())} of {len(frame)} row(s) of {what} have a "
+            f"{candidate_id!r} the export does not serve (its corpus has "
+            f"{len(corpus)} candidates), e.g. {ids[unknown].iloc[0][:60]!r}. Drop "
+            "those rows, or add the evaluation data's candidates to the pool "
+            "(`tfdssm evaluate --add-eval-docs`; library: add_eval_docs=True).")
