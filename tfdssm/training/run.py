@@ -203,7 +203,8 @@ def _run(
     if tensorboard_dir:
         all_callbacks.append(tf.keras.callbacks.TensorBoard(log_dir=tensorboard_dir))
     start = time.perf_counter()
-    history = model.fit(dataset, epochs=epochs, verbose=verbose, callbacks=all_callbacks)
+    history = model.fit(dataset, epochs=epochs, verbose=verbose,
+                        callbacks=all_callbacks)
     seconds = time.perf_counter() - start
     if saver is not None:
         checkpoints.finish(checkpoint_dir, chief=distribute.is_chief(strategy))
