@@ -89,7 +89,8 @@ def trained_export() -> tuple[str, object, dict]:
     """A 1-epoch model on ~2000 synthetic movies, exported once per session.
 
     Returns:
-        ``(export_dir, prepared, train.run result)``; ``max_k`` is 50.
+        ``(export_dir, prepared, train.run result)``; ``max_k`` is 50; the
+        candidates carry restrict tokens in namespaces ``genres`` and ``year``.
     """
     from tfdssm.recipes import movielens
     from tfdssm.training import run as train
@@ -98,7 +99,7 @@ def trained_export() -> tuple[str, object, dict]:
                                  dim=16, num_buckets=2000, verbose=False)
     export_dir = _temp_dir("tfdssm-serving-export-")
     result = train.run(prepared, export_dir, epochs=1, batch_size=256, verbose=0,
-                       max_k=50)
+                       max_k=50, restrict_columns=("genres", "year"))
     return export_dir, prepared, result
 
 

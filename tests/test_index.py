@@ -264,9 +264,9 @@ def test_scann_ops_only_in_the_scann_model(exported):
 
 def test_every_savedmodel_has_warmup_requests(exported):
     export_dir = exported[0]
+    retrieval = ["serving_default", "top_k", "top_k_exclude", "top_k_filter"]
     expected = {"towers": ["query", "candidate", "serving_default"],
-                "retrieval": ["serving_default", "top_k", "top_k_exclude"],
-                "retrieval_brute_force": ["serving_default", "top_k", "top_k_exclude"]}
+                "retrieval": retrieval, "retrieval_brute_force": retrieval}
     for name, signatures in expected.items():
         path = export_dir / name / "1" / "assets.extra" / "tf_serving_warmup_requests"
         assert path.is_file(), path
@@ -370,7 +370,12 @@ def test_towers_and_brute_force_load_with_only_tensorflow(exported, loaded, tmp_
              "retrieval_brute_force": {
                  "serving_default": users,
                  "top_k_exclude": {**users, "k": [3, 1, 2],
-                                   "exclude": [["1"], [""], ["2"]]}}}
+                                   "exclude": [["1"], [""], ["2"]]},
+                 "top_k_filter": {**users, "k": [3, 4, 2],
+                                  "exclude": [["1"], [""], [""]],
+                                  "allow": [["genres=Drama", "genres=Comedy"],
+                                            ["year=1995", ""], ["genres=None", ""]],
+                                  "deny": [["genres=Horror"], [""], [""]]}}}
     spec = {"paths": {n: str(export_dir / n / "1") for n in calls}, "calls": calls}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     (tmp_path / "bare.py").write_text(_BARE_TF)
@@ -398,6 +403,7 @@ def test_towers_and_brute_force_load_with_only_tensorflow(exported, loaded, tmp_
                 np.testing.assert_array_equal(np.array(values, np.float32), want,
                                               err_msg=key)
     assert out["retrieval_brute_force/top_k_exclude"]["ids"][1][1:] == ["", ""]
+    assert out["retrieval_brute_force/top_k_filter"]["ids"][2] == [""] * 4
 
 
 def test_read_candidates_frame_matches_corpus_parquet(exported):

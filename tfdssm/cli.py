@@ -183,11 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[verbose], help=text, description=text,
                               formatter_class=_HelpFormatter)
 
-    _add_train(command("train", "train a pipeline and export it"))
+    train = command("train", "train a pipeline and export it")
+    _add_train(train)
     _add_evaluate(command("evaluate", "Recall/NDCG/MRR@K of an export on a table"))
     _add_tflite(command("tflite", "(re)build query_tower.tflite, print size and "
                         "parity with the SavedModel"))
-    _add_query(command("query", "top-k candidates for a query"))
+    query = command("query", "top-k candidates for a query")
+    _add_query(query)
+    _add_filter_options(train, query)
     _add_serve(command("serve", "serve an export over TF Serving's gRPC and REST "
                        "APIs (newest versions, reloaded live)"))
     _add_index(sub.add_parser(
@@ -401,6 +404,40 @@ def _add_shard_front_options(serve: argparse.ArgumentParser) -> None:
                        "`shards_answered` says which) instead of failing the request")
 
 
+def _names(text: str) -> list[str]:
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated column names like genres,language, "
+            f"received {text!r}")
+    return names
+
+
+def _token(text: str) -> str:
+    namespace, sep, token = text.partition("=")
+    if not (namespace and sep and token):
+        raise argparse.ArgumentTypeError(
+            f"expected NAMESPACE=TOKEN like genres=Comedy, received {text!r}")
+    return text
+
+
+def _add_filter_options(train: argparse.ArgumentParser,
+                        query: argparse.ArgumentParser) -> None:
+    """Filtered retrieval (docs/filters.md): restrict columns at export, allow /
+    deny tokens per query."""
+    train.add_argument("--restrict-columns", type=_names, default=[],
+                       metavar="COL[,COL]", help="corpus columns whose values the "
+                       "candidates carry as filter tokens (lists and '|'-separated "
+                       "strings give several), for top_k_filter / query --allow")
+    query.add_argument("--allow", action="append", default=[],
+                       metavar="NAMESPACE=TOKEN", type=_token,
+                       help="only candidates with this token, e.g. genres=Comedy "
+                       "(repeat: OR within a namespace, AND across namespaces)")
+    query.add_argument("--deny", action="append", default=[],
+                       metavar="NAMESPACE=TOKEN", type=_token,
+                       help="leave out candidates with this token (repeatable)")
+
+
 def _add_batching_options(serve: argparse.ArgumentParser) -> None:
     """``tfdssm serve``'s TF Serving batching and monitoring flags."""
     serve.add_argument("--enable-batching", action="store_true",
@@ -456,6 +493,7 @@ def _check_train(args: argparse.Namespace) -> None:
     needed = [args.query_column, args.candidate_column]
     if args.candidate_id_column:
         needed.append(args.candidate_id_column)
+    needed += getattr(args, "restrict_columns", [])
     if _GLOB_CHARS & set(args.data):
         args.sep = _check_glob(args.data, needed, args.sep)
         return
@@ -607,6 +645,7 @@ def _train(args: argparse.Namespace) -> int:
         hybrid=hybrid, hard_negatives=hard_negatives,
         hard_negatives_every=args.hard_negatives_every,
         hash_cache=args.hash_cache,
+        restrict_columns=args.restrict_columns,
     )
     from tfdssm.training.metrics import format_metrics  # noqa: PLC0415
 
@@ -679,6 +718,7 @@ def _prepare(args: argparse.Namespace, defaults: dict) -> Any:
             test_fraction=(defaults["test_fraction"] if args.test_fraction is None
                            else args.test_fraction),
             sep=getattr(args, "sep", None),
+            corpus_columns=args.restrict_columns,
         )
     else:
         from tfdssm.recipes import movielens  # noqa: PLC0415
@@ -747,7 +787,8 @@ def _query(args: argparse.Namespace) -> int:
         raise DataError("give every query feature the same number of values.")
     rows = len(next(iter(features.values())))
     exclude = [args.exclude] * rows if args.exclude else None
-    ids, scores = retriever.top_k(features, k=args.k, exclude=exclude)
+    ids, scores = retriever.top_k(features, k=args.k, exclude=exclude,
+                                  allow=args.allow or None, deny=args.deny or None)
     for row in range(len(ids)):
         label = ", ".join(f"{n}={features[n][row]}" for n in retriever.query_names)
         texts = retriever.describe(ids[row])
@@ -796,7 +837,8 @@ def _query_server(args: argparse.Namespace) -> int:
         features = client.query_features(parse_feature_args(args.feature), args.text,
                                          args.model)
         ids, scores = client.top_k(features, k=args.k, exclude=args.exclude or None,
-                                   model=args.model)
+                                   model=args.model, allow=args.allow or None,
+                                   deny=args.deny or None)
     for row in range(len(ids)):
         label = ", ".join(f"{n}={v[row]}" for n, v in features.items())
         _print_ranked(label, [str(c) for c in ids[row]], scores[row])

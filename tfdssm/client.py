@@ -11,7 +11,8 @@ Example (``tfdssm serve --export-dir saved_models/movielens`` running)::
     with Client("localhost:8500") as client:
         ids, scores = client.top_k({"user_id": ["42"], "age": [30], "gender": ["M"],
                                     "occupation": ["writer"], "zip_prefix": ["94"]},
-                                   k=10, exclude=["50", "181"])
+                                   k=10, exclude=["50", "181"],
+                                   allow=["genres=Comedy"], deny=["genres=Horror"])
         vectors = client.embed({"title": ["Toy Story (1995)"], ...}, side="candidate")
 """
 
@@ -33,7 +34,7 @@ from tensorflow_serving.apis import (
 
 from tfdssm.errors import DataError, ServingError
 
-RESERVED = ("k", "exclude")
+RESERVED = ("k", "exclude", "allow", "deny")
 
 
 _HTTP1_SIGNS = ("Failed parsing HTTP/2", "Expected SETTINGS frame",
@@ -168,6 +169,8 @@ class Client:
         k: int = 10,
         exclude: Sequence[str] | Sequence[Sequence[str]] | None = None,
         model: str = "retrieval",
+        allow: Sequence[str] | Sequence[Sequence[str]] | None = None,
+        deny: Sequence[str] | Sequence[Sequence[str]] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` candidate ids and scores from a retrieval model.
 
@@ -176,6 +179,10 @@ class Client:
             k: Results per row (1 to the export's ``max_k``).
             exclude: Ids to skip: one list for every row, or one list per row.
             model: ``retrieval`` (ScaNN) or ``retrieval_brute_force``.
+            allow: ``namespace=token`` items (e.g. ``"genres=Comedy"``), one list
+                for every row or one per row: only candidates with one of the
+                allowed tokens of each namespace named (``top_k_filter``).
+            deny: ``namespace=token`` items to leave out, likewise.
 
         Returns:
             ``ids`` (str ``[batch, k]``) and ``scores`` (float32 ``[batch, k]``);
@@ -185,14 +192,13 @@ class Client:
         inputs: dict[str, Any] = {**features, "k": np.full([batch], k, np.int32)}
         signature = "top_k"
         if exclude is not None and len(exclude):
-            rows = ([list(exclude)] * batch if isinstance(exclude[0], str)
-                    else [list(r) for r in exclude])
-            if len(rows) != batch:
-                raise DataError(f"exclude has {len(rows)} rows for {batch} query rows; "
-                                "give one list per row or a single list for all.")
-            width = max(1, max(len(r) for r in rows))
-            inputs["exclude"] = [r + [""] * (width - len(r)) for r in rows]
+            inputs["exclude"] = _padded_rows(exclude, batch, "exclude")
             signature = "top_k_exclude"
+        if (allow is not None and len(allow)) or (deny is not None and len(deny)):
+            for name, items in (("allow", allow), ("deny", deny)):
+                inputs[name] = _padded_rows(items, batch, name)
+            inputs.setdefault("exclude", [[""]] * batch)
+            signature = "top_k_filter"
         out = self.predict(model, inputs, signature)
         ids = np.vectorize(lambda b: b.decode("utf-8"), otypes=[object])(out["ids"])
         return ids.astype(str), out["scores"].astype(np.float32)
@@ -255,6 +261,24 @@ class Client:
                             "NAME=VALUE for each.")
         _batch_size(features)
         return features
+
+
+def _padded_rows(
+    items: Sequence[str] | Sequence[Sequence[str]] | None, batch: int, name: str
+) -> list[list[str]]:
+    """``[batch, width]`` strings padded with ``""`` from one list for every row
+    or one list per row (at least one column)."""
+    if items is None or not len(items):
+        rows: list[list[str]] = [[] for _ in range(batch)]
+    elif isinstance(items[0], str):
+        rows = [list(items) for _ in range(batch)]
+    else:
+        rows = [list(r) for r in items]
+    if len(rows) != batch:
+        raise DataError(f"{name} has {len(rows)} rows for {batch} query rows; "
+                        "give one list per row or a single list for all.")
+    width = max(1, max(len(r) for r in rows))
+    return [r + [""] * (width - len(r)) for r in rows]
 
 
 def _batch_size(features: Mapping[str, Sequence[Any]]) -> int:

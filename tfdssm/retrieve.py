@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 
 from tfdssm.data import readers as data
-from tfdssm.errors import ConfigError, DataError, DataWarning
-from tfdssm.export import layout
+from tfdssm.errors import ConfigError, DataError, DataWarning, ExportError
+from tfdssm.export import layout, tokens
 from tfdssm.export.loading import load_towers, read_corpus, tower_features
 from tfdssm.model import multihead
 from tfdssm.model.runner import embed
@@ -41,6 +41,7 @@ class LocalRetriever:
         self.info = layout.read_export(export_dir)
         self.export_dir = pathlib.Path(export_dir)
         self._served: Any = None  # a hybrid export's brute-force model, loaded once
+        self._tokens: Any = None  # (postings, namespaces), read on first filter
         self.corpus = read_corpus(export_dir)
         self.towers = load_towers(export_dir)
         self.query_features = tower_features(self.info, "query")
@@ -81,6 +82,8 @@ class LocalRetriever:
         features: Mapping[str, Sequence[Any]],
         k: int = 10,
         exclude: Sequence[Sequence[str]] | None = None,
+        allow: Sequence[Sequence[str]] | None = None,
+        deny: Sequence[Sequence[str]] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Returns ids ``[batch, k]`` (str) and scores ``[batch, k]`` (float32).
 
@@ -88,22 +91,46 @@ class LocalRetriever:
         the union of the heads' top-k re-ranked by the best head's score
         (:func:`tfdssm.model.multihead.union_top_k`).
 
+        Args:
+            features: Query column -> one value per row.
+            k: Results per row.
+            exclude: Per row, ids to leave out.
+            allow: Per row, ``namespace=token`` items to allow (filtered
+                retrieval, :mod:`tfdssm.export.tokens`: OR within a namespace,
+                AND across namespaces); needs an export with restrict columns.
+            deny: Per row, ``namespace=token`` items to deny.
+
+        Returns:
+            Rows with fewer than ``k`` candidates left (filters, exclusions)
+            end with id ``""`` and score ``-inf``, as the served models.
+
         Raises:
             ConfigError: ``k`` out of range.
-            DataError: missing query features.
+            DataError: missing query features, a malformed filter token or an
+                unknown namespace.
+            ExportError: a filter on an export without restrict tokens.
         """
         if not 1 <= k <= len(self.ids):
             raise ConfigError(
                 f"k must be between 1 and the corpus size {len(self.ids)}, received {k}."
             )
+        filtered = bool(allow is not None and any(allow)) or bool(
+            deny is not None and any(deny))
         if self.info.get("hybrid"):
-            return self._served_top_k(features, k, exclude)
+            return self._served_top_k(features, k, exclude, allow, deny)
         queries = self.embed_queries(features)
-        if exclude is not None and len(exclude) != len(queries):
-            raise DataError(f"exclude has {len(exclude)} rows for {len(queries)} "
+        rows = len(queries)
+        if exclude is not None and len(exclude) != rows:
+            raise DataError(f"exclude has {len(exclude)} rows for {rows} "
                             "query rows; give one list of ids per query row.")
         drop = None if exclude is None else [
             [self._position[i] for i in ids if i in self._position] for ids in exclude]
+        if filtered:
+            passing = self.passing(_rows(allow, rows, "allow"),
+                                   _rows(deny, rows, "deny"))
+            drop = [sorted(set(drop[row] if drop else ()) |
+                           set(np.flatnonzero(~passing[row]).tolist()))
+                    for row in range(rows)]
         if queries.ndim == 3:
             top, scores = multihead.union_top_k(queries, self.embeddings, k, drop)
             return np.where(top >= 0, self.ids[np.maximum(top, 0)], ""), scores
@@ -112,13 +139,36 @@ class LocalRetriever:
             for row, columns in enumerate(drop):
                 scores[row, columns] = -np.inf
         top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        return self.ids[top], np.take_along_axis(scores, top, axis=1)
+        scores = np.take_along_axis(scores, top, axis=1)
+        return np.where(np.isneginf(scores), "", self.ids[top]), scores
+
+    def passing(
+        self, allow: Sequence[Sequence[str]], deny: Sequence[Sequence[str]]
+    ) -> np.ndarray:
+        """bool ``[rows, num_candidates]``: which candidates pass each row's filter.
+
+        Raises:
+            ExportError: the export has no restrict tokens.
+            DataError: a malformed token or an unknown namespace.
+        """
+        if self._tokens is None:
+            labels = tokens.read_tokens(self.export_dir)
+            if len(labels) != len(self.ids):
+                raise ExportError(
+                    f"{tokens.TOKENS_FILE} has {len(labels)} rows but the corpus "
+                    f"has {len(self.ids)} candidates; re-run the export.")
+            namespaces = self.info.get("restricts", {}).get("namespaces", [])
+            self._tokens = (tokens.postings(labels, namespaces), namespaces)
+        index, namespaces = self._tokens
+        return tokens.passing_mask(index, namespaces, len(self.ids), allow, deny)
 
     def _served_top_k(
         self,
         features: Mapping[str, Sequence[Any]],
         k: int,
         exclude: Sequence[Sequence[str]] | None,
+        allow: Sequence[Sequence[str]] | None = None,
+        deny: Sequence[Sequence[str]] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """A hybrid export's answer: its ``retrieval_brute_force`` model's, which
         fuses the towers' score with BM25 in the graph (numpy cannot)."""
@@ -144,9 +194,18 @@ class LocalRetriever:
                             "give one list of ids per query row.")
         width = max(1, max(len(e) for e in exclude))
         padded = [e + [""] * (width - len(e)) for e in exclude]
-        out = self._served.signatures["top_k_exclude"](
-            **{n: tf.constant(v) for n, v in arrays.items()},
-            k=tf.fill([rows], k), exclude=tf.constant(padded, tf.string))
+        inputs = {**{n: tf.constant(v) for n, v in arrays.items()},
+                  "k": tf.fill([rows], k), "exclude": tf.constant(padded, tf.string)}
+        if allow or deny:
+            namespaces = self.info.get("restricts", {}).get("namespaces", [])
+            for name, items in (("allow", allow), ("deny", deny)):
+                table = _rows(items, rows, name)
+                for item in (i for r in table for i in r if i):
+                    tokens.parse_token(item, namespaces)  # a clear DataError
+                inputs[name] = tf.constant(_pad(table), tf.string)
+            out = self._served.signatures["top_k_filter"](**inputs)
+        else:
+            out = self._served.signatures["top_k_exclude"](**inputs)
         ids = np.vectorize(lambda b: b.decode("utf-8"), otypes=[object])(
             out["ids"].numpy()).astype(str)
         return ids, out["scores"].numpy()
@@ -158,6 +217,26 @@ class LocalRetriever:
             column = text[0] if text else self.candidate_id
         lookup = dict(zip(self.ids, self.corpus[column].astype(str)))
         return [lookup.get(str(i), "") for i in candidate_ids]
+
+
+def _rows(
+    items: Sequence[Sequence[str]] | Sequence[str] | None, rows: int, name: str
+) -> list[list[str]]:
+    """``rows`` lists from one list for every row (strings) or one per row."""
+    if items is None or not len(items):
+        return [[] for _ in range(rows)]
+    if isinstance(items[0], str):
+        return [list(items) for _ in range(rows)]
+    table = [list(r) for r in items]
+    if len(table) != rows:
+        raise DataError(f"{name} has {len(table)} rows for {rows} query rows; give "
+                        "one list per row or a single list for all.")
+    return table
+
+
+def _pad(table: Sequence[Sequence[str]]) -> list[list[str]]:
+    width = max([1, *(len(r) for r in table)])
+    return [list(r) + [""] * (width - len(r)) for r in table]
 
 
 def parse_feature_args(pairs: Sequence[str]) -> dict[str, list[str]]:

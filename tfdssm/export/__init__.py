@@ -3,8 +3,10 @@
 Modules: :mod:`.layout` (names, versions, ``export.json``; no TensorFlow),
 :mod:`.serving_config` (``models.config``), :mod:`.warmup`,
 :mod:`.savedmodel` (``export_model``: towers, retrieval models, ``export.json``),
-:mod:`.index` (retrieval SavedModels), :mod:`.sharding`, :mod:`.candidates`,
-:mod:`.tflite` and :mod:`.loading` (reading an export back). A model server
+:mod:`.index` (retrieval SavedModels), :mod:`.tokens` and :mod:`.restricts`
+(filtered retrieval: restrict tokens, ``top_k_filter``), :mod:`.sharding`,
+:mod:`.candidates`, :mod:`.tflite` and :mod:`.loading` (reading an export
+back). A model server
 needs only ``layout``, ``serving_config`` and ``warmup``; importing this
 package imports none of the others. Names of the former ``tfdssm.export``
 module resolve here.

@@ -81,16 +81,22 @@ class Hybrid(tf.Module):
         features: Mapping[str, tf.Tensor],
         queries: tf.Tensor,
         n: tf.Tensor,
+        passing: tf.Tensor | None = None,
     ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
         """The union of the dense and lexical candidates, with both scores.
 
         Args:
             search: The dense search, ``(queries [b, dim], n) -> (scores, indices)``
-                with NaN scores for missing results.
+                with NaN scores for missing results. With ``passing`` it takes the
+                queries as given (``[batch, heads, dim]`` too) and returns only
+                passing candidates.
             embeddings: float32 ``[N, dim]`` candidate embeddings.
             features: The query features (``{column: [batch]}``).
             queries: float32 ``[batch, dim]`` or ``[batch, heads, dim]``.
             n: Results wanted.
+            passing: bool ``[batch, N]``: only these candidates may be returned
+                (``top_k_filter``); the BM25 normaliser stays the corpus-wide
+                best score.
 
         Returns:
             ``(indices int32 [batch, m], dense float32 [batch, m], lexical float32
@@ -98,24 +104,33 @@ class Hybrid(tf.Module):
         """
         num = self.lexical.num_documents
         depth = tf.minimum(tf.maximum(tf.cast(n, tf.int32), self.depth), num)
-        dense_scores, dense_indices = multihead.search_heads(search, queries, depth)
+        if passing is None:
+            dense_scores, dense_indices = multihead.search_heads(search, queries,
+                                                                 depth)
+        else:
+            dense_scores, dense_indices = search(queries, depth)
         dense_indices = tf.cast(dense_indices, tf.int32)
         dense_valid = tf.logical_not(tf.math.is_nan(dense_scores)) & (
             dense_indices >= 0)
         bm25 = self.lexical(features[self.text_column])  # [batch, N]
-        best = tf.math.top_k(bm25, depth)
+        top = tf.reduce_max(bm25, axis=1, keepdims=True)
+        if passing is None:
+            best = tf.math.top_k(bm25, depth)
+            lexical_valid = tf.ones_like(best.indices, tf.bool)
+        else:
+            best = tf.math.top_k(tf.where(passing, bm25, -1.0), depth)
+            lexical_valid = best.values >= 0
         seen = tf.reduce_any(
             tf.equal(best.indices[:, :, None], dense_indices[:, None, :])
             & dense_valid[:, None, :], axis=2)
         indices = tf.concat([dense_indices, best.indices], axis=1)
-        valid = tf.concat([dense_valid, tf.logical_not(seen)], axis=1)
+        valid = tf.concat([dense_valid, tf.logical_not(seen) & lexical_valid], axis=1)
         indices = tf.where(valid, indices, tf.zeros_like(indices))
         vectors = tf.gather(embeddings, indices)  # [batch, m, dim]
         if queries.shape.rank == 3:
             dense = tf.reduce_max(tf.einsum("bhd,bmd->bhm", queries, vectors), axis=1)
         else:
             dense = tf.einsum("bd,bmd->bm", queries, vectors)
-        top = best.values[:, :1]
         lexical = tf.gather(bm25, indices, batch_dims=1) / tf.maximum(top, _TINY)
         return indices, dense, lexical, valid
 
@@ -126,6 +141,7 @@ class Hybrid(tf.Module):
         features: Mapping[str, tf.Tensor],
         queries: tf.Tensor,
         n: tf.Tensor,
+        passing: tf.Tensor | None = None,
     ) -> tuple[tf.Tensor, tf.Tensor]:
         """Best ``n`` candidates by the fused score (arguments as
         :meth:`components`).
@@ -135,7 +151,7 @@ class Hybrid(tf.Module):
             missing results have a NaN score.
         """
         indices, dense, lexical, valid = self.components(
-            search, embeddings, features, queries, n)
+            search, embeddings, features, queries, n, passing)
         fused = dense + self.weight * lexical
         fused = tf.where(valid, fused, tf.constant(-np.inf, fused.dtype))
         best = tf.math.top_k(fused, tf.minimum(n, tf.shape(fused)[1]))

@@ -18,6 +18,9 @@ signature           extra inputs                                outputs
 ``top_k``            ``k`` int32 ``[batch]``                     top ``max(k)``
 ``top_k_exclude``    ``k`` int32 ``[batch]``, ``exclude`` string  top ``max(k)``
                      ``[batch, num_excluded]`` (pad with ``""``)
+``top_k_filter``     ``k``, ``exclude`` as above; ``allow`` and   top ``max(k)``
+                     ``deny`` string ``[batch, n]`` holding      among those that
+                     ``namespace=token`` (pad with ``""``)       pass the filter
 ==================  ==========================================  ===================
 
 Outputs: ``ids`` string ``[batch, width]`` and ``scores`` float32
@@ -31,10 +34,27 @@ with ``INVALID_ARGUMENT`` and a message saying so (also on TF Serving).
 
 Exclusion retrieves ``max(k) + num_excluded`` candidates and drops the excluded
 ids, so every row still gets ``k`` results when the corpus has them.
+
+Filters (``top_k_filter``; :mod:`tfdssm.export.tokens` has the rule, restrict
+columns are chosen at export): a candidate passes when it has one of the
+allowed tokens in every namespace the row allows tokens in, and none of the
+denied ones. The brute-force model scores the passing candidates exactly
+(:func:`tfdssm.export.restricts.exact_search`). The ScaNN model oversamples:
+it asks the index for ``2 * wanted * N / passing + wanted`` neighbours, keeps
+the passing ones, and falls back to exact scoring of the passing candidates
+when that number is above ``max_oversample`` (a selective filter), when at
+most ``exact_below`` candidates pass (a quarter of what the ScaNN tree scans
+per query: scoring them exactly costs about the same), or when the
+oversampled answer holds fewer than ``min(wanted, passing)`` of them. The
+decision is per batch: one selective row sends the batch to the exact path.
+A filter nothing passes gives ``""`` ids and ``-inf`` scores. Tokens that are
+not ``namespace=token`` or name an unknown namespace fail with
+``INVALID_ARGUMENT``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -45,11 +65,15 @@ import tensorflow as tf
 
 from tfdssm.errors import ConfigError, ExportError
 from tfdssm.export.hybrid import Hybrid
+from tfdssm.export.restricts import Restricts, exact_search
 from tfdssm.model import multihead
 
 DEFAULT_MAX_K = 100
 BRUTE_FORCE_BELOW = 1000  # ScaNN: exact float scoring below this corpus size.
-RESERVED_INPUTS = ("k", "exclude")
+RESERVED_INPUTS = ("k", "exclude", "allow", "deny")
+OVERSAMPLE = 2.0  # ScaNN filters: expected passing neighbours / wanted
+MAX_OVERSAMPLE = 2000  # ScaNN filters: at least this many neighbours may be asked
+EXACT_SHARE = 0.25  # ScaNN filters: exact when passing <= this x candidates scanned
 
 
 def scann_options(num_candidates: int, max_k: int = DEFAULT_MAX_K) -> dict[str, Any]:
@@ -98,6 +122,9 @@ class RetrievalModule(tf.Module):
         max_k: Largest ``k`` a request may ask for (capped at the corpus size).
         hybrid: Fuse the dense score with BM25 (:mod:`tfdssm.export.hybrid`); its
             lexical index must list the same candidates in the same order.
+        restricts: The candidates' restrict tokens for ``top_k_filter``
+            (:class:`tfdssm.export.restricts.Restricts`, same candidate order);
+            default none (every request token is then an unknown namespace).
     """
 
     kind = "base"
@@ -112,12 +139,20 @@ class RetrievalModule(tf.Module):
         max_k: int = DEFAULT_MAX_K,
         name: str | None = None,
         hybrid: Hybrid | None = None,
+        restricts: Restricts | None = None,
     ) -> None:
         super().__init__(name=name or f"retrieval_{self.kind}")
         embeddings = np.asarray(embeddings, dtype=np.float32)
         ids = [str(i) for i in ids]
         _check_corpus(embeddings, ids, input_spec, max_k)
         _check_hybrid(hybrid, input_spec, len(ids))
+        if restricts is None:
+            restricts = Restricts((), {}, len(ids))
+        if restricts.num_candidates != len(ids):
+            raise ExportError(
+                f"the restrict tokens cover {restricts.num_candidates} candidates but "
+                f"the corpus has {len(ids)}; build them from the same corpus, in "
+                "the same order.")
         self.query_encoder = query_encoder
         self.input_spec = dict(input_spec)
         self.num_candidates, self.dim = (int(n) for n in embeddings.shape)
@@ -125,7 +160,10 @@ class RetrievalModule(tf.Module):
         self.ids = tf.Variable(np.asarray(ids, dtype=object), dtype=tf.string,
                                trainable=False, name="candidate_ids")
         self.hybrid = hybrid
-        if self.keeps_embeddings or hybrid is not None:  # hybrid re-scores with them
+        self.restricts = restricts
+        self.filters = bool(restricts.namespaces)
+        # hybrid re-scores with them; ScaNN filters fall back to exact scoring
+        if self.keeps_embeddings or hybrid is not None or self.filters:
             self.embeddings = tf.Variable(embeddings, trainable=False,
                                           name="candidate_embeddings")
         self.embed_query = tf.function(
@@ -140,8 +178,29 @@ class RetrievalModule(tf.Module):
         """
         raise NotImplementedError
 
+    def search_filtered(
+        self, queries: tf.Tensor, n: tf.Tensor, passing: tf.Tensor
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """Best ``n`` passing candidates per query row (exact here; ScaNN
+        overrides it).
+
+        Args:
+            queries: float32 ``[batch, dim]`` or ``[batch, heads, dim]``.
+            n: int32 scalar.
+            passing: bool ``[batch, N]``.
+
+        Returns:
+            ``(scores, indices)`` ``[batch, <= n]``; NaN score = missing.
+        """
+        return exact_search(self.embeddings, queries, passing, n)
+
     def top_k(
-        self, features: Mapping[str, tf.Tensor], k: tf.Tensor, exclude: tf.Tensor
+        self,
+        features: Mapping[str, tf.Tensor],
+        k: tf.Tensor,
+        exclude: tf.Tensor,
+        allow: tf.Tensor | None = None,
+        deny: tf.Tensor | None = None,
     ) -> dict[str, tf.Tensor]:
         """The retrieval contract (see the module docstring) for one batch.
 
@@ -149,6 +208,9 @@ class RetrievalModule(tf.Module):
             features: ``{column: [batch]}`` query features.
             k: int32 ``[batch]``, results wanted per row.
             exclude: string ``[batch, num_excluded]``, ids to skip (``""`` = none).
+            allow: string ``[batch, n]`` ``namespace=token`` to allow, or ``None``
+                (no filter; then ``deny`` is ``None`` too).
+            deny: string ``[batch, m]`` ``namespace=token`` to deny.
 
         Returns:
             ``{"ids": string [batch, max(k)], "scores": float32 [batch, max(k)]}``.
@@ -166,6 +228,11 @@ class RetrievalModule(tf.Module):
                 tf.equal(tf.shape(exclude)[0], batch),
                 ["exclude needs one row per query row; received this many rows:",
                  tf.shape(exclude)[0], "for this many query rows:", batch]),
+            *[tf.debugging.Assert(
+                tf.equal(tf.shape(t)[0], batch),
+                [f"{name} needs one row per query row; received this many rows:",
+                 tf.shape(t)[0], "for this many query rows:", batch])
+              for name, t in (("allow", allow), ("deny", deny)) if t is not None],
             tf.debugging.Assert(
                 tf.reduce_all((k >= 1) & (k <= self.max_k)),
                 [f"k must be between 1 and max_k={self.max_k} (set at export time "
@@ -174,13 +241,26 @@ class RetrievalModule(tf.Module):
         with tf.control_dependencies(checks):
             width = tf.reduce_max(k)
         wanted = tf.minimum(width + tf.shape(exclude)[1], self.num_candidates)
+        passing = None
+        if allow is not None:
+            with tf.control_dependencies(checks):
+                passing = self.restricts.passing(allow, deny)
+            if not self.filters:  # no tokens: only the request's checks apply
+                with tf.control_dependencies([passing]):
+                    wanted = tf.identity(wanted)
+                passing = None
         # Multi-head queries [batch, heads, dim]: every head searches, the
         # union is re-ranked by the best head's score below.
+        if passing is None:
+            search = functools.partial(multihead.search_heads, self.search)
+        else:
+            search = functools.partial(self.search_filtered, passing=passing)
         if self.hybrid is None:
-            scores, indices = multihead.search_heads(self.search, queries, wanted)
+            scores, indices = search(queries, wanted)
         else:
             scores, indices = self.hybrid.search(
-                self.search, self.embeddings, features, queries, wanted)
+                self.search if passing is None else search, self.embeddings,
+                features, queries, wanted, passing)
         candidate_ids = tf.gather(self.ids, tf.maximum(indices, 0))
         valid = tf.logical_not(tf.math.is_nan(scores)) & (indices >= 0)
         valid &= tf.logical_not(excluded(candidate_ids, exclude))
@@ -197,7 +277,8 @@ class RetrievalModule(tf.Module):
                 "scores": tf.where(keep, scores, minus_inf)}
 
     def signatures(self) -> dict[str, Any]:
-        """``serving_default``, ``top_k`` and ``top_k_exclude`` concrete functions."""
+        """``serving_default``, ``top_k``, ``top_k_exclude`` and ``top_k_filter``
+        concrete functions."""
         spec = self.input_spec
         k_spec = tf.TensorSpec([None], tf.int32, name="k")
         exclude_spec = tf.TensorSpec([None, None], tf.string, name="exclude")
@@ -217,8 +298,16 @@ class RetrievalModule(tf.Module):
         def top_k_exclude(features, k, exclude):
             return self.top_k(features, k, exclude)
 
+        allow_spec = tf.TensorSpec([None, None], tf.string, name="allow")
+        deny_spec = tf.TensorSpec([None, None], tf.string, name="deny")
+
+        @tf.function(input_signature=[spec, k_spec, exclude_spec, allow_spec,
+                                      deny_spec])
+        def top_k_filter(features, k, exclude, allow, deny):
+            return self.top_k(features, k, exclude, allow, deny)
+
         return {"serving_default": serving_default, "top_k": top_k,
-                "top_k_exclude": top_k_exclude}
+                "top_k_exclude": top_k_exclude, "top_k_filter": top_k_filter}
 
     def save_options(self) -> tf.saved_model.SaveOptions:
         return tf.saved_model.SaveOptions()
@@ -232,7 +321,9 @@ class RetrievalModule(tf.Module):
         """What ``export.json`` records about this index."""
         out = {"index": self.kind, "max_k": self.max_k,
                "num_candidates": self.num_candidates, "dim": self.dim,
-               "signatures": ["serving_default", "top_k", "top_k_exclude"]}
+               "signatures": ["serving_default", "top_k", "top_k_exclude",
+                              "top_k_filter"],
+               "restricts": self.restricts.describe()}
         if self.hybrid is not None:
             out["hybrid"] = self.hybrid.describe()
         return out
@@ -297,6 +388,9 @@ class ScannRetrieval(RetrievalModule):
         query_encoder, input_spec, embeddings, ids, max_k, name, hybrid: As
             :class:`RetrievalModule`.
         options: Index parameters; default :func:`scann_options` for the corpus.
+        restricts: As :class:`RetrievalModule`; with restrict tokens the model
+            also keeps the float embeddings (for the exact fallback of
+            ``top_k_filter``).
     """
 
     kind = "scann"
@@ -311,9 +405,10 @@ class ScannRetrieval(RetrievalModule):
         name: str | None = None,
         options: Mapping[str, Any] | None = None,
         hybrid: Hybrid | None = None,
+        restricts: Restricts | None = None,
     ) -> None:
         super().__init__(query_encoder, input_spec, embeddings, ids, max_k, name,
-                         hybrid)
+                         hybrid, restricts)
         scann_ops = _scann_ops()
         self.options = dict(options or scann_options(self.num_candidates, self.max_k))
         builder = scann_ops.builder(np.asarray(embeddings, np.float32),
@@ -338,6 +433,17 @@ class ScannRetrieval(RetrievalModule):
                 "ScaNN options need mode 'brute_force' or 'tree_ah', received "
                 f"{mode!r}.")
         self.searcher = builder.build().serialize_to_module()
+        # Filters: most neighbours asked of ScaNN before scoring the passing
+        # candidates exactly instead.
+        self.max_oversample = min(self.num_candidates,
+                                  max(MAX_OVERSAMPLE, 4 * self.reorder))
+        # ... and at most this many passing candidates are scored exactly
+        # anyway: a quarter of what ScaNN scores approximately per query, so
+        # gathering and scoring them costs about what ScaNN's scan does.
+        scanned = (self.num_candidates if mode == "brute_force" else
+                   self.num_candidates * self.options["num_leaves_to_search"]
+                   / self.options["num_leaves"])
+        self.exact_below = int(scanned * EXACT_SHARE)
 
     def search(self, queries: tf.Tensor, n: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         handle = self.searcher.recreate_handle()  # created once per loaded model
@@ -347,11 +453,54 @@ class ScannRetrieval(RetrievalModule):
             handle, queries, n, pre_reorder, -1, parallel)
         return result.distances, result.indices
 
+    def search_filtered(
+        self, queries: tf.Tensor, n: tf.Tensor, passing: tf.Tensor
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """Oversample-and-filter with an exact fallback (see the module doc)."""
+        count = tf.reduce_sum(tf.cast(passing, tf.float32), axis=1)  # [batch]
+        wanted = tf.cast(n, tf.float32)
+        asked = tf.math.ceil(OVERSAMPLE * wanted * self.num_candidates
+                             / tf.maximum(count, 1.0)) + wanted
+        most = tf.reduce_max(asked)
+        oversampled = (most <= self.max_oversample) & (
+            tf.reduce_min(count) > self.exact_below)
+
+        def exact() -> tuple[tf.Tensor, tf.Tensor]:
+            return exact_search(self.embeddings, queries, passing, n)
+
+        def approximate() -> tuple[tf.Tensor, tf.Tensor]:
+            m = tf.cast(tf.minimum(most, float(self.num_candidates)), tf.int32)
+            heads = queries.shape[1] if queries.shape.rank == 3 else 1
+            mask = tf.repeat(passing, heads, axis=0) if heads > 1 else passing
+
+            def keep_passing(rows: tf.Tensor, size: tf.Tensor):
+                scores, indices = self.search(rows, size)
+                ok = (tf.gather(mask, tf.maximum(indices, 0), batch_dims=1)
+                      & (indices >= 0) & tf.logical_not(tf.math.is_nan(scores)))
+                scores = tf.where(ok, scores, tf.constant(-np.inf, tf.float32))
+                best = tf.math.top_k(scores, tf.minimum(n, tf.shape(scores)[1]))
+                chosen = tf.gather(indices, best.indices, batch_dims=1)
+                return (tf.where(tf.math.is_inf(best.values),
+                                 tf.constant(np.nan, tf.float32), best.values), chosen)
+
+            scores, indices = multihead.search_heads(keep_passing, queries, m)
+            found = tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_nan(scores)),
+                                          tf.float32), axis=1)
+            enough = tf.reduce_all(found >= tf.minimum(wanted, count))
+            return tf.cond(enough, lambda: (scores, tf.cast(indices, tf.int32)), exact)
+
+        return tf.cond(oversampled, approximate, exact)
+
     def save_options(self) -> tf.saved_model.SaveOptions:
         return tf.saved_model.SaveOptions(namespace_whitelist=["Scann"])
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "scann": dict(self.options)}
+        out = {**super().describe(), "scann": dict(self.options)}
+        if self.filters:
+            out["filter"] = {"oversample": OVERSAMPLE,
+                             "max_oversample": self.max_oversample,
+                             "exact_below": self.exact_below}
+        return out
 
 
 def _scann_ops() -> Any:
@@ -449,6 +598,7 @@ __all__ = [
     "RetrievalModule",
     "ScannRetrieval",
     "SignatureEncoder",
+    "OVERSAMPLE",
     "excluded",
     "scann_options",
 ]

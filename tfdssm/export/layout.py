@@ -27,7 +27,11 @@ EXPORT_JSON = "export.json"
 CORPUS_FILE = "corpus.parquet"
 
 
-FORMAT_VERSION = 1
+# 2: candidates may carry restrict tokens (``candidate_tokens.jsonl``, the
+#    ``restricts`` entry of export.json) and both retrieval models answer
+#    ``top_k_filter``. Format-1 exports still load and serve; they have no
+#    tokens and no ``top_k_filter``.
+FORMAT_VERSION = 2
 
 
 def versions(base: str | os.PathLike) -> list[int]:

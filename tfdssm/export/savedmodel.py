@@ -10,11 +10,14 @@ With a candidate corpus, the export also holds (see :mod:`tfdssm.export.index`):
 
 * ``retrieval/<version>/``: query features -> ``ids``, ``scores`` through a ScaNN
   index over the corpus (signatures ``serving_default``, ``top_k``,
-  ``top_k_exclude``; needs ScaNN's ops: ``tfdssm serve`` or a ScaNN-enabled TF
-  Serving build);
+  ``top_k_exclude``, ``top_k_filter``; needs ScaNN's ops: ``tfdssm serve`` or a
+  ScaNN-enabled TF Serving build);
 * ``retrieval_brute_force/<version>/``: the same signatures, stock ops only;
 * ``candidates.npy`` (float32 ``[N, dim]``) + ``candidate_ids.txt`` (one id per
   line) for other ANN systems (:mod:`tfdssm.export.candidates`);
+* with restrict columns, ``candidate_tokens.jsonl`` (line ``i``: the
+  ``{namespace: [tokens]}`` of candidate ``i``; :mod:`tfdssm.export.tokens`),
+  also held in both retrieval models for ``top_k_filter``;
 * ``models.config`` (all models) and ``models.stock.config`` (no ScaNN) for TF
   Serving (:mod:`tfdssm.export.serving_config`).
 
@@ -37,7 +40,7 @@ import socket
 import tempfile
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pandas as pd
@@ -45,7 +48,15 @@ import tensorflow as tf
 
 from tfdssm.data import readers as data
 from tfdssm.errors import DataWarning, ExportError
-from tfdssm.export import candidates, hybrid_build, index, serving_config, warmup
+from tfdssm.export import (
+    candidates,
+    hybrid_build,
+    index,
+    restricts,
+    serving_config,
+    tokens,
+    warmup,
+)
 from tfdssm.export.layout import (
     CORPUS_FILE,
     EXPORT_JSON,
@@ -222,6 +233,7 @@ def export_retrieval(
     scann_options: Mapping[str, Any] | None = None,
     hybrid: bool = False,
     validation: pd.DataFrame | None = None,
+    restrict_columns: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Embeds the corpus and writes both retrieval models and the candidate files.
 
@@ -240,10 +252,15 @@ def export_retrieval(
         validation: Rows (query features + ``candidate_id``) to choose the
             hybrid's fusion weight on; without them the weight is
             :data:`tfdssm.export.hybrid_build.DEFAULT_WEIGHT`.
+        restrict_columns: Corpus columns whose values become the candidates'
+            restrict tokens (namespaces) for the ``top_k_filter`` signature;
+            lists and ``"|"``-separated strings give several tokens
+            (:mod:`tfdssm.export.tokens`).
 
     Returns:
         ``export.json`` entries: ``retrieval``, ``retrieval_brute_force``,
-        ``candidate_embeddings`` (none when no candidate has an id).
+        ``candidate_embeddings``, ``restricts`` (with restrict columns; none
+        when no candidate has an id).
     """
     tower = model.candidate_tower
     corpus = unique_candidates(corpus, candidate_id, tower)
@@ -265,12 +282,14 @@ def export_retrieval(
     if hybrid:
         fusion = hybrid_build.build_hybrid(
             corpus, _tower_info(model.query_tower), _tower_info(model.candidate_tower))
+    labels = tokens.candidate_tokens(corpus, restrict_columns)
+    restrict = restricts.Restricts.from_tokens(labels, restrict_columns)
     for name, cls, kwargs in (
         ("retrieval_brute_force", index.BruteForceRetrieval, {}),
         ("retrieval", index.ScannRetrieval, {"options": scann_options}),
     ):
         module = cls(model.query_tower, spec, embeddings, ids, max_k, hybrid=fusion,
-                     **kwargs)
+                     restricts=restrict, **kwargs)
         if fusion is not None and cls is index.BruteForceRetrieval:
             out["hybrid"] = hybrid_build.tune_weight(
                 module, validation, candidate_id, _input_features(model.query_tower))
@@ -281,11 +300,14 @@ def export_retrieval(
     _hook("candidates")
     out["candidate_embeddings"] = candidates.write_candidates(export_dir, embeddings,
                                                               ids)
+    if restrict_columns:
+        out["restricts"] = tokens.write_tokens(export_dir, labels, restrict_columns)
     return out
 
 
 def unique_candidates(
-    corpus: pd.DataFrame, candidate_id: str, tower: tf.keras.layers.Layer
+    corpus: pd.DataFrame, candidate_id: str, tower: tf.keras.layers.Layer,
+    restrict_columns: Sequence[str] = (),
 ) -> pd.DataFrame:
     """The corpus with one row per candidate id (checked before exporting).
 
@@ -301,7 +323,7 @@ def unique_candidates(
     if candidate_id not in corpus.columns:
         raise ExportError(f"the corpus has no candidate id column {candidate_id!r}; "
                           f"its columns are {list(corpus.columns)}.")
-    columns = [candidate_id, *signature_spec(tower)]
+    columns = [candidate_id, *signature_spec(tower), *restrict_columns]
     data.distinct_candidates(corpus, candidate_id, columns, "the corpus")
     key = corpus[list(dict.fromkeys(columns))].astype(str)
     repeated = key.duplicated() & (key[candidate_id] != "")
@@ -354,6 +376,7 @@ def export_model(
     hybrid: bool = False,
     validation: pd.DataFrame | None = None,
     tflite: bool = True,
+    restrict_columns: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Exports towers, retrieval models, the candidate corpus, the TFLite query
     tower and ``export.json``.
@@ -376,6 +399,8 @@ def export_model(
         tflite: Also write ``query_tower.tflite`` (and the Keras towers to
             rebuild it) and its ``tflite`` entry in ``export.json``; see
             :func:`tfdssm.export.tflite.add_tflite`.
+        restrict_columns: Corpus columns that become restrict namespaces for
+            filtered retrieval (``top_k_filter``; see :func:`export_retrieval`).
 
     Returns:
         The ``export.json`` content.
@@ -386,8 +411,14 @@ def export_model(
     id_column = (candidate_id or model.candidate_id
                  or model.candidate_tower.feature_names[0])
     candidate_row = None
+    restrict_columns = list(restrict_columns or ())
+    if restrict_columns and corpus is None:
+        raise ExportError(f"restrict columns {restrict_columns} need a candidate "
+                          "corpus to take the tokens from; pass corpus=.")
     if corpus is not None:  # checked before anything is written
-        corpus = unique_candidates(corpus, id_column, model.candidate_tower)
+        tokens.check_columns(restrict_columns, corpus.columns)
+        corpus = unique_candidates(corpus, id_column, model.candidate_tower,
+                                   restrict_columns)
     export_dir.mkdir(parents=True, exist_ok=True)
     if corpus is not None and len(corpus):
         candidate_row = _first_row(corpus, model.candidate_tower)
@@ -400,9 +431,11 @@ def export_model(
         corpus.to_parquet(tmp, index=False)
         os.replace(tmp, export_dir / CORPUS_FILE)
         served.update(export_retrieval(model, export_dir, corpus, id_column, max_k,
-                                       scann_options, hybrid, validation))
+                                       scann_options, hybrid, validation,
+                                       restrict_columns))
     names = [n for n in ("towers", "retrieval", "retrieval_brute_force") if n in served]
     fusion = served.pop("hybrid", None)
+    restrict_info = served.pop("restricts", None)
     pins = {name: served[name]["version"] for name in names}
     model_config = serving_config.config_entry(names)
     info = {
@@ -424,12 +457,14 @@ def export_model(
         "training": dict(training or {}),
         "metrics": dict(metrics or {}),
         **({"hybrid": fusion} if fusion else {}),
+        **({"restricts": restrict_info} if restrict_info else {}),
         **{k: v for k, v in served.items() if k != "towers"},
         "model_config": model_config,
         "warmup": f"<model>/<version>/{warmup.WARMUP_DIR}/{warmup.WARMUP_FILE}",
         "commit": {"record": serving_config.CONFIG_FILE, "versions": pins,
                    "sha256": _digests(export_dir, corpus is not None,
-                                      "candidate_embeddings" in served)},
+                                      "candidate_embeddings" in served,
+                                      restrict_info is not None)},
     }
     _hook("export.json")
     write_json_atomic(export_dir / EXPORT_JSON, info)
@@ -441,11 +476,13 @@ def export_model(
     return info
 
 
-def _digests(export_dir: pathlib.Path, corpus: bool, embeddings: bool) -> dict:
+def _digests(export_dir: pathlib.Path, corpus: bool, embeddings: bool,
+             labels: bool = False) -> dict:
     """sha256 of the export's top-level data files, recorded in ``export.json``
     so that a reader can tell them from a later, uncommitted export's."""
     files = ([CORPUS_FILE] if corpus else []) + (
-        [candidates.EMBEDDINGS_FILE, candidates.IDS_FILE] if embeddings else [])
+        [candidates.EMBEDDINGS_FILE, candidates.IDS_FILE] if embeddings else []) + (
+        [tokens.TOKENS_FILE] if labels else [])
     out = {}
     for name in files:
         digest = hashlib.sha256()

@@ -113,7 +113,8 @@ def towers_requests(model: Any, candidate_row: Mapping[str, Any] | None = None,
 def retrieval_requests(
     query_row: Mapping[str, Any], example_id: str, max_k: int, model_name: str
 ) -> list[predict_pb2.PredictRequest]:
-    """Warm-up requests for a retrieval SavedModel (all three signatures)."""
+    """Warm-up requests for a retrieval SavedModel (every signature; the
+    ``top_k_filter`` one with an empty filter)."""
     query = {k: [v] for k, v in query_row.items()}
     k = np.asarray([min(10, max_k)], np.int32)
     return [
@@ -121,6 +122,9 @@ def retrieval_requests(
         predict_request(model_name, "top_k", {**query, "k": k}),
         predict_request(model_name, "top_k_exclude",
                         {**query, "k": k, "exclude": [[example_id]]}),
+        predict_request(model_name, "top_k_filter",
+                        {**query, "k": k, "exclude": [[example_id]], "allow": [[""]],
+                         "deny": [[""]]}),
     ]
 
 

@@ -42,6 +42,7 @@ def prepare(
     test_fraction: float = 0.1,
     seed: int = 42,
     sep: str | None = None,
+    corpus_columns: Sequence[str] = (),
 ) -> Prepared:
     """Reads the pairs and builds the paper-style model.
 
@@ -69,6 +70,9 @@ def prepare(
         seed: Split seed.
         sep: CSV/TSV delimiter (``None``: sniffed from the file's first lines
             among ``,`` tab ``;`` ``|``).
+        corpus_columns: More columns the candidate corpus keeps (e.g. the
+            restrict columns of a filtered-retrieval export: ``language``);
+            like the text, a document must have one value of each.
 
     Returns:
         A :class:`tfdssm.training.run.Prepared` to pass to
@@ -84,8 +88,14 @@ def prepare(
     needed = list(dict.fromkeys([query_column, candidate_column] + (
         [candidate_id_column] if candidate_id_column else []
     )))
+    extra = [c for c in dict.fromkeys(corpus_columns) if c not in needed]
     train_files = None
-    if files.is_glob(source):  # streamed; one pass for the test rows and corpus
+    if files.is_glob(source):
+        if extra:
+            raise ConfigError(
+                f"corpus columns {extra} (--restrict-columns) are not supported "
+                f"with a glob of files ({str(source)!r}); pass one file, or "
+                "leave them out.")  # streamed; one pass for the test rows and corpus
         train_files, test, frame = files.scan(
             files.expand(source), needed, test_fraction, seed, what)
         if not train_files.num_rows:
@@ -93,11 +103,11 @@ def prepare(
                             "were held out); add rows or lower --test-fraction.")
     else:
         frame = data.read_table(source, sep)
-    data.check_columns(frame, needed, what)
+    data.check_columns(frame, needed + extra, what)
     data.check_text_columns(frame, needed, what)
     if len(frame) == 0:
         raise DataError(f"{what} has a header but no rows.")
-    frame = frame[needed].copy()
+    frame = frame[needed + extra].copy()
     for column in needed:
         frame[column] = frame[column].astype(object).fillna("").astype(str)
     candidate_id = candidate_id_column or candidate_column
@@ -129,7 +139,7 @@ def prepare(
                           "evaluating on the first file's rows.", DataWarning,
                           stacklevel=2)
             test = frame.head(1000)
-    corpus = corpus_of(frame, candidate_id, [candidate_column], what)
+    corpus = corpus_of(frame, candidate_id, [candidate_column, *extra], what)
     return Prepared(
         model=model, features=features, train=train, test=test, corpus=corpus,
         candidate_id=candidate_id, query_key=None, train_files=train_files,

@@ -28,7 +28,7 @@ from tfdssm.data import files
 from tfdssm.data import hash_cache as hash_cache_lib
 from tfdssm.data import readers as data
 from tfdssm.errors import ConfigError, DataWarning, ExportError
-from tfdssm.export import layout
+from tfdssm.export import layout, tokens
 from tfdssm.export import savedmodel as export
 from tfdssm.features import Feature
 from tfdssm.model import optimizers
@@ -115,6 +115,7 @@ def _run(
     hard_negatives_every: int = 1,
     hard_negatives_per_row: int = 1,
     hash_cache: bool = True,
+    restrict_columns: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Fits, evaluates and (optionally) exports a prepared pipeline.
 
@@ -165,6 +166,9 @@ def _run(
             (:mod:`tfdssm.data.hash_cache`; kept in ``checkpoint_dir`` too, so
             ``resume`` does not hash again); ``False`` hashes in every step.
             Either way the weights and the exported models are the same.
+        restrict_columns: Corpus columns whose values the exported candidates
+            carry as restrict tokens, for filtered retrieval (``top_k_filter``;
+            :mod:`tfdssm.export.tokens`).
 
     Returns:
         ``{"metrics": ..., "history": ..., "export": export.json content or None}``
@@ -296,6 +300,7 @@ def _run(
             info = export.export_model(
                 model, target, corpus=prepared.corpus, metrics=metrics,
                 training=training, max_k=max_k, hybrid=hybrid, validation=validation,
+                restrict_columns=restrict_columns,
             )
         if not distribute.is_chief(strategy):
             info = None
@@ -417,6 +422,10 @@ def run(*args: Any, **kwargs: Any) -> dict[str, Any]:
     params = bound.arguments
     export_dir, checkpoint_dir = params["export_dir"], params["checkpoint_dir"]
     _check_memory(params["prepared"], params["batch_size"])
+    if params["restrict_columns"]:  # before training, not after
+        corpus = getattr(params["prepared"], "corpus", None)
+        tokens.check_columns(params["restrict_columns"],
+                             [] if corpus is None else corpus.columns)
     if export_dir is not None:
         layout.check_export_dir(export_dir)
     created = [pathlib.Path(d) for d in (export_dir, checkpoint_dir)

@@ -1,0 +1,314 @@
+"""Filtered retrieval in the graph: which candidates pass a request's filter,
+and exact top-k among them.
+
+The retrieval SavedModels (:mod:`tfdssm.export.index`) hold a
+:class:`Restricts`: the restrict-token vocabulary (``namespace=token``, see
+:mod:`tfdssm.export.tokens`) and, per token, its posting list (the candidates
+carrying it). A request's ``allow`` and ``deny`` (string ``[batch, n]``,
+``""`` padding) become a bool ``[batch, num_candidates]`` mask of passing
+candidates: OR over the allowed tokens of a namespace, AND over namespaces,
+minus every candidate with a denied token. The cost is ``O(batch *
+num_candidates)`` element-wise work plus the length of the posting lists named
+in the request. Stock TensorFlow ops only (fingerprint lookup, ``searchsorted``,
+``scatter_nd``), so the brute-force model keeps serving on stock TF Serving.
+
+:func:`exact_search` scores the passing candidates exactly: when few pass (at
+most ``gather_limit`` over the batch) it gathers only their embeddings, else
+it scores the whole corpus and masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from tfdssm.errors import ExportError
+from tfdssm.export.tokens import check_columns, postings
+
+GATHER_LIMIT = 262_144  # passing (row, candidate) pairs scored by gathering
+_FINGERPRINTS = 2**63 - 1  # to_hash_bucket_fast buckets: the full int64 range
+
+
+class Restricts(tf.Module):
+    """The candidates' restrict tokens, as posting lists, and the filter rule.
+
+    Args:
+        namespaces: The namespaces (restrict columns), in export order.
+        postings: ``{"namespace=token": candidate row indices}``.
+        num_candidates: Corpus size.
+
+    Use :meth:`from_tokens` to build it from per-candidate token dicts.
+    """
+
+    def __init__(
+        self,
+        namespaces: Sequence[str],
+        postings: Mapping[str, Sequence[int] | np.ndarray],
+        num_candidates: int,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(name=name or "restricts")
+        self.namespaces = tuple(check_columns(namespaces, namespaces))
+        self.num_candidates = int(num_candidates)
+        vocabulary = [""] + sorted(postings)  # "" is a sentinel (empty postings)
+        for token in vocabulary[1:]:
+            namespace = token.partition("=")[0]
+            if namespace not in self.namespaces:
+                raise ExportError(f"restrict token {token!r} is not in one of the "
+                                  f"namespaces {list(self.namespaces)}.")
+        lists = [np.zeros([0], np.int64)] + [
+            np.unique(np.asarray(postings[t], np.int64)) for t in vocabulary[1:]]
+        for token, rows in zip(vocabulary, lists, strict=True):
+            if len(rows) and (rows[0] < 0 or rows[-1] >= self.num_candidates):
+                raise ExportError(f"restrict token {token!r} names candidate rows "
+                                  f"outside [0, {self.num_candidates}).")
+        prints = tf.strings.to_hash_bucket_fast(vocabulary, _FINGERPRINTS).numpy()
+        prints[0] = -1  # the sentinel never matches (fingerprints are >= 0)
+        if len(set(prints.tolist())) != len(prints):
+            raise ExportError("two restrict tokens share a 64-bit fingerprint; "
+                              "rename one of them.")
+        order = np.argsort(prints, kind="stable")
+        lengths = np.array([len(lists[i]) for i in order], np.int64)
+        splits = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        flat = (np.concatenate([lists[i] for i in order]) if len(order)
+                else np.zeros([0], np.int64))
+        self.num_tokens = len(vocabulary) - 1
+        self.vocabulary = tf.Variable(
+            np.asarray([vocabulary[i] for i in order], dtype=object), dtype=tf.string,
+            trainable=False, name="restrict_vocabulary")
+        self.fingerprints = tf.Variable(prints[order], trainable=False,
+                                        name="restrict_fingerprints")
+        self.splits = tf.Variable(splits, trainable=False, name="posting_splits")
+        self.postings = tf.Variable(flat.astype(np.int64), trainable=False,
+                                    name="postings")
+
+    @classmethod
+    def from_tokens(
+        cls, tokens: Sequence[Mapping[str, Sequence[str]]], namespaces: Sequence[str]
+    ) -> Restricts:
+        """From ``{namespace: [tokens]}`` per candidate
+        (:func:`tfdssm.export.tokens.candidate_tokens`).
+
+        >>> Restricts.from_tokens([{"g": ["a", "b"]}, {"g": ["b"]}], ["g"]).describe()
+        {'namespaces': ['g'], 'tokens': 2, 'postings': 3}
+        """
+        return cls(namespaces, postings(tokens, namespaces), len(tokens))
+
+    def describe(self) -> dict[str, Any]:
+        """What ``export.json`` records about the in-graph tokens."""
+        return {"namespaces": list(self.namespaces), "tokens": self.num_tokens,
+                "postings": int(self.splits[-1].numpy())}
+
+    def _lookup(self, tokens: tf.Tensor, what: str) -> tuple[tf.Tensor, ...]:
+        """Parses and looks up ``[batch, n]`` request tokens (flattened).
+
+        Returns:
+            ``(row, namespace id, vocabulary position, found, non-empty, batch)``;
+            the first five are ``[batch * n]``.
+        """
+        batch = tf.shape(tokens)[0]
+        width = tf.shape(tokens)[1]
+        flat = tf.reshape(tokens, [-1])
+        row = tf.repeat(tf.range(batch, dtype=tf.int64), width)
+        present = tf.not_equal(flat, "")
+        well_formed = tf.strings.regex_full_match(flat, "[^=]+=(?s:.+)")
+        namespace = tf.strings.regex_replace(flat, "=(?s:.*)$", "")
+        ns_id = tf.fill(tf.shape(flat), tf.constant(-1, tf.int32))
+        for index, name in enumerate(self.namespaces):
+            ns_id = tf.where(tf.equal(namespace, name), index, ns_id)
+        malformed = present & tf.logical_not(well_formed)
+        unknown = present & well_formed & (ns_id < 0)
+        known = ", ".join(self.namespaces) or "(none)"
+        checks = [
+            tf.debugging.Assert(
+                tf.logical_not(tf.reduce_any(malformed)),
+                [f"{what} tokens must be NAMESPACE=TOKEN (e.g. genres=Comedy) or "
+                 "\"\" (padding); received:", tf.boolean_mask(flat, malformed)],
+                summarize=10),
+            tf.debugging.Assert(
+                tf.logical_not(tf.reduce_any(unknown)),
+                [f"unknown {what} namespace; the namespaces of this model are: "
+                 f"{known} (chosen at export with --restrict-columns); received:",
+                 tf.boolean_mask(flat, unknown)], summarize=10),
+        ]
+        with tf.control_dependencies(checks):
+            prints = tf.strings.to_hash_bucket_fast(flat, _FINGERPRINTS)
+        size = tf.shape(self.fingerprints, out_type=tf.int64)[0]
+        position = tf.searchsorted(self.fingerprints[None, :], prints[None, :],
+                                   out_type=tf.int64)[0]
+        position = tf.minimum(position, size - 1)
+        found = (present
+                 & tf.equal(tf.gather(self.fingerprints, position), prints)
+                 & tf.equal(tf.gather(self.vocabulary, position), flat))
+        return row, ns_id, position, found, present
+
+    def _cells(self, row: tf.Tensor, position: tf.Tensor, keep: tf.Tensor,
+               batch: tf.Tensor) -> tf.Tensor:
+        """Expands the kept request tokens' posting lists.
+
+        Args:
+            row, position: int64 ``[tokens]``: request row and vocabulary
+                position of each request token.
+            keep: bool ``[tokens]``: the tokens to expand.
+            batch: Request rows.
+
+        Returns:
+            int64 ``[hits]``: cell ``row * num_candidates + candidate`` of every
+            (request row, candidate) pair the kept tokens name.
+        """
+        row = tf.boolean_mask(row, keep)  # a few request tokens: cheap
+        position = tf.boolean_mask(position, keep)
+        starts = tf.gather(self.splits, position)
+        limits = tf.gather(self.splits, position + 1)
+        spans = tf.ragged.range(starts, limits)  # one RaggedRange op
+        candidates = tf.gather(self.postings, spans.flat_values)
+
+        def with_rows() -> tf.Tensor:
+            step = tf.range(tf.size(candidates, out_type=tf.int64))
+            which = tf.searchsorted(spans.row_splits[None, 1:], step[None, :],
+                                    side="right", out_type=tf.int64)[0]
+            return tf.gather(row, which) * self.num_candidates + candidates
+
+        return tf.cond(batch > 1, with_rows, lambda: candidates)
+
+    def _mark(self, cells: tf.Tensor, batch: tf.Tensor) -> tf.Tensor:
+        """bool ``[batch, num_candidates]``: True at the given cells.
+
+        A scatter for few cells; ``bincount`` (multi-threaded, a fixed cost
+        over the whole mask) for more than a sixteenth of the mask.
+        """
+        size = tf.cast(batch, tf.int64) * self.num_candidates
+
+        def scatter() -> tf.Tensor:
+            return tf.tensor_scatter_nd_update(
+                tf.zeros(tf.reshape(size, [1]), tf.bool), cells[:, None],
+                tf.ones(tf.shape(cells), tf.bool))
+
+        def count() -> tf.Tensor:
+            return tf.math.bincount(cells, minlength=size, maxlength=size,
+                                    dtype=tf.int32) > 0
+
+        mask = tf.cond(tf.size(cells, out_type=tf.int64) * 16 < size, scatter,
+                       count)
+        return tf.reshape(mask, tf.stack([batch, self.num_candidates]))
+
+    def passing(self, allow: tf.Tensor, deny: tf.Tensor) -> tf.Tensor:
+        """Which candidates pass each row's filter.
+
+        One pass over the posting lists the request names, one mark
+        (scatter or ``bincount``) per namespace asked for and one for the
+        denied tokens.
+
+        Args:
+            allow: string ``[batch, n]``, ``namespace=token`` or ``""``.
+            deny: string ``[batch, m]``, same batch.
+
+        Returns:
+            bool ``[batch, num_candidates]``.
+
+        Raises (in the graph, ``INVALID_ARGUMENT``): a token that is not
+        ``NAMESPACE=TOKEN``, or names a namespace the model does not have.
+        """
+        batch = tf.shape(allow)[0]
+        width = tf.shape(allow)[1]
+        ok = tf.ones(tf.stack([batch, self.num_candidates]), tf.bool)
+        row, ns_id, position, found, present = self._lookup(allow, "allow")
+        for index in range(len(self.namespaces)):
+            mine = tf.equal(ns_id, index)
+            asked = tf.reduce_any(tf.reshape(present & mine, [batch, width]), axis=1)
+
+            def restrict(ok=ok, asked=asked, mine=mine) -> tf.Tensor:
+                cells = self._cells(row, position, found & mine, batch)
+                return ok & (self._mark(cells, batch)
+                             | tf.logical_not(asked)[:, None])
+
+            ok = tf.cond(tf.reduce_any(asked), restrict, lambda ok=ok: ok)
+        row, _, position, found, _ = self._lookup(deny, "deny")
+
+        def remove(ok=ok) -> tf.Tensor:
+            cells = self._cells(row, position, found, batch)
+            return ok & tf.logical_not(self._mark(cells, batch))
+
+        return tf.cond(tf.reduce_any(found), remove, lambda: ok)
+
+
+def dense_scores(queries: tf.Tensor, vectors: tf.Tensor) -> tf.Tensor:
+    """``[batch, N]`` scores of ``[batch, dim]`` queries, or the best head's for
+    ``[batch, heads, dim]`` ones."""
+    if queries.shape.rank == 3:
+        return tf.reduce_max(tf.einsum("bhd,nd->bhn", queries, vectors), axis=1)
+    return tf.matmul(queries, vectors, transpose_b=True)
+
+
+def exact_search(
+    embeddings: tf.Tensor,
+    queries: tf.Tensor,
+    passing: tf.Tensor,
+    n: tf.Tensor,
+    gather_limit: int = GATHER_LIMIT,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """The best ``n`` passing candidates per row, exactly.
+
+    Args:
+        embeddings: float32 ``[N, dim]``.
+        queries: float32 ``[batch, dim]`` or ``[batch, heads, dim]``.
+        passing: bool ``[batch, N]``.
+        n: int32 scalar, results wanted (<= N).
+        gather_limit: Up to this many passing pairs over the batch, only their
+            embeddings are scored; above it, the whole corpus is.
+
+    Returns:
+        ``(scores float32 [batch, <= n], indices int32 [batch, <= n])``, best
+        first; missing results (fewer pass than ``n``) have a NaN score.
+    """
+    batch = tf.shape(passing)[0]
+    counts = tf.reduce_sum(tf.cast(passing, tf.int64), axis=1)
+
+    def single() -> tuple[tf.Tensor, tf.Tensor]:  # one query row: no table
+        candidate = tf.where(passing[0])[:, 0]
+        vectors = tf.gather(embeddings, candidate)
+        scores = dense_scores(queries, vectors)  # [1, pairs]
+        best = tf.math.top_k(scores, tf.minimum(n, tf.shape(scores)[1]))
+        return best.values, tf.cast(tf.gather(candidate, best.indices), tf.int32)
+
+    def gathered() -> tuple[tf.Tensor, tf.Tensor]:
+        coords = tf.where(passing)  # [pairs, 2], row-major
+        row, candidate = coords[:, 0], coords[:, 1]
+        vectors = tf.gather(embeddings, candidate)
+        mine = tf.gather(queries, row)
+        if queries.shape.rank == 3:
+            scores = tf.reduce_max(tf.einsum("phd,pd->ph", mine, vectors), axis=1)
+        else:
+            scores = tf.reduce_sum(mine * vectors, axis=1)
+        width = tf.maximum(tf.reduce_max(counts), 1)
+        column = tf.range(tf.shape(row, out_type=tf.int64)[0]) - tf.gather(
+            tf.cumsum(counts, exclusive=True), row)
+        where = tf.stack([row, column], axis=1)
+        shape = tf.stack([tf.cast(batch, tf.int64), width])
+        table = tf.tensor_scatter_nd_update(
+            tf.fill(shape, tf.constant(-np.inf, tf.float32)), where, scores)
+        index = tf.tensor_scatter_nd_update(
+            tf.fill(shape, tf.constant(-1, tf.int32)), where,
+            tf.cast(candidate, tf.int32))
+        best = tf.math.top_k(table, tf.cast(tf.minimum(tf.cast(n, tf.int64), width),
+                                            tf.int32))
+        return best.values, tf.gather(index, best.indices, batch_dims=1)
+
+    def scored() -> tuple[tf.Tensor, tf.Tensor]:
+        scores = dense_scores(queries, embeddings)
+        scores = tf.where(passing, scores, tf.constant(-np.inf, tf.float32))
+        best = tf.math.top_k(scores, n)
+        return best.values, best.indices
+
+    few = tf.reduce_sum(counts) <= gather_limit
+    values, indices = tf.cond(
+        few & tf.equal(batch, 1), single,
+        lambda: tf.cond(few, gathered, scored))
+    missing = tf.math.is_inf(values) & (values < 0)
+    return tf.where(missing, tf.constant(np.nan, tf.float32), values), indices
+
+
+__all__ = ["GATHER_LIMIT", "Restricts", "dense_scores", "exact_search"]
