@@ -74,7 +74,10 @@ MAX_BYTES = 2 * 1024 * 1024  # the test server's request size limit
 MAX_BATCH = 64  # and its batch limit
 MB = 1024 * 1024
 TINY = ["--hidden", "16", "--dim", "8", "--buckets", "500", "--epochs", "1",
-        "--batch-size", "16", "--quiet"]
+        "--batch-size", "16", "--quiet",
+        # The pairs defaults' hybrid export and BM25 mining are tested in
+        # test_hybrid.py / test_negatives.py; here they would only cost CI time.
+        "--no-hybrid", "--hard-negatives", "none"]
 
 
 # --------------------------------------------------------------------------- #

@@ -23,7 +23,10 @@ from tensorflow.core.protobuf import saved_model_pb2
 from tfdssm import cli
 
 TINY = ["--hidden", "16,16", "--dim", "8", "--buckets", "500", "--epochs", "1",
-        "--batch-size", "16", "--quiet"]
+        "--batch-size", "16", "--quiet",
+        # The pairs defaults' hybrid export and BM25 mining are tested in
+        # test_hybrid.py / test_negatives.py; here they would only cost CI time.
+        "--no-hybrid", "--hard-negatives", "none"]
 CONSOLE_SCRIPT = pathlib.Path(sys.executable).parent / "tfdssm"
 
 
@@ -418,3 +421,37 @@ def test_corpus_warnings_are_not_repeated_on_every_query(pairs_export, tmp_path)
     code, out, err = _run_main(["query", "--export-dir", copy, "--k", "2", "kiwi"])
     assert code == 0, err
     assert err == "" and out.startswith("# query=kiwi")
+
+
+def test_train_passes_the_pairs_defaults_and_flags_to_the_library(
+        tiny_csv, tmp_path, monkeypatch):
+    """The CLI's tiny runs above turn the hybrid export and BM25 mining off (CI
+    time); this checks what a user's plain `tfdssm train --pipeline pairs` asks of
+    the library, and that the flags override it."""
+    from tfdssm.recipes.defaults import DEFAULTS
+    from tfdssm.training import run as training
+
+    calls = []
+
+    def fake_run(prepared, export_dir, **kwargs):
+        calls.append(kwargs)
+        return {"metrics": {}, "history": {}, "export": {"towers": {"version": 1}}}
+
+    monkeypatch.setattr(training, "run", fake_run)
+    base = ["train", "--pipeline", "pairs", "--data", tiny_csv, "--export-dir",
+            tmp_path / "E", "--hidden", "8", "--dim", "4", "--buckets", "100"]
+    code, _, err = _run_main(base)
+    assert code == 0, err
+    want = DEFAULTS["pairs"]
+    got = calls[-1]
+    assert (got["hybrid"], got["hard_negatives"], got["patience"]) == (
+        want["hybrid"], want["hard_negatives"], want["patience"])
+    assert (got["epochs"], got["batch_size"], got["learning_rate"]) == (
+        want["epochs"], want["batch_size"], want["learning_rate"])
+    assert got["hybrid"] is True and got["hard_negatives"] == "bm25"
+    code, _, err = _run_main([*base, "--no-hybrid", "--hard-negatives", "none",
+                              "--patience", "0", "--epochs", "3"])
+    assert code == 0, err
+    got = calls[-1]
+    assert (got["hybrid"], got["hard_negatives"], got["patience"], got["epochs"]) == (
+        False, None, None, 3)

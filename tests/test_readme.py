@@ -54,7 +54,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 KINDS = ("ci", "bench", "output")
 TINY = ["--epochs", "1", "--batch-size", "16", "--hidden", "16", "--dim", "8",
-        "--buckets", "500", "--quiet"]
+        "--buckets", "500", "--quiet",
+        # The pairs defaults' hybrid export and BM25 mining are tested in
+        # test_hybrid.py / test_negatives.py; here they would only cost CI time.
+        "--no-hybrid", "--hard-negatives", "none"]
 PY_TINY = [(r'paper_tower\("(\w+)"\)',
             r'paper_tower("\1", num_buckets=500, hidden=(16,), output_dim=8)'),
            (r"epochs=\d+", "epochs=1"), (r"batch_size=\d+", "batch_size=16")]
