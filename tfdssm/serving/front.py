@@ -28,9 +28,7 @@ returned as the shards give them.
 from __future__ import annotations
 
 import logging
-import sys
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -47,7 +45,7 @@ from tfdssm.errors import ConfigError, ServingError
 from tfdssm.serving import predict
 from tfdssm.serving.metrics import Metrics
 from tfdssm.serving.models import AVAILABLE
-from tfdssm.serving.server import DEFAULT_MAX_REQUEST_BYTES, Server
+from tfdssm.serving.server import DEFAULT_MAX_REQUEST_BYTES, Server, run_until_signal
 
 LOG = logging.getLogger("tfdssm.serving")
 MODELS = ("retrieval", "retrieval_brute_force")
@@ -424,30 +422,9 @@ def serve_front(shards: str, log: Callable[[str], None] | None = None,
                 grace_seconds: float = 10.0, **kwargs: Any) -> int:
     """Runs a :class:`FrontServer` until SIGTERM/SIGINT (see
     :func:`tfdssm.serving.server.serve`)."""
-    import signal  # noqa: PLC0415
-
-    if not LOG.hasHandlers():
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        LOG.addHandler(handler)
-        LOG.setLevel(logging.INFO)
-    say = log or (lambda message: LOG.info("%s", message))
-    stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set())
-                for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        server = FrontServer(shards, **kwargs).start()
-        say(f"tfdssm serve: {server.describe()}; Ctrl-C or SIGTERM to stop")
-        while not stop.wait(0.5):
-            pass
-        say("tfdssm serve: shutting down (draining in-flight requests)")
-        start = time.perf_counter()
-        server.stop(grace_seconds)
-        say(f"tfdssm serve: stopped in {time.perf_counter() - start:.1f}s")
-        return 0
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+    return run_until_signal(lambda: FrontServer(shards, **kwargs),
+                            log or (lambda message: LOG.info("%s", message)),
+                            grace_seconds)
 
 
 __all__ = ["ANSWERED", "FrontServer", "ShardManager", "ShardedServable",

@@ -242,6 +242,20 @@ def serve(
     Returns:
         0 after a clean shutdown.
     """
+    return run_until_signal(lambda: Server(export_dir, **kwargs), log, grace_seconds)
+
+
+def run_until_signal(
+    make_server: Callable[[], Server],
+    log: Callable[[str], None] = _log,
+    grace_seconds: float = 10.0,
+) -> int:
+    """Starts ``make_server()``, serves until SIGTERM/SIGINT, then drains and
+    stops it (main thread only; see :func:`serve`).
+
+    Returns:
+        0 after a clean shutdown.
+    """
     if not LOG.hasHandlers():  # `tfdssm serve` sets up the `tfdssm` logger
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
@@ -254,7 +268,7 @@ def serve(
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        server = Server(export_dir, **kwargs).start()
+        server = make_server().start()
         log(f"tfdssm serve: {server.describe()}; Ctrl-C or SIGTERM to stop")
         while not stop.wait(0.5):
             pass
