@@ -799,7 +799,7 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def _clip(text: str, width: int) -> str:
-    """One line of at most ``width`` characters (``…`` where it was cut).
+    r"""One line of at most ``width`` characters (``…`` where it was cut).
 
     >>> _clip("a  long\ntext", 8), _clip("short", 8)
     ('a long …', 'short')
