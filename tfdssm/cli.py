@@ -472,7 +472,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def _check_train(args: argparse.Namespace) -> None:
-    from tfdssm.data.tables import check_table  # noqa: PLC0415 - no TensorFlow
+    from tfdssm.data.tables import check_table, is_glob  # noqa: PLC0415 - no TF
     from tfdssm.errors import ConfigError, DataError  # noqa: PLC0415
 
     if pathlib.Path(args.export_dir).is_file():
@@ -494,28 +494,21 @@ def _check_train(args: argparse.Namespace) -> None:
     if args.candidate_id_column:
         needed.append(args.candidate_id_column)
     needed += getattr(args, "restrict_columns", [])
-    if _GLOB_CHARS & set(args.data):
-        args.sep = _check_glob(args.data, needed, args.sep)
+    if is_glob(args.data):  # streamed with the files' suffix's delimiter
+        _check_glob(args.data, needed, args.sep)
+        args.sep = None
         return
     args.sep = check_table(args.data, needed, args.sep,
                            what=f"the pairs data {str(args.data)!r}")
 
 
-_GLOB_CHARS = set("*?[")
-
-
 def _check_glob(pattern: str, needed: list[str], sep: str | None) -> None:
     """Checks the first file a ``--data`` glob matches (streamed files are read
     with their suffix's delimiter: ``.csv`` comma, ``.tsv`` tab)."""
-    import glob  # noqa: PLC0415
-
-    from tfdssm.data.tables import check_table  # noqa: PLC0415 - no TensorFlow
+    from tfdssm.data.tables import check_table, expand  # noqa: PLC0415 - no TF
     from tfdssm.errors import DataError  # noqa: PLC0415
 
-    paths = sorted(p for p in glob.glob(pattern) if pathlib.Path(p).is_file())
-    if not paths:
-        raise DataError(f"no file matches --data {pattern!r}; check the pattern "
-                        "(quote it so that the shell does not expand it).")
+    paths = expand(pattern)
     found = check_table(paths[0], needed, sep, what=f"the pairs data {paths[0]!r}")
     expected = {".csv": ",", ".tsv": "\t"}.get(pathlib.Path(paths[0]).suffix.lower())
     if found is not None and expected is not None and found != expected:
@@ -524,7 +517,6 @@ def _check_glob(pattern: str, needed: list[str], sep: str | None) -> None:
             f"are streamed with their suffix's delimiter ({expected!r} for "
             f"{pathlib.Path(paths[0]).suffix}); rename the files (.tsv for tabs) "
             "or convert them.")
-    return None
 
 
 def _check_export_dir(args: argparse.Namespace) -> dict[str, Any]:

@@ -17,60 +17,23 @@ so that every worker agrees without reading the others' files.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import logging
 import os
-import pathlib
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from tfdssm.data.readers import TABLE_SUFFIXES, check_text_columns, read_table
+from tfdssm.data.readers import check_text_columns, read_table
+from tfdssm.data.tables import expand, is_glob
+from tfdssm.data.tables import table_format as _format
 from tfdssm.errors import DataError
 from tfdssm.features import Feature
 
 logger = logging.getLogger("tfdssm")
 
 _BUCKETS = 10_000  # test-split resolution: fractions are rounded to 1/10,000
-_GLOB = set("*?[")
-
-
-def is_glob(source: object) -> bool:
-    """Whether ``source`` is a path pattern (``*``, ``?`` or ``[``).
-
-    >>> is_glob("data/part-*.csv"), is_glob("data/pairs.csv")
-    (True, False)
-    """
-    return isinstance(source, str | os.PathLike) and bool(_GLOB & set(str(source)))
-
-
-def expand(pattern: str | os.PathLike) -> list[str]:
-    """The files matching ``pattern``, sorted (every worker sees one order).
-
-    Raises:
-        DataError: nothing matches, or the files mix formats.
-    """
-    files = sorted(p for p in glob.glob(str(pattern)) if os.path.isfile(p))
-    if not files:
-        raise DataError(f"no file matches {str(pattern)!r}; check the pattern (quote "
-                        "it so that the shell does not expand it).")
-    suffixes = sorted({_format(p) for p in files})
-    if len(suffixes) > 1:
-        raise DataError(f"{str(pattern)!r} matches files of formats {suffixes}; use "
-                        "one format (e.g. 'part-*.csv').")
-    return files
-
-
-def _format(path: str) -> str:
-    suffix = pathlib.Path(path).suffix.lower()
-    if suffix not in TABLE_SUFFIXES:
-        raise DataError(f"cannot read {path!r}: expected one of {TABLE_SUFFIXES}, got "
-                        f"{suffix or 'no suffix'!r}.")
-    return {".pq": ".parquet"}.get(suffix, suffix)
-
-
 def held_out(name: str, rows: int, fraction: float, seed: int = 0) -> np.ndarray:
     """Which of ``rows`` rows of file ``name`` (its base name) are test rows.
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import glob
 import os
 import pathlib
 from collections.abc import Sequence
@@ -275,3 +276,45 @@ def read_table(source: Any, sep: str | None = None) -> Any:
         ) from None
     except (pd.errors.EmptyDataError, OSError, ValueError) as error:
         raise DataError(f"cannot parse {str(path)!r}: {error}") from None
+
+
+_GLOB = set("*?[")  # a path with these is a pattern (glob), not a file
+
+
+def is_glob(source: object) -> bool:
+    """Whether ``source`` is a path pattern (``*``, ``?`` or ``[``).
+
+    >>> is_glob("data/part-*.csv"), is_glob("data/pairs.csv")
+    (True, False)
+    """
+    return isinstance(source, str | os.PathLike) and bool(_GLOB & set(str(source)))
+
+
+def expand(pattern: str | os.PathLike) -> list[str]:
+    """The files matching ``pattern``, sorted (every worker sees one order).
+
+    Raises:
+        DataError: nothing matches, or the files mix formats.
+    """
+    files = sorted(p for p in glob.glob(str(pattern)) if os.path.isfile(p))
+    if not files:
+        raise DataError(f"no file matches {str(pattern)!r}; check the pattern (quote "
+                        "it so that the shell does not expand it).")
+    suffixes = sorted({table_format(p) for p in files})
+    if len(suffixes) > 1:
+        raise DataError(f"{str(pattern)!r} matches files of formats {suffixes}; use "
+                        "one format (e.g. 'part-*.csv').")
+    return files
+
+
+def table_format(path: str) -> str:
+    """A table file's format by its suffix (``.pq`` is ``.parquet``).
+
+    Raises:
+        DataError: a suffix tfdssm cannot read.
+    """
+    suffix = pathlib.Path(path).suffix.lower()
+    if suffix not in TABLE_SUFFIXES:
+        raise DataError(f"cannot read {path!r}: expected one of {TABLE_SUFFIXES}, got "
+                        f"{suffix or 'no suffix'!r}.")
+    return {".pq": ".parquet"}.get(suffix, suffix)
