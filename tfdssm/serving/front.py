@@ -43,7 +43,6 @@ from tensorflow_serving.apis import (
 
 from tfdssm.errors import ConfigError, ServingError
 from tfdssm.serving import predict
-from tfdssm.serving.metrics import Metrics
 from tfdssm.serving.models import AVAILABLE
 from tfdssm.serving.server import DEFAULT_MAX_REQUEST_BYTES, Server, run_until_signal
 
@@ -399,19 +398,12 @@ class FrontServer(Server):
                  workers: int = 8,
                  max_batch_size: int = predict.DEFAULT_MAX_BATCH_SIZE) -> None:
         addresses = parse_shards(shards) if isinstance(shards, str) else list(shards)
+        # No batching or Prometheus metrics in the front (each shard has its own).
+        self._configure(grpc_port, rest_port, host, max_request_bytes, workers,
+                        max_batch_size)
         self.manager = ShardManager(addresses, timeout_seconds, allow_partial,
                                     max_request_bytes)
         self.models = []
-        # No batching or Prometheus metrics in the front (each shard has its own).
-        self.metrics = Metrics()
-        self.batching = self.monitoring = None
-        self.batcher = None
-        self.host, self.workers = host, workers
-        self.max_request_bytes = int(max_request_bytes)
-        self.max_batch_size = int(max_batch_size)
-        self.grpc_port, self.rest_port = grpc_port, rest_port
-        self._grpc = self._rest = None
-        self._rest_thread = None
 
     def describe(self) -> str:
         shards = ", ".join(s.address for s in self.manager.shards)

@@ -106,6 +106,27 @@ class Server:
         batching: BatchingParameters | None = None,
         monitoring: MonitoringOptions | None = None,
     ) -> None:
+        if poll_seconds <= 0:
+            raise ConfigError(f"poll interval must be > 0 s, received {poll_seconds}.")
+        self._configure(grpc_port, rest_port, host, max_request_bytes, workers,
+                        max_batch_size, batching, monitoring)
+        watcher, specs = _config_watcher(export_dir, model_config_file)
+        self.models = [(name, path) for name, path, _ in specs]
+        self.manager = ModelManager(specs, poll_seconds, watcher, self.metrics)
+
+    def _configure(
+        self,
+        grpc_port: int,
+        rest_port: int | None,
+        host: str,
+        max_request_bytes: int,
+        workers: int | None,
+        max_batch_size: int,
+        batching: BatchingParameters | None = None,
+        monitoring: MonitoringOptions | None = None,
+    ) -> None:
+        """Checks and keeps what every server has, whatever serves its models
+        (``self.manager``, set by the caller): ports, limits, batching, metrics."""
         for label, port in (("--grpc-port", grpc_port), ("--rest-port", rest_port)):
             if port is not None and not 0 <= int(port) <= 65535:
                 raise ConfigError(
@@ -116,15 +137,10 @@ class Server:
         if max_batch_size < 1:
             raise ConfigError(f"--max-batch-size must be >= 1, received "
                               f"{max_batch_size}.")
-        if poll_seconds <= 0:
-            raise ConfigError(f"poll interval must be > 0 s, received {poll_seconds}.")
         if monitoring is not None and monitoring.prometheus and rest_port is None:
             raise ConfigError("the monitoring config enables Prometheus metrics, "
                               "which are served on the REST port; set --rest-port.")
-        watcher, specs = _config_watcher(export_dir, model_config_file)
-        self.models = [(name, path) for name, path, _ in specs]
         self.metrics = Metrics()
-        self.manager = ModelManager(specs, poll_seconds, watcher, self.metrics)
         self.batching, self.monitoring = batching, monitoring
         self.batcher: Batcher | None = None
         self.host = host
