@@ -117,3 +117,43 @@ def test_mistakes_fail_before_tensorflow_loads(tmp_path):
     assert "argument --epochs: must be >= 1" in err
     assert "tab-separated" in err and "--sep tab" in err
     assert "expected HOST:PORT like localhost:8500, received 'localhost'" in err
+
+
+def test_scaling_serving_and_filter_mistakes_fail_before_tensorflow_loads(tmp_path):
+    """The checks of the options that came with file-sharded input, Beam
+    indexing, the shard front, batching files and restrict columns."""
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "part-0.csv").write_text("query\tdoc\nsort\tsorted(x)\n")
+    data = tmp_path / "pairs.csv"
+    data.write_text("query,doc\nsort a list,sorted(x)\n")
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "export.json").write_text("{}")
+    calls = {
+        "glob, tab in .csv": ["train", "--pipeline", "pairs", "--data",
+                              str(tmp_path / "parts" / "part-*.csv"),
+                              "--export-dir", "out"],
+        "glob, no file": ["train", "--pipeline", "pairs", "--data",
+                          str(tmp_path / "nothing-*.csv"), "--export-dir", "out"],
+        "restrict column": ["train", "--pipeline", "pairs", "--data", str(data),
+                            "--restrict-columns", "genres", "--export-dir", "out"],
+        "batching file": ["serve", "--export-dir", str(tmp_path / "e"),
+                          "--batching-parameters-file", "nope.txt"],
+        "front and export": ["serve", "--export-dir", str(tmp_path / "e"),
+                             "--shards", "127.0.0.1:1,127.0.0.1:2"],
+        "neither": ["serve"],
+        "index corpus": ["index", "--export-dir", str(tmp_path / "e"), "--corpus",
+                         str(tmp_path / "none-*.parquet")],
+    }
+    results, err = _probe(list(calls.values()), tmp_path)
+    assert len(results) == len(calls), err
+    for case, result in zip(calls, results, strict=True):
+        assert result["code"] == 2, (case, err)
+        assert not result["tensorflow"], f"{case}: TensorFlow was imported"
+    assert "Traceback" not in err
+    assert "streamed with their suffix's delimiter" in err
+    assert "no file matches" in err and "nothing-*.csv" in err
+    assert "no column(s) ['genres']" in err
+    assert "--batching-parameters-file 'nope.txt' does not exist" in err
+    assert "not both" in err
+    assert "tfdssm serve needs --export-dir DIR" in err
+    assert "--corpus" in err and "matches no file" in err

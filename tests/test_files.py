@@ -180,3 +180,15 @@ def test_cli_streams_a_glob_of_files(tmp_path, monkeypatch):
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
         code = cli.main([*base, "--patience", "2"])
     assert code == 2 and "--patience 0 --no-hybrid" in err.getvalue()
+
+
+def test_restrict_columns_are_refused_with_a_glob(tmp_path):
+    """The streamed scan keeps only the text columns, so corpus columns for
+    filter tokens would be lost: the recipe says so instead."""
+    from tfdssm.errors import ConfigError
+    from tfdssm.recipes import pairs
+
+    pd.DataFrame({"query": ["a b", "c d"], "doc": ["x", "y"], "genre": ["g", "h"]}
+                 ).to_csv(tmp_path / "part-0.csv", index=False)
+    with pytest.raises(ConfigError, match=r"\['genre'\].*not supported with a glob"):
+        pairs.prepare(str(tmp_path / "part-*.csv"), corpus_columns=["genre"])
