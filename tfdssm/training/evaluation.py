@@ -60,7 +60,8 @@ def evaluate_frame(
     metrics = rank_metrics(queries, positives, candidates, ks=ks)
     if train is not None and query_key is not None:
         seen: dict[str, list[int]] = {}
-        for key, cid in zip(train[query_key].astype(str), train[candidate_id].astype(str)):
+        for key, cid in zip(train[query_key].astype(str),
+                            train[candidate_id].astype(str), strict=True):
             if cid in index:
                 seen.setdefault(key, []).append(index[cid])
         exclude = [seen.get(k, []) for k in test[query_key].astype(str)]

@@ -42,6 +42,7 @@ from tfdssm.training.negatives import ROW_INDEX, HardNegatives
 logger = logging.getLogger("tfdssm")
 
 HASH_CACHE_DIR = "hash_cache"  # under the checkpoint dir: ids for --resume
+EARLY_STOPPING_DIR = "early_stopping"  # under the checkpoint dir: for --resume
 VALIDATION_CANDIDATES = 50_000  # corpus sample for each epoch's validation
 
 
@@ -233,7 +234,10 @@ def _run(
     stopper = None
     if patience is not None:
         stopper = RetrievalEarlyStopping(
-            _validation_scorer(prepared, validation, seed), patience=patience)
+            _validation_scorer(prepared, validation, seed), patience=patience,
+            state_dir=(None if checkpoint_dir is None
+                       else pathlib.Path(checkpoint_dir) / EARLY_STOPPING_DIR),
+            write_state=distribute.is_chief(strategy))
         all_callbacks.append(stopper)
     saver = None
     if checkpoint_dir is not None:
@@ -483,8 +487,8 @@ def _check_memory(prepared: Any, batch_size: int) -> None:
     if have and need > have:
         raise ConfigError(
             f"batch size {batch_size} x {points:,} code points per row (max_length of "
-            f"the towers' text features) needs at least {need / 2**30:.1f} GiB per training "
-            f"step; this machine has {have / 2**30:.1f} GiB available. Lower "
+            f"the towers' text features) needs at least {need / 2**30:.1f} GiB per "
+            f"training step; this machine has {have / 2**30:.1f} GiB available. Lower "
             "--max-length (e.g. 1024) or --batch-size.")
 
 
