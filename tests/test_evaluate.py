@@ -220,3 +220,18 @@ def test_embed_empty_table_is_an_error():
 def test_format_metrics_one_aligned_line_per_metric():
     text = evaluate.format_metrics({"recall@10": 0.25, "num_queries": 3})
     assert text.splitlines() == ["  recall@10       0.2500", "  num_queries     3"]
+
+
+def test_retrieval_metrics_compare_non_ascii_ids_as_text():
+    # A SavedModel's top_k returns UTF-8 bytes; the ids are documents here
+    # (the pairs default) and often not ASCII.
+    served = np.array([["café au lait".encode(), "naïve".encode()],
+                       ["x".encode(), "—dash".encode()]], dtype=object)
+
+    def top_k(query, k):
+        return {"ids": tf.constant(served[: len(query), : int(k[0])])}
+
+    got = evaluate.retrieval_metrics(top_k, {"query": np.array(["a", "b"])},
+                                     ["naïve", "nothing"], ks=(1, 2))
+    assert got["recall@1"] == 0.0 and got["recall@2"] == 0.5
+    assert got["mrr@2"] == 0.25
