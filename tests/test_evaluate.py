@@ -226,7 +226,7 @@ def test_retrieval_metrics_compare_non_ascii_ids_as_text():
     # A SavedModel's top_k returns UTF-8 bytes; the ids are documents here
     # (the pairs default) and often not ASCII.
     served = np.array([["café au lait".encode(), "naïve".encode()],
-                       ["x".encode(), "—dash".encode()]], dtype=object)
+                       [b"x", "—dash".encode()]], dtype=object)
 
     def top_k(query, k):
         return {"ids": tf.constant(served[: len(query), : int(k[0])])}

@@ -64,6 +64,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfdssm.errors import ConfigError, ExportError
+from tfdssm.export import native_logs
 from tfdssm.export.hybrid import Hybrid
 from tfdssm.export.restricts import Restricts, exact_search
 from tfdssm.model import multihead
@@ -432,7 +433,8 @@ class ScannRetrieval(RetrievalModule):
             raise ConfigError(
                 "ScaNN options need mode 'brute_force' or 'tree_ah', received "
                 f"{mode!r}.")
-        self.searcher = builder.build().serialize_to_module()
+        with native_logs.quiet_native_info():  # ScaNN's info lines: debug log
+            self.searcher = builder.build().serialize_to_module()
         # Filters: most neighbours asked of ScaNN before scoring the passing
         # candidates exactly instead.
         self.max_oversample = min(self.num_candidates,
