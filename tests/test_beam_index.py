@@ -309,3 +309,12 @@ def test_hybrid_exports_get_bm25_rebuilt_over_the_new_corpus(pairs_export):
     assert float(fusion.weight.numpy()) == pytest.approx(0.4)
     assert build._hybrid({k: v for k, v in info.items() if k != "hybrid"},
                          frame) is None
+
+
+def test_fewer_shards_than_before_warns_about_the_old_ones(tmp_path, caplog):
+    for i in range(4):
+        reindex.shard_dir(tmp_path, i).mkdir(parents=True)
+    with caplog.at_level("WARNING", logger="tfdssm"):
+        assert reindex._warn_stale_shards(tmp_path, 2) == ["2", "3"]
+        assert reindex._warn_stale_shards(tmp_path, 4) == []
+    assert "shard dir(s) 2, 3 of an earlier index" in caplog.text

@@ -264,8 +264,26 @@ def index_corpus(
                         "retrieval_brute_force": o["retrieval_brute_force"]["version"]}
                        for i, o in enumerate(out)],
             "assignment": "zlib.crc32(utf-8 id) % num_shards", **indexed})
+        _warn_stale_shards(export_dir, num_shards)
     return {"export.json": out, "pipeline": run,
             "work_dir": work if keep_work_dir or work_dir else None}
+
+
+def _warn_stale_shards(export_dir: pathlib.Path, num_shards: int) -> list[str]:
+    """Warns about shard dirs of an earlier index with more shards.
+
+    They are left in place (a server may still serve them) but are no longer in
+    ``shards.json``, so ``serve --shards`` ignores them.
+    """
+    stale = sorted((p.name for p in (export_dir / SHARDS_DIR).iterdir()
+                    if p.is_dir() and p.name.isdigit() and int(p.name) >= num_shards),
+                   key=int)
+    if stale:
+        LOG.warning(
+            "%s holds shard dir(s) %s of an earlier index with more shards; they are "
+            "not in %s and not served by `serve --shards`: remove them once no "
+            "server uses them.", export_dir / SHARDS_DIR, ", ".join(stale), SHARDS_JSON)
+    return stale
 
 
 __all__ = ["SHARDS_DIR", "candidate_columns", "embed_corpus", "index_corpus",
