@@ -74,6 +74,7 @@ RESERVED_INPUTS = ("k", "exclude", "allow", "deny")
 OVERSAMPLE = 2.0  # ScaNN filters: expected passing neighbours / wanted
 MAX_OVERSAMPLE = 2000  # ScaNN filters: at least this many neighbours may be asked
 EXACT_SHARE = 0.25  # ScaNN filters: exact when passing <= this x candidates scanned
+FILTER_LEAVES = 2  # ScaNN filters: search this many times the index's leaves
 
 
 def scann_options(num_candidates: int, max_k: int = DEFAULT_MAX_K) -> dict[str, Any]:
@@ -83,10 +84,10 @@ def scann_options(num_candidates: int, max_k: int = DEFAULT_MAX_K) -> dict[str, 
     * otherwise a k-means tree with ``min(sqrt(N), N / 100)`` leaves (>= ~100
       candidates each), searching ``max(25 %, 5000 / N)`` of them (all leaves
       up to 5,000 candidates; 5 % lost a third of the recall@10 on diffuse
-      128-d data, ``benchmarks/retrieval.py``), anisotropic hashing (2 dimensions per block,
-      threshold 0.2) and exact float re-scoring of the best 200 (500 above
-      250,000 candidates; at least ``2 * max_k``, and more when a request asks
-      for more).
+      128-d data, ``benchmarks/retrieval.py``), anisotropic hashing (2
+      dimensions per block, threshold 0.2) and exact float re-scoring of the
+      best 200 (500 above 250,000 candidates; at least ``2 * max_k``, and more
+      when a request asks for more).
 
     >>> scann_options(500)["mode"]
     'brute_force'
@@ -437,20 +438,36 @@ class ScannRetrieval(RetrievalModule):
         # candidates exactly instead.
         self.max_oversample = min(self.num_candidates,
                                   max(MAX_OVERSAMPLE, 4 * self.reorder))
+        # A filtered search scans FILTER_LEAVES times the leaves (the index's
+        # own recall is its ceiling; the mask costs more than the wider scan).
+        if mode == "brute_force":
+            self.filter_leaves, scanned = -1, float(self.num_candidates)
+        else:
+            leaves = int(self.options["num_leaves"])
+            self.filter_leaves = min(
+                leaves, FILTER_LEAVES * int(self.options["num_leaves_to_search"]))
+            scanned = self.num_candidates * self.filter_leaves / leaves
         # ... and at most this many passing candidates are scored exactly
         # anyway: a quarter of what ScaNN scores approximately per query, so
         # gathering and scoring them costs about what ScaNN's scan does.
-        scanned = (self.num_candidates if mode == "brute_force" else
-                   self.num_candidates * self.options["num_leaves_to_search"]
-                   / self.options["num_leaves"])
         self.exact_below = int(scanned * EXACT_SHARE)
 
-    def search(self, queries: tf.Tensor, n: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def search(
+        self,
+        queries: tf.Tensor,
+        n: tf.Tensor,
+        leaves: int = -1,
+        pre_reorder: tf.Tensor | None = None,
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """As :meth:`RetrievalModule.search`; ``leaves`` (-1: the index's
+        own) and ``pre_reorder`` (default ``max(n, reorder)``) override the
+        index's search parameters for one call."""
         handle = self.searcher.recreate_handle()  # created once per loaded model
-        pre_reorder = tf.maximum(n, self.reorder) if self.reorder else n
+        if pre_reorder is None:
+            pre_reorder = tf.maximum(n, self.reorder) if self.reorder else n
         parallel = tf.shape(queries)[0] >= 16
         result = _scann_ops().scann_search_batched(
-            handle, queries, n, pre_reorder, -1, parallel)
+            handle, queries, n, pre_reorder, leaves, parallel)
         return result.distances, result.indices
 
     def search_filtered(
@@ -470,11 +487,19 @@ class ScannRetrieval(RetrievalModule):
 
         def approximate() -> tuple[tf.Tensor, tf.Tensor]:
             m = tf.cast(tf.minimum(most, float(self.num_candidates)), tf.int32)
+            # Re-score reorder / pass fraction: as many passing candidates
+            # as an unfiltered search re-scores.
+            reorder = tf.cast(tf.minimum(
+                tf.math.ceil(self.reorder * self.num_candidates
+                             / tf.maximum(tf.reduce_min(count), 1.0)),
+                float(self.num_candidates)), tf.int32)
             heads = queries.shape[1] if queries.shape.rank == 3 else 1
             mask = tf.repeat(passing, heads, axis=0) if heads > 1 else passing
 
             def keep_passing(rows: tf.Tensor, size: tf.Tensor):
-                scores, indices = self.search(rows, size)
+                pre_reorder = tf.maximum(size, reorder) if self.reorder else size
+                scores, indices = self.search(rows, size, self.filter_leaves,
+                                              pre_reorder)
                 ok = (tf.gather(mask, tf.maximum(indices, 0), batch_dims=1)
                       & (indices >= 0) & tf.logical_not(tf.math.is_nan(scores)))
                 scores = tf.where(ok, scores, tf.constant(-np.inf, tf.float32))
@@ -499,7 +524,9 @@ class ScannRetrieval(RetrievalModule):
         if self.filters:
             out["filter"] = {"oversample": OVERSAMPLE,
                              "max_oversample": self.max_oversample,
-                             "exact_below": self.exact_below}
+                             "exact_below": self.exact_below,
+                             "leaves_to_search": self.filter_leaves,
+                             "reorder": "reorder * N / passing"}
         return out
 
 
