@@ -40,13 +40,17 @@ columns are chosen at export): a candidate passes when it has one of the
 allowed tokens in every namespace the row allows tokens in, and none of the
 denied ones. The brute-force model scores the passing candidates exactly
 (:func:`tfdssm.export.restricts.exact_search`). The ScaNN model oversamples:
-it asks the index for ``2 * wanted * N / passing + wanted`` neighbours, keeps
-the passing ones, and falls back to exact scoring of the passing candidates
-when that number is above ``max_oversample`` (a selective filter), when at
-most ``exact_below`` candidates pass (a quarter of what the ScaNN tree scans
-per query: scoring them exactly costs about the same), or when the
-oversampled answer holds fewer than ``min(wanted, passing)`` of them. The
-decision is per batch: one selective row sends the batch to the exact path.
+it asks the index for ``2 * wanted * N / passing + wanted`` neighbours,
+searching ``FILTER_LEAVES`` (2) times the index's leaves and re-scoring
+``reorder * N / passing`` candidates exactly (as many passing ones as an
+unfiltered search re-scores), keeps the passing ones, and falls back to exact
+scoring of the passing candidates when that number is above
+``max_oversample`` (a selective filter), when at most ``exact_below``
+candidates pass (a quarter of what the filtered ScaNN search scans per query:
+scoring them exactly costs about the same), or when the oversampled answer
+holds fewer than ``min(wanted, passing)`` of them. The path is chosen per row
+(a batch mixing broad and selective filters is split); a batch whose rows all
+pass everything (an empty filter) is searched exactly as ``top_k`` does.
 A filter nothing passes gives ``""`` ids and ``-inf`` scores. Tokens that are
 not ``namespace=token`` or name an unknown namespace fail with
 ``INVALID_ARGUMENT``.
@@ -65,7 +69,7 @@ import tensorflow as tf
 
 from tfdssm.errors import ConfigError, ExportError
 from tfdssm.export.hybrid import Hybrid
-from tfdssm.export.restricts import Restricts, exact_search
+from tfdssm.export.restricts import Restricts, count_passing, exact_search
 from tfdssm.model import multihead
 
 DEFAULT_MAX_K = 100
@@ -473,48 +477,95 @@ class ScannRetrieval(RetrievalModule):
     def search_filtered(
         self, queries: tf.Tensor, n: tf.Tensor, passing: tf.Tensor
     ) -> tuple[tf.Tensor, tf.Tensor]:
-        """Oversample-and-filter with an exact fallback (see the module doc)."""
-        count = tf.reduce_sum(tf.cast(passing, tf.float32), axis=1)  # [batch]
-        wanted = tf.cast(n, tf.float32)
-        asked = tf.math.ceil(OVERSAMPLE * wanted * self.num_candidates
-                             / tf.maximum(count, 1.0)) + wanted
-        most = tf.reduce_max(asked)
-        oversampled = (most <= self.max_oversample) & (
-            tf.reduce_min(count) > self.exact_below)
+        """Oversample-and-filter with an exact fallback (see the module doc),
+        chosen per row: a batch mixing broad and selective filters sends
+        each row down its own path."""
+        count = tf.cast(count_passing(passing), tf.float32)  # [batch]
+        asked = tf.math.ceil(OVERSAMPLE * tf.cast(n, tf.float32)
+                             * self.num_candidates / tf.maximum(count, 1.0))
+        row_exact = ((asked + tf.cast(n, tf.float32) > self.max_oversample)
+                     | (count <= self.exact_below))
 
         def exact() -> tuple[tf.Tensor, tf.Tensor]:
             return exact_search(self.embeddings, queries, passing, n)
 
         def approximate() -> tuple[tf.Tensor, tf.Tensor]:
-            m = tf.cast(tf.minimum(most, float(self.num_candidates)), tf.int32)
-            # Re-score reorder / pass fraction: as many passing candidates
-            # as an unfiltered search re-scores.
-            reorder = tf.cast(tf.minimum(
-                tf.math.ceil(self.reorder * self.num_candidates
-                             / tf.maximum(tf.reduce_min(count), 1.0)),
-                float(self.num_candidates)), tf.int32)
-            heads = queries.shape[1] if queries.shape.rank == 3 else 1
-            mask = tf.repeat(passing, heads, axis=0) if heads > 1 else passing
+            return self._oversample(queries, n, passing, count)
 
-            def keep_passing(rows: tf.Tensor, size: tf.Tensor):
-                pre_reorder = tf.maximum(size, reorder) if self.reorder else size
-                scores, indices = self.search(rows, size, self.filter_leaves,
-                                              pre_reorder)
-                ok = (tf.gather(mask, tf.maximum(indices, 0), batch_dims=1)
-                      & (indices >= 0) & tf.logical_not(tf.math.is_nan(scores)))
-                scores = tf.where(ok, scores, tf.constant(-np.inf, tf.float32))
-                best = tf.math.top_k(scores, tf.minimum(n, tf.shape(scores)[1]))
-                chosen = tf.gather(indices, best.indices, batch_dims=1)
-                return (tf.where(tf.math.is_inf(best.values),
-                                 tf.constant(np.nan, tf.float32), best.values), chosen)
+        def mixed() -> tuple[tf.Tensor, tf.Tensor]:
+            rows = [tf.where(tf.logical_not(row_exact))[:, 0],
+                    tf.where(row_exact)[:, 0]]
+            parts = [self._oversample(tf.gather(queries, rows[0]), n,
+                                      tf.gather(passing, rows[0]),
+                                      tf.gather(count, rows[0])),
+                     exact_search(self.embeddings, tf.gather(queries, rows[1]),
+                                  tf.gather(passing, rows[1]), n)]
+            width = tf.maximum(tf.shape(parts[0][0])[1], tf.shape(parts[1][0])[1])
+            parts = [_pad_columns(scores, indices, width)
+                     for scores, indices in parts]
+            rows = [tf.cast(r, tf.int32) for r in rows]
+            return (tf.dynamic_stitch(rows, [p[0] for p in parts]),
+                    tf.dynamic_stitch(rows, [p[1] for p in parts]))
 
-            scores, indices = multihead.search_heads(keep_passing, queries, m)
-            found = tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_nan(scores)),
-                                          tf.float32), axis=1)
-            enough = tf.reduce_all(found >= tf.minimum(wanted, count))
-            return tf.cond(enough, lambda: (scores, tf.cast(indices, tf.int32)), exact)
+        def unfiltered() -> tuple[tf.Tensor, tf.Tensor]:  # exactly top_k's search
+            scores, indices = multihead.search_heads(self.search, queries, n)
+            return scores, tf.cast(indices, tf.int32)
 
-        return tf.cond(oversampled, approximate, exact)
+        return tf.cond(
+            tf.reduce_all(count >= self.num_candidates), unfiltered,
+            lambda: tf.cond(
+                tf.reduce_all(row_exact), exact,
+                lambda: tf.cond(tf.reduce_any(row_exact), mixed, approximate)))
+
+    def _oversample(
+        self, queries: tf.Tensor, n: tf.Tensor, passing: tf.Tensor, count: tf.Tensor
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """Asks ScaNN for ``OVERSAMPLE * n * N / passing + n`` neighbours
+        (searching ``filter_leaves`` leaves, re-scoring ``reorder * N /
+        passing``) and keeps the best passing ``n``; the rows fall back to
+        :func:`exact_search` when that finds fewer than ``min(n, passing)``.
+
+        Args:
+            queries: float32 ``[rows, dim]`` or ``[rows, heads, dim]``.
+            n: int32 scalar.
+            passing: bool ``[rows, N]``.
+            count: float32 ``[rows]``, candidates passing per row.
+
+        Returns:
+            ``(scores [rows, <= n], indices int32 [rows, <= n])``; NaN score =
+            missing.
+        """
+        wanted = tf.cast(n, tf.float32)
+        fewest = tf.maximum(tf.reduce_min(count), 1.0)
+        most = tf.math.ceil(OVERSAMPLE * wanted * self.num_candidates / fewest
+                            ) + wanted
+        m = tf.cast(tf.minimum(most, float(self.num_candidates)), tf.int32)
+        # Re-score reorder / pass fraction: as many passing candidates as an
+        # unfiltered search re-scores.
+        reorder = tf.cast(tf.minimum(
+            tf.math.ceil(self.reorder * self.num_candidates / fewest),
+            float(self.num_candidates)), tf.int32)
+        heads = queries.shape[1] if queries.shape.rank == 3 else 1
+        mask = tf.repeat(passing, heads, axis=0) if heads > 1 else passing
+
+        def keep_passing(rows: tf.Tensor, size: tf.Tensor):
+            pre_reorder = tf.maximum(size, reorder) if self.reorder else size
+            scores, indices = self.search(rows, size, self.filter_leaves,
+                                          pre_reorder)
+            ok = (tf.gather(mask, tf.maximum(indices, 0), batch_dims=1)
+                  & (indices >= 0) & tf.logical_not(tf.math.is_nan(scores)))
+            scores = tf.where(ok, scores, tf.constant(-np.inf, tf.float32))
+            best = tf.math.top_k(scores, tf.minimum(n, tf.shape(scores)[1]))
+            chosen = tf.gather(indices, best.indices, batch_dims=1)
+            return (tf.where(tf.math.is_inf(best.values),
+                             tf.constant(np.nan, tf.float32), best.values), chosen)
+
+        scores, indices = multihead.search_heads(keep_passing, queries, m)
+        found = tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_nan(scores)),
+                                      tf.float32), axis=1)
+        enough = tf.reduce_all(found >= tf.minimum(wanted, count))
+        return tf.cond(enough, lambda: (scores, tf.cast(indices, tf.int32)),
+                       lambda: exact_search(self.embeddings, queries, passing, n))
 
     def save_options(self) -> tf.saved_model.SaveOptions:
         return tf.saved_model.SaveOptions(namespace_whitelist=["Scann"])
@@ -528,6 +579,16 @@ class ScannRetrieval(RetrievalModule):
                              "leaves_to_search": self.filter_leaves,
                              "reorder": "reorder * N / passing"}
         return out
+
+
+def _pad_columns(
+    scores: tf.Tensor, indices: tf.Tensor, width: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Pads ``[rows, <= width]`` results to ``width`` columns (NaN score =
+    missing)."""
+    extra = [[0, 0], [0, width - tf.shape(scores)[1]]]
+    return (tf.pad(scores, extra, constant_values=np.nan),
+            tf.pad(tf.cast(indices, tf.int32), extra))
 
 
 def _scann_ops() -> Any:

@@ -118,7 +118,7 @@ class Restricts(tf.Module):
         (:func:`tfdssm.export.tokens.candidate_tokens`).
 
         >>> Restricts.from_tokens([{"g": ["a", "b"]}, {"g": ["b"]}], ["g"]).describe()
-        {'namespaces': ['g'], 'tokens': 2, 'postings': 3}
+        {'namespaces': ['g'], 'tokens': 2, 'postings': 3, 'dense_tokens': 2}
         """
         return cls(namespaces, postings(tokens, namespaces), len(tokens))
 
@@ -280,23 +280,53 @@ class Restricts(tf.Module):
         """
         batch = tf.shape(allow)[0]
         width = tf.shape(allow)[1]
-        ok = tf.ones(tf.stack([batch, self.num_candidates]), tf.bool)
+        everyone = tf.stack([batch, self.num_candidates])
+        ok = None  # all pass (no pass over [batch, N] until a namespace asks)
         row, ns_id, position, found, present = self._lookup(allow, "allow")
         for index in range(len(self.namespaces)):
             mine = tf.equal(ns_id, index)
             asked = tf.reduce_any(tf.reshape(present & mine, [batch, width]), axis=1)
 
-            def restrict(ok=ok, asked=asked, mine=mine) -> tf.Tensor:
+            def clause(asked=asked, mine=mine) -> tf.Tensor:
                 union = self._union(row, position, found & mine, batch)
-                return ok & (union | tf.logical_not(asked)[:, None])
+                return tf.cond(tf.reduce_all(asked), lambda: union,
+                               lambda: union | tf.logical_not(asked)[:, None])
 
-            ok = tf.cond(tf.reduce_any(asked), restrict, lambda ok=ok: ok)
+            if ok is None:
+                ok = tf.cond(tf.reduce_any(asked), clause,
+                             lambda: tf.ones(everyone, tf.bool))
+            else:
+                ok = tf.cond(tf.reduce_any(asked),
+                             lambda ok=ok, clause=clause: ok & clause(),
+                             lambda ok=ok: ok)
+        if ok is None:
+            ok = tf.ones(everyone, tf.bool)
         row, _, position, found, _ = self._lookup(deny, "deny")
 
         def remove(ok=ok) -> tf.Tensor:
             return ok & tf.logical_not(self._union(row, position, found, batch))
 
         return tf.cond(tf.reduce_any(found), remove, lambda: ok)
+
+
+def count_passing(passing: tf.Tensor) -> tf.Tensor:
+    """int64 ``[batch]``: True values per row of a bool ``[batch, N]`` mask.
+
+    Counts eight bytes at a time (``PopulationCount`` of the mask's bytes
+    read as uint64), which reads the mask once instead of summing a float
+    copy of it.
+
+    >>> count_passing(tf.constant([[True, False, True], [False] * 3])).numpy()
+    array([2, 0])
+    """
+    batch = tf.shape(passing)[0]
+    size = passing.shape[1]
+    bytes_ = tf.cast(passing, tf.uint8)
+    if size is None or size % 8:
+        bytes_ = tf.pad(bytes_, [[0, 0], [0, (-tf.shape(passing)[1]) % 8]])
+    words = tf.bitcast(tf.reshape(bytes_, tf.stack([batch, -1, 8])), tf.uint64)
+    return tf.reduce_sum(tf.cast(tf.raw_ops.PopulationCount(x=words), tf.int64),
+                         axis=1)
 
 
 def dense_scores(queries: tf.Tensor, vectors: tf.Tensor) -> tf.Tensor:
@@ -329,7 +359,7 @@ def exact_search(
         first; missing results (fewer pass than ``n``) have a NaN score.
     """
     batch = tf.shape(passing)[0]
-    counts = tf.reduce_sum(tf.cast(passing, tf.int64), axis=1)
+    counts = count_passing(passing)
 
     def single() -> tuple[tf.Tensor, tf.Tensor]:  # one query row: no table
         candidate = tf.where(passing[0])[:, 0]
@@ -375,4 +405,5 @@ def exact_search(
     return tf.where(missing, tf.constant(np.nan, tf.float32), values), indices
 
 
-__all__ = ["DENSE_SHARE", "GATHER_LIMIT", "Restricts", "dense_scores", "exact_search"]
+__all__ = ["DENSE_SHARE", "GATHER_LIMIT", "Restricts", "count_passing", "dense_scores",
+           "exact_search"]
