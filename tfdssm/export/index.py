@@ -399,6 +399,10 @@ class ScannRetrieval(RetrievalModule):
     """
 
     kind = "scann"
+    # Filters: choose oversample / exact per row. False sends a batch with
+    # one selective row down the exact path whole (the earlier behaviour,
+    # kept for benchmarks/filters.py to compare against).
+    split_rows = True
 
     def __init__(
         self,
@@ -515,7 +519,8 @@ class ScannRetrieval(RetrievalModule):
             tf.reduce_all(count >= self.num_candidates), unfiltered,
             lambda: tf.cond(
                 tf.reduce_all(row_exact), exact,
-                lambda: tf.cond(tf.reduce_any(row_exact), mixed, approximate)))
+                lambda: tf.cond(tf.reduce_any(row_exact),
+                                mixed if self.split_rows else exact, approximate)))
 
     def _oversample(
         self, queries: tf.Tensor, n: tf.Tensor, passing: tf.Tensor, count: tf.Tensor
