@@ -233,7 +233,7 @@ def test_scann_filtered_recall_holds_where_the_index_searches_a_quarter():
     ids = [str(i) for i in range(n)]
     module = index.ScannRetrieval(encode, spec, embeddings, ids, max_k=10,
                                   restricts=restrict)
-    assert module.filter_leaves == 2 * module.options["num_leaves_to_search"] < 141
+    assert module.filter_leaves == 3 * module.options["num_leaves_to_search"] < 141
     queries = rng.normal(size=[40, dim]).astype(np.float32)
     scores = queries @ embeddings.T
     ok_half = np.zeros(n, bool)

@@ -41,12 +41,12 @@ allowed tokens in every namespace the row allows tokens in, and none of the
 denied ones. The brute-force model scores the passing candidates exactly
 (:func:`tfdssm.export.restricts.exact_search`). The ScaNN model oversamples:
 it asks the index for ``2 * wanted * N / passing + wanted`` neighbours,
-searching ``FILTER_LEAVES`` (2) times the index's leaves and re-scoring
+searching ``FILTER_LEAVES`` (3) times the index's leaves and re-scoring
 ``reorder * N / passing`` candidates exactly (as many passing ones as an
 unfiltered search re-scores), keeps the passing ones, and falls back to exact
 scoring of the passing candidates when that number is above
 ``max_oversample`` (a selective filter), when at most ``exact_below``
-candidates pass (a quarter of what the filtered ScaNN search scans per query:
+candidates pass (a quarter of what the index's own search scans per query:
 scoring them exactly costs about the same), or when the oversampled answer
 holds fewer than ``min(wanted, passing)`` of them. The path is chosen per row
 (a batch mixing broad and selective filters is split); a batch whose rows all
@@ -78,7 +78,7 @@ RESERVED_INPUTS = ("k", "exclude", "allow", "deny")
 OVERSAMPLE = 2.0  # ScaNN filters: expected passing neighbours / wanted
 MAX_OVERSAMPLE = 2000  # ScaNN filters: at least this many neighbours may be asked
 EXACT_SHARE = 0.25  # ScaNN filters: exact when passing <= this x candidates scanned
-FILTER_LEAVES = 2  # ScaNN filters: search this many times the index's leaves
+FILTER_LEAVES = 3  # ScaNN filters: search this many times the index's leaves
 
 
 def scann_options(num_candidates: int, max_k: int = DEFAULT_MAX_K) -> dict[str, Any]:
@@ -452,12 +452,12 @@ class ScannRetrieval(RetrievalModule):
             self.filter_leaves, scanned = -1, float(self.num_candidates)
         else:
             leaves = int(self.options["num_leaves"])
-            self.filter_leaves = min(
-                leaves, FILTER_LEAVES * int(self.options["num_leaves_to_search"]))
-            scanned = self.num_candidates * self.filter_leaves / leaves
+            own = int(self.options["num_leaves_to_search"])
+            self.filter_leaves = min(leaves, FILTER_LEAVES * own)
+            scanned = self.num_candidates * own / leaves
         # ... and at most this many passing candidates are scored exactly
-        # anyway: a quarter of what ScaNN scores approximately per query, so
-        # gathering and scoring them costs about what ScaNN's scan does.
+        # anyway: a quarter of what the index's own search scans per query
+        # (gathering and scoring them costs about what that scan does).
         self.exact_below = int(scanned * EXACT_SHARE)
 
     def search(
