@@ -14,8 +14,8 @@ scattering its long posting list per request; rarer tokens are scattered from
 their postings. The cost is ``O(batch * num_candidates)`` element-wise work
 plus the length of the rare posting lists named in the request. Stock
 TensorFlow ops only (fingerprint lookup, ``searchsorted``, ``scatter_nd``,
-``unsorted_segment_max``), so the brute-force model keeps serving on stock TF
-Serving.
+``gather``, ``PopulationCount``), so the brute-force model keeps serving on
+stock TF Serving.
 
 :func:`exact_search` scores the passing candidates exactly: when few pass (at
 most ``gather_limit`` over the batch) it gathers only their embeddings, else
