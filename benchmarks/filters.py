@@ -11,7 +11,12 @@ signatures run. For each filter: recall@10 of the ScaNN model's answer
 against the exact filtered top 10 (numpy), queries/s of the ScaNN model and of
 the brute-force model, and which path ScaNN took (oversample + filter, or the
 exact fallback). The unfiltered ScaNN ``top_k`` in the same run is the
-baseline.
+baseline. Also, in the same run: the 50 % filter searching only the index's
+own leaves (``filter_leaves = num_leaves_to_search``, before the wider
+filtered search); batches of 8 queries mixing seven 50 % rows and one 0.1 %
+row, with the path chosen per row vs per batch (``split_rows``); and the cost
+of building each filter's mask from dense vectors (default) vs from posting
+lists only (``dense_share=1``).
 
     python -m benchmarks.run --suite filters [--quick]
 """
@@ -103,6 +108,54 @@ def _caller(module: index.RetrievalModule, token: str | None) -> Any:
     return fn
 
 
+def _batched(module: index.RetrievalModule, queries: np.ndarray,
+             tokens: list[str]) -> tuple[float, list[list[int]]]:
+    """Queries/s and ids of ``top_k_filter`` in batches of ``len(tokens)``
+    rows, row ``i`` allowing ``tokens[i]``."""
+    size = len(tokens)
+    k = tf.constant([K] * size)
+    exclude = tf.zeros([size, 0], tf.string)
+    allow = tf.constant([[t] for t in tokens])
+    deny = tf.constant([[""]] * size)
+    fn = tf.function(
+        lambda q: module.top_k({"q": q}, k, exclude, allow, deny)["ids"])
+    raw = [tf.constant([q.tobytes() for q in queries[i:i + size]])
+           for i in range(0, len(queries) - size + 1, size)]
+    fn(raw[0])
+    found = []
+    start = time.perf_counter()
+    for q in raw:
+        found.extend(fn(q).numpy())
+    qps = len(raw) * size / (time.perf_counter() - start)
+    return qps, [[int(i) for i in row if i] for row in found]
+
+
+def _mask_ms(n: int) -> list[list[Any]]:
+    """Milliseconds to build one query's mask per filter token: dense vectors
+    (default ``dense_share``) vs posting lists only."""
+    rng = np.random.default_rng(1)
+    postings = {f"{name}=in": np.sort(rng.choice(n, max(1, round(n * p)),
+                                                 replace=False))
+                for name, p in FILTERS.values()}
+    names = [name for name, _ in FILTERS.values()]
+    times: dict[float, list[float]] = {}
+    for share in (restricts.DENSE_SHARE, 1.0):
+        module = restricts.Restricts(names, postings, n, dense_share=share)
+        times[share] = []
+        for name, _ in FILTERS.values():
+            allow, deny = tf.constant([[f"{name}=in"]]), tf.constant([[""]])
+            fn = tf.function(lambda a, d, m=module: m.passing(a, d)[0, 0])
+            fn(allow, deny)
+            start = time.perf_counter()
+            for _ in range(100):
+                fn(allow, deny)
+            times[share].append((time.perf_counter() - start) * 10)
+        del module
+    return [[label, times[1.0][i], times[restricts.DENSE_SHARE][i],
+             times[1.0][i] / times[restricts.DENSE_SHARE][i]]
+            for i, label in enumerate(FILTERS)]
+
+
 def _run_queries(fn: Any, queries: np.ndarray) -> tuple[float, list[list[int]]]:
     raw = [tf.constant([q.tobytes()]) for q in queries]
     fn(raw[0])  # trace
@@ -150,6 +203,36 @@ def _regime(n: int, num_queries: int, noise: float | None) -> tuple[list, float]
                 and passing.sum() > scann.exact_below else "exact")
         rows.append([label, f"{int(passing.sum()):,}", _recall(found, truth), qps,
                      qps / base_qps, path, brute_qps])
+        if label == "50 %":  # the same, searching only the index's own leaves
+            wide = scann.filter_leaves
+            scann.filter_leaves = scann.options.get("num_leaves_to_search", -1)
+            own_qps, own = _run_queries(_caller(scann, token), queries)
+            scann.filter_leaves = wide
+            rows.append(["50 %, index's own leaves (before)",
+                         f"{int(passing.sum()):,}", _recall(own, truth), own_qps,
+                         own_qps / base_qps, path, ""])
+    # Batches of 8: seven 50 % rows and one 0.1 % row.
+    mixed = ["half=in"] * 7 + ["thousandth=in"]
+    truth = {}
+    for name in ("half=in", "thousandth=in"):
+        passing = np.zeros(n, bool)
+        passing[postings[name]] = True
+        truth[name] = exact_top(points, queries, passing)
+    usable = len(queries) // 8 * 8
+    want = np.stack([truth[mixed[i % 8]][i] for i in range(usable)])
+    batch_rows = []
+    for split in (True, False):
+        scann.split_rows = split
+        qps, found = _batched(scann, queries[:usable], mixed)
+        batch_rows.append(
+            [f"ScaNN, path per {'row' if split else 'batch'}",
+             _recall(found, want), qps])
+    scann.split_rows = True
+    brute_qps, _ = _batched(brute, queries[:32], mixed)
+    batch_rows.append(["brute force (exact)", 1.0, brute_qps])
+    for row in batch_rows:
+        row.append(row[2] / batch_rows[1][2])
+    rows.append(batch_rows)
     del scann, brute, points
     gc.collect()
     return rows, build
@@ -161,6 +244,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     parts = []
     for regime, noise in REGIMES.items():
         rows, build = _regime(n, num_queries, noise)
+        batch_rows = rows.pop()
         what = ("uniform on the sphere, random queries" if noise is None else
                 f"1,000 centres + noise {noise}, perturbed candidates as queries")
         parts.append(
@@ -168,10 +252,18 @@ def run(quick: bool = False) -> dict[str, Any]:
             + common.table(["filter passes", "candidates passing",
                             "ScaNN recall@10 vs exact filtered", "ScaNN q/s",
                             "q/s vs unfiltered ScaNN", "ScaNN path",
-                            "brute force q/s (exact)"], rows))
+                            "brute force q/s (exact)"], rows)
+            + "\n\nBatches of 8 rows (seven 50 %, one 0.1 %):\n\n"
+            + common.table(["model", "recall@10 vs exact filtered", "q/s",
+                            "q/s vs path per batch"], batch_rows))
+    masks = common.table(["filter passes", "posting lists only (ms)",
+                          "dense vectors for broad tokens (ms)", "speed-up"],
+                         _mask_ms(n))
     markdown = (
         f"### Filtered retrieval: `top_k_filter` ({n:,} unit vectors, dim {DIM}, "
         f"top-{K}, one query per call)\n\n" + "\n\n".join(parts)
+        + "\n\n#### Building one query's mask (`Restricts.passing`, wall "
+        "time)\n\n" + masks
         + f"\n\nBaseline: the unfiltered ScaNN `top_k` of the same index in the "
         f"same run (first row of each table). Peak RSS "
         f"{common.peak_rss_mb():.0f} MiB. Target: recall@10 ≥ 0.95 for each filter.")

@@ -40,13 +40,17 @@ columns are chosen at export): a candidate passes when it has one of the
 allowed tokens in every namespace the row allows tokens in, and none of the
 denied ones. The brute-force model scores the passing candidates exactly
 (:func:`tfdssm.export.restricts.exact_search`). The ScaNN model oversamples:
-it asks the index for ``2 * wanted * N / passing + wanted`` neighbours, keeps
-the passing ones, and falls back to exact scoring of the passing candidates
-when that number is above ``max_oversample`` (a selective filter), when at
-most ``exact_below`` candidates pass (a quarter of what the ScaNN tree scans
-per query: scoring them exactly costs about the same), or when the
-oversampled answer holds fewer than ``min(wanted, passing)`` of them. The
-decision is per batch: one selective row sends the batch to the exact path.
+it asks the index for ``2 * wanted * N / passing + wanted`` neighbours,
+searching ``FILTER_LEAVES`` (3) times the index's leaves and re-scoring
+``reorder * N / passing`` candidates exactly (as many passing ones as an
+unfiltered search re-scores), keeps the passing ones, and falls back to exact
+scoring of the passing candidates when that number is above
+``max_oversample`` (a selective filter), when at most ``exact_below``
+candidates pass (a quarter of what the index's own search scans per query:
+scoring them exactly costs about the same), or when the oversampled answer
+holds fewer than ``min(wanted, passing)`` of them. The path is chosen per row
+(a batch mixing broad and selective filters is split); a batch whose rows all
+pass everything (an empty filter) is searched exactly as ``top_k`` does.
 A filter nothing passes gives ``""`` ids and ``-inf`` scores. Tokens that are
 not ``namespace=token`` or name an unknown namespace fail with
 ``INVALID_ARGUMENT``.
@@ -66,7 +70,7 @@ import tensorflow as tf
 from tfdssm.errors import ConfigError, ExportError
 from tfdssm.export import native_logs
 from tfdssm.export.hybrid import Hybrid
-from tfdssm.export.restricts import Restricts, exact_search
+from tfdssm.export.restricts import Restricts, count_passing, exact_search
 from tfdssm.model import multihead
 
 DEFAULT_MAX_K = 100
@@ -75,6 +79,7 @@ RESERVED_INPUTS = ("k", "exclude", "allow", "deny")
 OVERSAMPLE = 2.0  # ScaNN filters: expected passing neighbours / wanted
 MAX_OVERSAMPLE = 2000  # ScaNN filters: at least this many neighbours may be asked
 EXACT_SHARE = 0.25  # ScaNN filters: exact when passing <= this x candidates scanned
+FILTER_LEAVES = 3  # ScaNN filters: search this many times the index's leaves
 
 
 def scann_options(num_candidates: int, max_k: int = DEFAULT_MAX_K) -> dict[str, Any]:
@@ -84,10 +89,10 @@ def scann_options(num_candidates: int, max_k: int = DEFAULT_MAX_K) -> dict[str, 
     * otherwise a k-means tree with ``min(sqrt(N), N / 100)`` leaves (>= ~100
       candidates each), searching ``max(25 %, 5000 / N)`` of them (all leaves
       up to 5,000 candidates; 5 % lost a third of the recall@10 on diffuse
-      128-d data, ``benchmarks/retrieval.py``), anisotropic hashing (2 dimensions per block,
-      threshold 0.2) and exact float re-scoring of the best 200 (500 above
-      250,000 candidates; at least ``2 * max_k``, and more when a request asks
-      for more).
+      128-d data, ``benchmarks/retrieval.py``), anisotropic hashing (2
+      dimensions per block, threshold 0.2) and exact float re-scoring of the
+      best 200 (500 above 250,000 candidates; at least ``2 * max_k``, and more
+      when a request asks for more).
 
     >>> scann_options(500)["mode"]
     'brute_force'
@@ -395,6 +400,10 @@ class ScannRetrieval(RetrievalModule):
     """
 
     kind = "scann"
+    # Filters: choose oversample / exact per row. False sends a batch with
+    # one selective row down the exact path whole (the earlier behaviour,
+    # kept for benchmarks/filters.py to compare against).
+    split_rows = True
 
     def __init__(
         self,
@@ -439,59 +448,131 @@ class ScannRetrieval(RetrievalModule):
         # candidates exactly instead.
         self.max_oversample = min(self.num_candidates,
                                   max(MAX_OVERSAMPLE, 4 * self.reorder))
+        # A filtered search scans FILTER_LEAVES times the leaves (the index's
+        # own recall is its ceiling; the mask costs more than the wider scan).
+        if mode == "brute_force":
+            self.filter_leaves, scanned = -1, float(self.num_candidates)
+        else:
+            leaves = int(self.options["num_leaves"])
+            own = int(self.options["num_leaves_to_search"])
+            self.filter_leaves = min(leaves, FILTER_LEAVES * own)
+            scanned = self.num_candidates * own / leaves
         # ... and at most this many passing candidates are scored exactly
-        # anyway: a quarter of what ScaNN scores approximately per query, so
-        # gathering and scoring them costs about what ScaNN's scan does.
-        scanned = (self.num_candidates if mode == "brute_force" else
-                   self.num_candidates * self.options["num_leaves_to_search"]
-                   / self.options["num_leaves"])
+        # anyway: a quarter of what the index's own search scans per query
+        # (gathering and scoring them costs about what that scan does).
         self.exact_below = int(scanned * EXACT_SHARE)
 
-    def search(self, queries: tf.Tensor, n: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def search(
+        self,
+        queries: tf.Tensor,
+        n: tf.Tensor,
+        leaves: int = -1,
+        pre_reorder: tf.Tensor | None = None,
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """As :meth:`RetrievalModule.search`; ``leaves`` (-1: the index's
+        own) and ``pre_reorder`` (default ``max(n, reorder)``) override the
+        index's search parameters for one call."""
         handle = self.searcher.recreate_handle()  # created once per loaded model
-        pre_reorder = tf.maximum(n, self.reorder) if self.reorder else n
+        if pre_reorder is None:
+            pre_reorder = tf.maximum(n, self.reorder) if self.reorder else n
         parallel = tf.shape(queries)[0] >= 16
         result = _scann_ops().scann_search_batched(
-            handle, queries, n, pre_reorder, -1, parallel)
+            handle, queries, n, pre_reorder, leaves, parallel)
         return result.distances, result.indices
 
     def search_filtered(
         self, queries: tf.Tensor, n: tf.Tensor, passing: tf.Tensor
     ) -> tuple[tf.Tensor, tf.Tensor]:
-        """Oversample-and-filter with an exact fallback (see the module doc)."""
-        count = tf.reduce_sum(tf.cast(passing, tf.float32), axis=1)  # [batch]
-        wanted = tf.cast(n, tf.float32)
-        asked = tf.math.ceil(OVERSAMPLE * wanted * self.num_candidates
-                             / tf.maximum(count, 1.0)) + wanted
-        most = tf.reduce_max(asked)
-        oversampled = (most <= self.max_oversample) & (
-            tf.reduce_min(count) > self.exact_below)
+        """Oversample-and-filter with an exact fallback (see the module doc),
+        chosen per row: a batch mixing broad and selective filters sends
+        each row down its own path."""
+        count = tf.cast(count_passing(passing), tf.float32)  # [batch]
+        asked = tf.math.ceil(OVERSAMPLE * tf.cast(n, tf.float32)
+                             * self.num_candidates / tf.maximum(count, 1.0))
+        row_exact = ((asked + tf.cast(n, tf.float32) > self.max_oversample)
+                     | (count <= self.exact_below))
 
         def exact() -> tuple[tf.Tensor, tf.Tensor]:
             return exact_search(self.embeddings, queries, passing, n)
 
         def approximate() -> tuple[tf.Tensor, tf.Tensor]:
-            m = tf.cast(tf.minimum(most, float(self.num_candidates)), tf.int32)
-            heads = queries.shape[1] if queries.shape.rank == 3 else 1
-            mask = tf.repeat(passing, heads, axis=0) if heads > 1 else passing
+            return self._oversample(queries, n, passing, count)
 
-            def keep_passing(rows: tf.Tensor, size: tf.Tensor):
-                scores, indices = self.search(rows, size)
-                ok = (tf.gather(mask, tf.maximum(indices, 0), batch_dims=1)
-                      & (indices >= 0) & tf.logical_not(tf.math.is_nan(scores)))
-                scores = tf.where(ok, scores, tf.constant(-np.inf, tf.float32))
-                best = tf.math.top_k(scores, tf.minimum(n, tf.shape(scores)[1]))
-                chosen = tf.gather(indices, best.indices, batch_dims=1)
-                return (tf.where(tf.math.is_inf(best.values),
-                                 tf.constant(np.nan, tf.float32), best.values), chosen)
+        def mixed() -> tuple[tf.Tensor, tf.Tensor]:
+            rows = [tf.where(tf.logical_not(row_exact))[:, 0],
+                    tf.where(row_exact)[:, 0]]
+            parts = [self._oversample(tf.gather(queries, rows[0]), n,
+                                      tf.gather(passing, rows[0]),
+                                      tf.gather(count, rows[0])),
+                     exact_search(self.embeddings, tf.gather(queries, rows[1]),
+                                  tf.gather(passing, rows[1]), n)]
+            width = tf.maximum(tf.shape(parts[0][0])[1], tf.shape(parts[1][0])[1])
+            parts = [_pad_columns(scores, indices, width)
+                     for scores, indices in parts]
+            rows = [tf.cast(r, tf.int32) for r in rows]
+            return (tf.dynamic_stitch(rows, [p[0] for p in parts]),
+                    tf.dynamic_stitch(rows, [p[1] for p in parts]))
 
-            scores, indices = multihead.search_heads(keep_passing, queries, m)
-            found = tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_nan(scores)),
-                                          tf.float32), axis=1)
-            enough = tf.reduce_all(found >= tf.minimum(wanted, count))
-            return tf.cond(enough, lambda: (scores, tf.cast(indices, tf.int32)), exact)
+        def unfiltered() -> tuple[tf.Tensor, tf.Tensor]:  # exactly top_k's search
+            scores, indices = multihead.search_heads(self.search, queries, n)
+            return scores, tf.cast(indices, tf.int32)
 
-        return tf.cond(oversampled, approximate, exact)
+        return tf.cond(
+            tf.reduce_all(count >= self.num_candidates), unfiltered,
+            lambda: tf.cond(
+                tf.reduce_all(row_exact), exact,
+                lambda: tf.cond(tf.reduce_any(row_exact),
+                                mixed if self.split_rows else exact, approximate)))
+
+    def _oversample(
+        self, queries: tf.Tensor, n: tf.Tensor, passing: tf.Tensor, count: tf.Tensor
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """Asks ScaNN for ``OVERSAMPLE * n * N / passing + n`` neighbours
+        (searching ``filter_leaves`` leaves, re-scoring ``reorder * N /
+        passing``) and keeps the best passing ``n``; the rows fall back to
+        :func:`exact_search` when that finds fewer than ``min(n, passing)``.
+
+        Args:
+            queries: float32 ``[rows, dim]`` or ``[rows, heads, dim]``.
+            n: int32 scalar.
+            passing: bool ``[rows, N]``.
+            count: float32 ``[rows]``, candidates passing per row.
+
+        Returns:
+            ``(scores [rows, <= n], indices int32 [rows, <= n])``; NaN score =
+            missing.
+        """
+        wanted = tf.cast(n, tf.float32)
+        fewest = tf.maximum(tf.reduce_min(count), 1.0)
+        most = tf.math.ceil(OVERSAMPLE * wanted * self.num_candidates / fewest
+                            ) + wanted
+        m = tf.cast(tf.minimum(most, float(self.num_candidates)), tf.int32)
+        # Re-score reorder / pass fraction: as many passing candidates as an
+        # unfiltered search re-scores.
+        reorder = tf.cast(tf.minimum(
+            tf.math.ceil(self.reorder * self.num_candidates / fewest),
+            float(self.num_candidates)), tf.int32)
+        heads = queries.shape[1] if queries.shape.rank == 3 else 1
+        mask = tf.repeat(passing, heads, axis=0) if heads > 1 else passing
+
+        def keep_passing(rows: tf.Tensor, size: tf.Tensor):
+            pre_reorder = tf.maximum(size, reorder) if self.reorder else size
+            scores, indices = self.search(rows, size, self.filter_leaves,
+                                          pre_reorder)
+            ok = (tf.gather(mask, tf.maximum(indices, 0), batch_dims=1)
+                  & (indices >= 0) & tf.logical_not(tf.math.is_nan(scores)))
+            scores = tf.where(ok, scores, tf.constant(-np.inf, tf.float32))
+            best = tf.math.top_k(scores, tf.minimum(n, tf.shape(scores)[1]))
+            chosen = tf.gather(indices, best.indices, batch_dims=1)
+            return (tf.where(tf.math.is_inf(best.values),
+                             tf.constant(np.nan, tf.float32), best.values), chosen)
+
+        scores, indices = multihead.search_heads(keep_passing, queries, m)
+        found = tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_nan(scores)),
+                                      tf.float32), axis=1)
+        enough = tf.reduce_all(found >= tf.minimum(wanted, count))
+        return tf.cond(enough, lambda: (scores, tf.cast(indices, tf.int32)),
+                       lambda: exact_search(self.embeddings, queries, passing, n))
 
     def save_options(self) -> tf.saved_model.SaveOptions:
         return tf.saved_model.SaveOptions(namespace_whitelist=["Scann"])
@@ -501,8 +582,20 @@ class ScannRetrieval(RetrievalModule):
         if self.filters:
             out["filter"] = {"oversample": OVERSAMPLE,
                              "max_oversample": self.max_oversample,
-                             "exact_below": self.exact_below}
+                             "exact_below": self.exact_below,
+                             "leaves_to_search": self.filter_leaves,
+                             "reorder": "reorder * N / passing"}
         return out
+
+
+def _pad_columns(
+    scores: tf.Tensor, indices: tf.Tensor, width: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Pads ``[rows, <= width]`` results to ``width`` columns (NaN score =
+    missing)."""
+    extra = [[0, 0], [0, width - tf.shape(scores)[1]]]
+    return (tf.pad(scores, extra, constant_values=np.nan),
+            tf.pad(tf.cast(indices, tf.int32), extra))
 
 
 def _scann_ops() -> Any:

@@ -7,10 +7,15 @@ The retrieval SavedModels (:mod:`tfdssm.export.index`) hold a
 carrying it). A request's ``allow`` and ``deny`` (string ``[batch, n]``,
 ``""`` padding) become a bool ``[batch, num_candidates]`` mask of passing
 candidates: OR over the allowed tokens of a namespace, AND over namespaces,
-minus every candidate with a denied token. The cost is ``O(batch *
-num_candidates)`` element-wise work plus the length of the posting lists named
-in the request. Stock TensorFlow ops only (fingerprint lookup, ``searchsorted``,
-``scatter_nd``), so the brute-force model keeps serving on stock TF Serving.
+minus every candidate with a denied token. A token carried by more than
+``dense_share`` of the corpus (1/32 by default) is also kept as a precomputed
+byte vector over the corpus, so a broad token costs one ``[N]`` copy instead of
+scattering its long posting list per request; rarer tokens are scattered from
+their postings. The cost is ``O(batch * num_candidates)`` element-wise work
+plus the length of the rare posting lists named in the request. Stock
+TensorFlow ops only (fingerprint lookup, ``searchsorted``, ``scatter_nd``,
+``gather``, ``PopulationCount``), so the brute-force model keeps serving on
+stock TF Serving.
 
 :func:`exact_search` scores the passing candidates exactly: when few pass (at
 most ``gather_limit`` over the batch) it gathers only their embeddings, else
@@ -29,6 +34,7 @@ from tfdssm.errors import ExportError
 from tfdssm.export.tokens import check_columns, postings
 
 GATHER_LIMIT = 262_144  # passing (row, candidate) pairs scored by gathering
+DENSE_SHARE = 1 / 32  # tokens on more of the corpus also get a dense byte vector
 _FINGERPRINTS = 2**63 - 1  # to_hash_bucket_fast buckets: the full int64 range
 
 
@@ -39,6 +45,11 @@ class Restricts(tf.Module):
         namespaces: The namespaces (restrict columns), in export order.
         postings: ``{"namespace=token": candidate row indices}``.
         num_candidates: Corpus size.
+        dense_share: Tokens carried by more than this share of the corpus are
+            also stored as a ``uint8 [num_candidates]`` vector (memory: at
+            most ``1 / dense_share`` bytes per posting, 4x the int64 postings
+            at the default 1/32); ``1.0`` disables, ``0.0`` makes every token
+            dense.
 
     Use :meth:`from_tokens` to build it from per-candidate token dicts.
     """
@@ -49,6 +60,7 @@ class Restricts(tf.Module):
         postings: Mapping[str, Sequence[int] | np.ndarray],
         num_candidates: int,
         name: str | None = None,
+        dense_share: float = DENSE_SHARE,
     ) -> None:
         super().__init__(name=name or "restricts")
         self.namespaces = tuple(check_columns(namespaces, namespaces))
@@ -84,6 +96,19 @@ class Restricts(tf.Module):
         self.splits = tf.Variable(splits, trainable=False, name="posting_splits")
         self.postings = tf.Variable(flat.astype(np.int64), trainable=False,
                                     name="postings")
+        # Broad tokens: row dense_row[position] of the dense table; row 0 is
+        # all False (the rare tokens and the sentinel point there).
+        broad = [i for i in order if len(lists[i]) > dense_share
+                 * self.num_candidates]
+        table = np.zeros([len(broad) + 1, self.num_candidates], bool)
+        for at, i in enumerate(broad, start=1):
+            table[at, lists[i]] = True
+        where = {i: at for at, i in enumerate(broad, start=1)}
+        self.num_dense = len(broad)
+        self.dense_row = tf.Variable(
+            np.array([where.get(i, 0) for i in order], np.int64),
+            trainable=False, name="dense_row")
+        self.dense = tf.Variable(table, trainable=False, name="dense_tokens")
 
     @classmethod
     def from_tokens(
@@ -93,14 +118,15 @@ class Restricts(tf.Module):
         (:func:`tfdssm.export.tokens.candidate_tokens`).
 
         >>> Restricts.from_tokens([{"g": ["a", "b"]}, {"g": ["b"]}], ["g"]).describe()
-        {'namespaces': ['g'], 'tokens': 2, 'postings': 3}
+        {'namespaces': ['g'], 'tokens': 2, 'postings': 3, 'dense_tokens': 2}
         """
         return cls(namespaces, postings(tokens, namespaces), len(tokens))
 
     def describe(self) -> dict[str, Any]:
         """What ``export.json`` records about the in-graph tokens."""
         return {"namespaces": list(self.namespaces), "tokens": self.num_tokens,
-                "postings": int(self.splits[-1].numpy())}
+                "postings": int(self.splits[-1].numpy()),
+                "dense_tokens": self.num_dense}
 
     def _lookup(self, tokens: tf.Tensor, what: str) -> tuple[tf.Tensor, ...]:
         """Parses and looks up ``[batch, n]`` request tokens (flattened).
@@ -195,12 +221,52 @@ class Restricts(tf.Module):
                        count)
         return tf.reshape(mask, tf.stack([batch, self.num_candidates]))
 
+    def _union(self, row: tf.Tensor, position: tf.Tensor, keep: tf.Tensor,
+               batch: tf.Tensor) -> tf.Tensor:
+        """bool ``[batch, num_candidates]``: per request row, the candidates
+        carrying any of the kept request tokens.
+
+        Broad tokens are read from the dense table (one row copy and OR per
+        token and request row); the others are marked from their posting
+        lists.
+
+        Args:
+            row, position: int64 ``[batch * width]``: request row and
+                vocabulary position of each request token, row-major.
+            keep: bool ``[batch * width]``: the tokens to take.
+            batch: Request rows.
+        """
+        dense_row = tf.where(keep, tf.gather(self.dense_row, position), 0)
+        broad = dense_row > 0
+        rare = keep & tf.logical_not(broad)
+
+        def marked() -> tf.Tensor:
+            return self._mark(self._cells(row, position, rare, batch), batch)
+
+        def dense() -> tf.Tensor:
+            # [batch, width] table rows, the broad ones first in each row.
+            table_rows = tf.reshape(dense_row, tf.stack([batch, -1]))
+            table_rows = tf.sort(table_rows, axis=1, direction="DESCENDING")
+            count = tf.reduce_max(tf.reduce_sum(
+                tf.cast(table_rows > 0, tf.int32), axis=1))
+            mask = tf.gather(self.dense, table_rows[:, 0])
+
+            def more(column: tf.Tensor, mask: tf.Tensor) -> tuple[tf.Tensor, ...]:
+                return column + 1, mask | tf.gather(self.dense, table_rows[:, column])
+
+            return tf.while_loop(lambda column, _: column < count, more,
+                                 (tf.constant(1), mask))[1]
+
+        return tf.cond(
+            tf.reduce_any(broad),
+            lambda: tf.cond(tf.reduce_any(rare), lambda: dense() | marked(), dense),
+            marked)
+
     def passing(self, allow: tf.Tensor, deny: tf.Tensor) -> tf.Tensor:
         """Which candidates pass each row's filter.
 
-        One pass over the posting lists the request names, one mark
-        (scatter or ``bincount``) per namespace asked for and one for the
-        denied tokens.
+        One union of the named tokens (dense rows and/or marked posting
+        lists) per namespace asked for and one for the denied tokens.
 
         Args:
             allow: string ``[batch, n]``, ``namespace=token`` or ``""``.
@@ -214,25 +280,53 @@ class Restricts(tf.Module):
         """
         batch = tf.shape(allow)[0]
         width = tf.shape(allow)[1]
-        ok = tf.ones(tf.stack([batch, self.num_candidates]), tf.bool)
+        everyone = tf.stack([batch, self.num_candidates])
+        ok = None  # all pass (no pass over [batch, N] until a namespace asks)
         row, ns_id, position, found, present = self._lookup(allow, "allow")
         for index in range(len(self.namespaces)):
             mine = tf.equal(ns_id, index)
             asked = tf.reduce_any(tf.reshape(present & mine, [batch, width]), axis=1)
 
-            def restrict(ok=ok, asked=asked, mine=mine) -> tf.Tensor:
-                cells = self._cells(row, position, found & mine, batch)
-                return ok & (self._mark(cells, batch)
-                             | tf.logical_not(asked)[:, None])
+            def clause(asked=asked, mine=mine) -> tf.Tensor:
+                union = self._union(row, position, found & mine, batch)
+                return tf.cond(tf.reduce_all(asked), lambda: union,
+                               lambda: union | tf.logical_not(asked)[:, None])
 
-            ok = tf.cond(tf.reduce_any(asked), restrict, lambda ok=ok: ok)
+            if ok is None:
+                ok = tf.cond(tf.reduce_any(asked), clause,
+                             lambda: tf.ones(everyone, tf.bool))
+            else:
+                ok = tf.cond(tf.reduce_any(asked),
+                             lambda ok=ok, clause=clause: ok & clause(),
+                             lambda ok=ok: ok)
+        if ok is None:
+            ok = tf.ones(everyone, tf.bool)
         row, _, position, found, _ = self._lookup(deny, "deny")
 
         def remove(ok=ok) -> tf.Tensor:
-            cells = self._cells(row, position, found, batch)
-            return ok & tf.logical_not(self._mark(cells, batch))
+            return ok & tf.logical_not(self._union(row, position, found, batch))
 
         return tf.cond(tf.reduce_any(found), remove, lambda: ok)
+
+
+def count_passing(passing: tf.Tensor) -> tf.Tensor:
+    """int64 ``[batch]``: True values per row of a bool ``[batch, N]`` mask.
+
+    Counts eight bytes at a time (``PopulationCount`` of the mask's bytes
+    read as uint64), which reads the mask once instead of summing a float
+    copy of it.
+
+    >>> count_passing(tf.constant([[True, False, True], [False] * 3])).numpy()
+    array([2, 0])
+    """
+    batch = tf.shape(passing)[0]
+    size = passing.shape[1]
+    bytes_ = tf.cast(passing, tf.uint8)
+    if size is None or size % 8:
+        bytes_ = tf.pad(bytes_, [[0, 0], [0, (-tf.shape(passing)[1]) % 8]])
+    words = tf.bitcast(tf.reshape(bytes_, tf.stack([batch, -1, 8])), tf.uint64)
+    return tf.reduce_sum(tf.cast(tf.raw_ops.PopulationCount(x=words), tf.int64),
+                         axis=1)
 
 
 def dense_scores(queries: tf.Tensor, vectors: tf.Tensor) -> tf.Tensor:
@@ -265,7 +359,7 @@ def exact_search(
         first; missing results (fewer pass than ``n``) have a NaN score.
     """
     batch = tf.shape(passing)[0]
-    counts = tf.reduce_sum(tf.cast(passing, tf.int64), axis=1)
+    counts = count_passing(passing)
 
     def single() -> tuple[tf.Tensor, tf.Tensor]:  # one query row: no table
         candidate = tf.where(passing[0])[:, 0]
@@ -311,4 +405,5 @@ def exact_search(
     return tf.where(missing, tf.constant(np.nan, tf.float32), values), indices
 
 
-__all__ = ["GATHER_LIMIT", "Restricts", "dense_scores", "exact_search"]
+__all__ = ["DENSE_SHARE", "GATHER_LIMIT", "Restricts", "count_passing", "dense_scores",
+           "exact_search"]
