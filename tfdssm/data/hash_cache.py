@@ -198,7 +198,7 @@ def hash_texts(layer: TextEmbedding, texts: np.ndarray,
         owner = weakref.ref(layer)  # the cache must not keep the layer alive
         hash_ids = _HASHERS[layer] = tf.function(
             lambda texts: owner().hash_ids(texts),
-            input_signature=[tf.TensorSpec([None], tf.string)])
+            input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
     parts = [hash_ids(tf.constant(np.asarray(texts[i:i + batch]).astype(str)))
              for i in range(0, len(texts), batch)]
     if not parts:

@@ -174,7 +174,7 @@ class RetrievalModule(tf.Module):
                                           name="candidate_embeddings")
         self.embed_query = tf.function(
             lambda features: self.query_encoder(features),
-            input_signature=[self.input_spec],
+            input_signature=[self.input_spec], autograph=False,
         )
 
     def search(self, queries: tf.Tensor, n: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -289,18 +289,18 @@ class RetrievalModule(tf.Module):
         k_spec = tf.TensorSpec([None], tf.int32, name="k")
         exclude_spec = tf.TensorSpec([None, None], tf.string, name="exclude")
 
-        @tf.function(input_signature=[spec])
+        @tf.function(input_signature=[spec], autograph=False)
         def serving_default(features):
             batch = tf.shape(next(iter(features.values())))[0]
             out = self.top_k(features, tf.fill([batch], self.max_k),
                              tf.zeros([batch, 0], tf.string))
             return {n: tf.ensure_shape(t, [None, self.max_k]) for n, t in out.items()}
 
-        @tf.function(input_signature=[spec, k_spec])
+        @tf.function(input_signature=[spec, k_spec], autograph=False)
         def top_k(features, k):
             return self.top_k(features, k, tf.zeros([tf.shape(k)[0], 0], tf.string))
 
-        @tf.function(input_signature=[spec, k_spec, exclude_spec])
+        @tf.function(input_signature=[spec, k_spec, exclude_spec], autograph=False)
         def top_k_exclude(features, k, exclude):
             return self.top_k(features, k, exclude)
 
@@ -308,7 +308,7 @@ class RetrievalModule(tf.Module):
         deny_spec = tf.TensorSpec([None, None], tf.string, name="deny")
 
         @tf.function(input_signature=[spec, k_spec, exclude_spec, allow_spec,
-                                      deny_spec])
+                                      deny_spec], autograph=False)
         def top_k_filter(features, k, exclude, allow, deny):
             return self.top_k(features, k, exclude, allow, deny)
 

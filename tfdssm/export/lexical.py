@@ -108,7 +108,7 @@ def tokenize(
     """
     words = WordIds()
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, autograph=False)
     def call(batch: tf.Tensor, length: int) -> tuple[tf.Tensor, ...]:
         code_points = words.code_points(batch, length)
         ids, valid = words.ids(code_points)

@@ -178,11 +178,11 @@ def save_towers(
     """
     module = _Towers(model)
 
-    @tf.function(input_signature=[signature_spec(model.query_tower)])
+    @tf.function(input_signature=[signature_spec(model.query_tower)], autograph=False)
     def query(features):
         return {"embedding": module.query_tower(features)}
 
-    @tf.function(input_signature=[signature_spec(model.candidate_tower)])
+    @tf.function(input_signature=[signature_spec(model.candidate_tower)], autograph=False)
     def candidate(features):
         return {"embedding": module.candidate_tower(features)}
 

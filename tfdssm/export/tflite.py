@@ -133,7 +133,8 @@ def query_function(tower: tf.keras.layers.Layer) -> tf.types.experimental.Concre
         ]
         return {"embedding": tower.combine(fields)}
 
-    return tf.function(embed, input_signature=signature).get_concrete_function()
+    return tf.function(embed, input_signature=signature,
+                       autograph=False).get_concrete_function()
 
 
 def convert(
