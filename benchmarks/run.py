@@ -3,7 +3,9 @@
     python -m benchmarks.run [--suite quality --suite hashing ...] [--quick]
                              [--readme docs/benchmarks.md]
 
-Writes ``benchmarks/results/report.md`` and PNG plots beside it; with
+Writes ``benchmarks/results/report.md`` (a full run; a run of chosen suites or
+``--quick`` writes ``report-<suites>[-quick].md`` instead, so the full run's
+report is kept) and PNG plots beside it; with
 ``--readme``, also puts the report between the README's ``bench:start`` and
 ``bench:end`` markers (a full run only: ``make bench`` does this).
 """
@@ -44,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
     report = "\n\n".join(parts) + "\n"
     common.RESULTS.mkdir(parents=True, exist_ok=True)
-    (common.RESULTS / "report.md").write_text(report)
+    name = "report"
+    if args.suite or args.quick:
+        name += "".join(f"-{s}" for s in args.suite or ())
+        name += "-quick" if args.quick else ""
+    (common.RESULTS / f"{name}.md").write_text(report)
     print(report)
     if args.readme:
         update_readme(args.readme, report)
