@@ -53,3 +53,23 @@ def test_conflicting_environment_variable(value):
     result = run("import tfdssm", TF_USE_LEGACY_KERAS=value)
     assert result.returncode != 0
     assert "TF_USE_LEGACY_KERAS is set to" in result.stderr
+
+
+def test_import_selects_the_bfc_cpu_allocator_unless_set():
+    # (This process imported tfdssm, so its environment has the variable.)
+    def allocator(code: str, value: str | None) -> str:
+        environment = {k: v for k, v in os.environ.items()
+                       if k != "TF_CPU_ALLOCATOR_USE_BFC"}
+        if value is not None:
+            environment["TF_CPU_ALLOCATOR_USE_BFC"] = value
+        result = subprocess.run(
+            [sys.executable, "-c", code + "\nimport os\n"
+             "print(os.environ.get('TF_CPU_ALLOCATOR_USE_BFC'))"],
+            capture_output=True, text=True, env=environment, timeout=300)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    assert allocator("import tfdssm", None) == "1"
+    assert allocator("import tfdssm", "0") == "0"  # the user's choice stays
+    # TensorFlow first: too late to choose an allocator, so nothing is claimed.
+    assert allocator("import tensorflow\nimport tfdssm", None) == "None"

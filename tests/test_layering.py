@@ -19,6 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "tfdssm"
 # Lowest first. A module belongs to the longest prefix listed.
 LAYERS: list[tuple[str, ...]] = [
     ("tfdssm", "tfdssm.errors", "tfdssm._keras_setup", "tfdssm._lazy",
+     "tfdssm._allocator",
      "tfdssm._compat"),
     ("tfdssm.text",),
     ("tfdssm.features",),

@@ -1,8 +1,10 @@
 """tfdssm: DSSM / two-tower retrieval in TensorFlow.
 
 Importing tfdssm selects Keras 2 (``TF_USE_LEGACY_KERAS=1``) before TensorFlow is
-loaded, as TensorFlow Recommenders requires; everything else is imported on
-first use (``tfdssm.DSSM`` loads the model, not the server).
+loaded, as TensorFlow Recommenders requires, and TensorFlow's pooling CPU
+allocator (``TF_CPU_ALLOCATOR_USE_BFC=1``, unless set; see ``_allocator``);
+everything else is imported on first use (``tfdssm.DSSM`` loads the model, not
+the server).
 
 The package is layered; each layer imports only those below it:
 
@@ -23,9 +25,11 @@ The package is layered; each layer imports only those below it:
 'tfdssm.model.dssm'
 """
 
+from tfdssm._allocator import prefer_bfc_allocator
 from tfdssm._keras_setup import ensure_keras2
 
 ensure_keras2()
+prefer_bfc_allocator()
 
 from tfdssm import _compat  # noqa: E402
 from tfdssm._lazy import lazy_attributes  # noqa: E402
