@@ -18,7 +18,7 @@ def test_info_lines_go_to_the_debug_log_and_the_rest_to_stderr(capfd, caplog):
     with caplog.at_level("DEBUG", logger="tfdssm"), native_logs.quiet_native_info():
         os.write(2, b"I0000 00:00:1796070038.07 1975 kmeans.h:90] ran in 8ms\n")
         os.write(2, b"E1130 20:13:52.100 1975 x.cc:1] a native error\n")
-        os.write(2, b"W0000 00:00:1796074931.98 4848 gmm_utils.cc:1026] zero norm centroid\n")
+        os.write(2, b"W0000 00:00:1796074931.98 4848 gmm.cc:1] zero norm\n")
         print("python's own stderr", file=sys.stderr)
     os.write(2, b"I0000 00:00:1.0 1 y.cc:2] after the block\n")
     err = capfd.readouterr().err
