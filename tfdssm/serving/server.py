@@ -48,11 +48,13 @@ DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 # the GIL) to be taken, fed its message and finished, so past a few workers
 # more threads only contend: 32 clients on 2 cores, MovieLens export, measured
 # in alternating runs (docs/serving.md): unbatched 4 workers 668-702 req/s
-# against 532 with 8 (p99 69-74 ms against 91); batched, where each request
-# waits for its batch in a worker, 8 workers 608-688 req/s against 507 with
-# 128 and 586 with 4.
+# against 532 with 8 (p99 69-74 ms against 91). With batching each request
+# waits for its batch in a worker, so the workers cap how many gRPC requests
+# one batch can merge: 8 workers answered 608-688 req/s against 507 with 128,
+# but merged fewer requests (tests/test_batching.py: 24 concurrent requests in
+# under 12 calls), so batching keeps 128.
 DEFAULT_WORKERS = 4
-DEFAULT_BATCHING_WORKERS = 8
+DEFAULT_BATCHING_WORKERS = 128
 
 
 def _config_watcher(
@@ -93,7 +95,7 @@ class Server:
         model_config_file: A TF Serving model config to use instead of
             ``export_dir/models.config``.
         workers: gRPC worker threads (default :data:`DEFAULT_WORKERS`, 4;
-            with batching :data:`DEFAULT_BATCHING_WORKERS`, 8: requests wait
+            with batching :data:`DEFAULT_BATCHING_WORKERS`, 128: requests wait
             for their batch in them, so this also caps how many gRPC requests
             one batch can merge).
         max_batch_size: Most rows a request may have.
