@@ -22,7 +22,7 @@ import tfdssm  # noqa: F401  (Keras 2 before TensorFlow)
 from benchmarks import common
 
 SUITES = ("quality", "hashing", "training", "tflite", "retrieval", "memory", "serving",
-          "text", "beam_index", "filters")
+          "text", "beam_index", "filters", "grpc_floor")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,6 +44,17 @@ from tfdssm.serving.predict import DEFAULT_MAX_BATCH_SIZE
 
 LOG = logging.getLogger("tfdssm.serving")
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+# gRPC worker threads. Every call also needs grpcio's one serving thread (and
+# the GIL) to be taken, fed its message and finished, so past a few workers
+# more threads only contend: 32 clients on 2 cores, MovieLens export, measured
+# in alternating runs (docs/serving.md): unbatched 4 workers 668-702 req/s
+# against 532 with 8 (p99 69-74 ms against 91). With batching each request
+# waits for its batch in a worker, so the workers cap how many gRPC requests
+# one batch can merge: 8 workers answered 608-688 req/s against 507 with 128,
+# but merged fewer requests (tests/test_batching.py: 24 concurrent requests in
+# under 12 calls), so batching keeps 128.
+DEFAULT_WORKERS = 4
+DEFAULT_BATCHING_WORKERS = 128
 
 
 def _config_watcher(
@@ -83,8 +94,10 @@ class Server:
         max_request_bytes: Largest gRPC message / REST body accepted.
         model_config_file: A TF Serving model config to use instead of
             ``export_dir/models.config``.
-        workers: gRPC worker threads (default 8; with batching 128, as
-            requests wait for their batch in them).
+        workers: gRPC worker threads (default :data:`DEFAULT_WORKERS`, 4;
+            with batching :data:`DEFAULT_BATCHING_WORKERS`, 128: requests wait
+            for their batch in them, so this also caps how many gRPC requests
+            one batch can merge).
         max_batch_size: Most rows a request may have.
         batching: Merge concurrent requests with these parameters (see
             :mod:`tfdssm.serving.batching`); ``None``: each request runs alone.
@@ -144,7 +157,8 @@ class Server:
         self.batching, self.monitoring = batching, monitoring
         self.batcher: Batcher | None = None
         self.host = host
-        self.workers = workers or (128 if batching is not None else 8)
+        self.workers = workers or (DEFAULT_BATCHING_WORKERS if batching is not None
+                                   else DEFAULT_WORKERS)
         self.max_request_bytes = int(max_request_bytes)
         self.max_batch_size = int(max_batch_size)
         self.grpc_port, self.rest_port = grpc_port, rest_port
