@@ -73,3 +73,24 @@ def test_import_selects_the_bfc_cpu_allocator_unless_set():
     assert allocator("import tfdssm", "0") == "0"  # the user's choice stays
     # TensorFlow first: too late to choose an allocator, so nothing is claimed.
     assert allocator("import tensorflow\nimport tfdssm", None) == "None"
+
+
+def test_serve_keeps_the_default_allocator_unless_the_user_chose_one():
+    code = ("import os, sys\nimport tfdssm\nfrom tfdssm._allocator import "
+            "keep_default_allocator\nprint(keep_default_allocator(), "
+            "os.environ.get('TF_CPU_ALLOCATOR_USE_BFC'))")
+
+    def run(environment):
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                text=True, env=environment, timeout=300)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("TF_CPU_ALLOCATOR_USE_BFC", "TFDSSM_CHOSE_BFC_ALLOCATOR")}
+    assert run(clean) == "True None"  # tfdssm's own default is undone
+    assert run({**clean, "TF_CPU_ALLOCATOR_USE_BFC": "1"}) == "False 1"  # the user's
+    # A child of a process that imported tfdssm (e.g. `tfdssm serve` started
+    # from Python) inherits tfdssm's choice and may undo it.
+    assert run({**clean, "TF_CPU_ALLOCATOR_USE_BFC": "1",
+                "TFDSSM_CHOSE_BFC_ALLOCATOR": "1"}) == "True None"

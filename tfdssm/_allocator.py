@@ -12,12 +12,20 @@ went from ~70 to ~25 ms of CPU time (docs/training_speed.md).
 ``TF_CPU_ALLOCATOR_USE_BFC`` is read once, when TensorFlow creates its CPU
 allocator, so it must be set before TensorFlow is imported; a value the user
 set (``0`` to keep ``malloc``) is left alone.
+
+A server gains nothing from the pool (no tensor that big per request) and its
+memory would grow to the pool's high-water mark (measured: +117 MB of RSS under
+32 clients against +64 MB allowed by tests/test_load.py), so ``tfdssm serve``
+calls :func:`keep_default_allocator` before TensorFlow loads.
 """
 
 import os
 import sys
 
 VARIABLE = "TF_CPU_ALLOCATOR_USE_BFC"
+# Set beside VARIABLE when tfdssm chose it, so a child process (which inherits
+# both) can tell tfdssm's default from the user's own choice.
+MARKER = "TFDSSM_CHOSE_BFC_ALLOCATOR"
 
 
 def prefer_bfc_allocator() -> bool:
@@ -29,5 +37,19 @@ def prefer_bfc_allocator() -> bool:
     """
     if VARIABLE in os.environ or "tensorflow" in sys.modules:
         return False
-    os.environ[VARIABLE] = "1"
+    os.environ[VARIABLE] = os.environ[MARKER] = "1"
+    return True
+
+
+def keep_default_allocator() -> bool:
+    """Undoes :func:`prefer_bfc_allocator` (in this process or a parent) while
+    TensorFlow is not loaded yet.
+
+    Returns:
+        Whether the variable was removed (tfdssm set it, not the user).
+    """
+    if os.environ.get(MARKER) != "1" or "tensorflow" in sys.modules:
+        return False
+    os.environ.pop(VARIABLE, None)
+    os.environ.pop(MARKER, None)
     return True

@@ -1001,6 +1001,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     with _output(args.verbose, getattr(args, "quiet", False)):
         import tfdssm  # noqa: PLC0415 - sets Keras 2 before TensorFlow loads
 
+        if args.command == "serve":  # no pool: RSS would grow to its high-water mark
+            from tfdssm._allocator import keep_default_allocator  # noqa: PLC0415
+
+            keep_default_allocator()
         handlers = {"train": _train, "evaluate": _evaluate, "query": _query,
                     "tflite": _tflite, "serve": _serve, "index": _index}
         try:
