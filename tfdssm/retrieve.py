@@ -20,7 +20,7 @@ import pandas as pd
 from tfdssm.data import readers as data
 from tfdssm.errors import ConfigError, DataError, DataWarning, ExportError
 from tfdssm.export import layout, tokens
-from tfdssm.export.loading import load_towers, read_corpus, tower_features
+from tfdssm.export.loading import ids_as_text, load_towers, read_corpus, tower_features
 from tfdssm.model import multihead
 from tfdssm.model.runner import embed
 
@@ -206,9 +206,7 @@ class LocalRetriever:
             out = self._served.signatures["top_k_filter"](**inputs)
         else:
             out = self._served.signatures["top_k_exclude"](**inputs)
-        ids = np.vectorize(lambda b: b.decode("utf-8"), otypes=[object])(
-            out["ids"].numpy()).astype(str)
-        return ids, out["scores"].numpy()
+        return ids_as_text(out["ids"]), out["scores"].numpy()
 
     def describe(self, candidate_ids: Sequence[str], column: str | None = None) -> list[str]:
         """A display string per candidate id (its first text column)."""

@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, BinaryIO
 
 from tfdssm.errors import ExportError
 from tfdssm.export.versioning import version_dirs
@@ -47,20 +47,27 @@ def next_version(base: str | os.PathLike) -> int:
     return found[-1] + 1 if found else 1
 
 
-def write_json_atomic(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
-    """Writes JSON via a temporary file and rename (never half-written; the
-    temporary is removed if writing fails, e.g. on a full disk)."""
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
+    """Calls ``write`` on a temporary file beside ``path``, syncs it and renames
+    it to ``path`` (never half-written; the temporary is removed if writing
+    fails, e.g. on a full disk)."""
     path = pathlib.Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+        with open(tmp, "wb") as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_json_atomic(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
+    """Writes JSON through :func:`write_atomic`."""
+    text = json.dumps(data, indent=2, sort_keys=False, default=str) + "\n"
+    write_atomic(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def check_export_dir(path: str | os.PathLike) -> None:

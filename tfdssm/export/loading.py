@@ -8,6 +8,7 @@ import pathlib
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import tensorflow as tf
 
@@ -15,6 +16,21 @@ from tfdssm.errors import ExportError
 from tfdssm.export.layout import CORPUS_FILE, versions
 from tfdssm.features import Feature, feature_from_config
 from tfdssm.features.registry import feature_kind
+
+
+def ids_as_text(ids: Any) -> np.ndarray:
+    """String ids a retrieval signature returned (UTF-8 bytes, ``[batch, k]``,
+    a tensor or an array) as a ``str`` array of the same shape.
+
+    >>> ids_as_text(np.array([[b"caf\\xc3\\xa9", b"x"]], dtype=object)).tolist()
+    [['café', 'x']]
+    """
+    ids = np.asarray(ids.numpy() if hasattr(ids, "numpy") else ids)
+    if not ids.size:
+        return ids.astype(str)
+    decode = np.vectorize(lambda v: v.decode("utf-8") if isinstance(v, bytes)
+                          else str(v), otypes=[object])
+    return decode(ids).astype(str)
 
 
 def load_towers(export_dir: str | os.PathLike, version: int | None = None) -> Any:

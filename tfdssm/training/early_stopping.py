@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfdssm.errors import ConfigError
+from tfdssm.export.layout import write_atomic, write_json_atomic
 
 logger = logging.getLogger("tfdssm")
 
@@ -156,13 +157,12 @@ class RetrievalEarlyStopping(tf.keras.callbacks.Callback):
         best_file = (None if self.best_epoch is None
                      else f"best-{self.best_epoch + 1}.npz")
         if improved:
-            _atomic(self.state_dir / best_file, lambda handle: np.savez(
+            write_atomic(self.state_dir / best_file, lambda handle: np.savez(
                 handle, *self._best_weights))
         state = {"epochs_done": done, "history": self.history,
                  "best_epoch": self.best_epoch, "best_score": self._best_score,
                  "waited": self._waited, "best_file": best_file}
-        _atomic(self.state_dir / f"state-{done}.json", lambda handle: handle.write(
-            json.dumps(state).encode()))
+        write_json_atomic(self.state_dir / f"state-{done}.json", state)
         keep = {f"state-{done}.json", f"state-{done - 1}.json"}
         named = {best_file}
         previous = self.state_dir / f"state-{done - 1}.json"
@@ -204,17 +204,6 @@ class RetrievalEarlyStopping(tf.keras.callbacks.Callback):
             "validation": [{k: round(v, 4) if isinstance(v, float) else v
                             for k, v in h.items()} for h in self.history],
         }
-
-
-def _atomic(path: pathlib.Path, write: Callable[[Any], Any]) -> None:
-    """Writes ``path`` through a temporary file and a rename (never half written)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 __all__ = ["RetrievalEarlyStopping"]

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from tfdssm.errors import DataError
+from tfdssm.export.loading import ids_as_text
 
 DEFAULT_KS = (10, 50, 100)
 
@@ -135,7 +136,7 @@ def retrieval_metrics(
                  for n, v in features.items()}
         rows = len(next(iter(batch.values())))
         ids = np.asarray(top_k(**batch, k=np.full([rows], depth, np.int32))["ids"])
-        hits = _text(ids) == positives[start:start + rows, None].astype(str)
+        hits = ids_as_text(ids) == positives[start:start + rows, None].astype(str)
         found = hits.any(axis=1)
         ranks[start:start + rows] = np.where(found, hits.argmax(axis=1), depth)
     out: dict[str, float] = {}
@@ -145,17 +146,6 @@ def retrieval_metrics(
         out[f"mrr@{k}"] = float(np.where(inside, 1.0 / (ranks + 1), 0.0).mean())
     out["num_queries"] = len(positives)
     return out
-
-
-def _text(ids: np.ndarray) -> np.ndarray:
-    """String ids ``[batch, k]`` as ``str``: a SavedModel returns UTF-8 bytes.
-
-    >>> _text(np.array([[b"caf\\xc3\\xa9", b"x"]], dtype=object)).tolist()
-    [['café', 'x']]
-    """
-    decode = np.vectorize(lambda v: v.decode("utf-8") if isinstance(v, bytes)
-                          else str(v), otypes=[object])
-    return decode(ids).astype(str) if ids.size else ids.astype(str)
 
 
 def _scores(queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
