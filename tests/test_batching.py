@@ -415,6 +415,43 @@ def test_prometheus_counters_move_by_the_requests_sent(server, exported):
     assert _value(after, loads, loads + "_total", status="success") == 3
 
 
+def test_a_call_whose_deadline_passes_in_the_queue_is_dropped_not_run(tmp_path):
+    """Batched gRPC calls are coroutines awaiting their batch: one whose
+    deadline passes while it waits is cancelled (DEADLINE_EXCEEDED), its task
+    is skipped when its batch is due, and the server answers the next call."""
+    _scale_model(tmp_path / "scale" / "1", 2.0)
+    batching = BatchingParameters(max_batch_size=8, batch_timeout_micros=1_000_000,
+                                  num_batch_threads=1)
+    with running_server(tmp_path, batching=batching,
+                        monitoring=MonitoringOptions(prometheus=True)) as server:
+        assert server._grpc.loop.is_running()  # the asyncio front
+        channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = "scale"
+        request.inputs["x"].CopyFrom(tf.make_tensor_proto([4.0], tf.float32))
+        before, runs = _scrape(server), _runs(server)
+        try:
+            with pytest.raises(grpc.RpcError) as error:  # its batch waits 1 s
+                stub.Predict(request, timeout=0.05)
+            assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            time.sleep(1.5)  # its batch was due: skipped, the model not called
+            assert _runs(server) == runs
+            response = stub.Predict(request, timeout=WAIT)
+        finally:
+            channel.close()
+        after = _scrape(server)
+        assert _runs(server) == runs + 1
+    assert tf.make_ndarray(response.outputs["y"]).tolist() == [8.0]
+    count = ":tensorflow:serving:request_count"
+
+    def moved(status: str) -> float:
+        return (_value(after, count, count + "_total", status=status)
+                - _value(before, count, count + "_total", status=status))
+
+    assert (moved("CANCELLED"), moved("OK")) == (1, 1)
+
+
 def _grpc_code(stub, request) -> str:
     try:
         stub.Predict(request, timeout=WAIT)

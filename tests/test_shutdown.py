@@ -22,6 +22,7 @@ import tfdssm  # noqa: F401  - selects Keras 2; must precede tensorflow
 
 # isort: split
 import contextlib
+import dataclasses
 import json
 import socket
 import threading
@@ -39,8 +40,9 @@ from tfdssm.serving.server import Server
 
 WAIT = 30.0  # generous: a loaded 2-core CI machine
 GRACE = 20.0
-# The guarantees hold with server-side batching on too (requests then wait for
-# their batch inside the gRPC workers, and the batcher stops after them).
+# The guarantees hold with server-side batching on too (gRPC then runs on
+# grpcio's asyncio server, requests wait for their batch as coroutines, and the
+# batcher stops after them).
 BATCHING = pytest.mark.parametrize("batching", [
     None, BatchingParameters(max_batch_size=4, batch_timeout_micros=5000,
                              num_batch_threads=1)], ids=["unbatched", "batched"])
@@ -100,13 +102,31 @@ def _calls_started(server_id: str) -> int:
     return int(data.get("callsStarted", 0))
 
 
-def _grpc_lock(server: Server):
-    """grpcio's server lock: its serving thread takes it for every new call."""
-    grpc_server = getattr(server._grpc, "server", server._grpc)
-    state = getattr(grpc_server, "_state", None)
-    if state is None or not hasattr(state, "lock"):
-        pytest.skip("grpcio's server internals changed (no _state.lock)")
-    return state.lock
+@contextlib.contextmanager
+def _calls_held_in_core(server: Server):
+    """While open, the server takes no new call from gRPC core: grpcio's
+    serving thread (thread-pool server) waits for its server lock, which it
+    takes for every new call; the asyncio server's loop (batching) is blocked."""
+    loop = getattr(server._grpc, "loop", None)
+    if loop is None:
+        state = getattr(server._grpc.server, "_state", None)
+        assert state is not None and hasattr(state, "lock"), (
+            "grpcio's server internals changed (no _state.lock)")
+        with state.lock:
+            yield
+        return
+    entered, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        entered.set()
+        release.wait(WAIT)
+
+    loop.call_soon_threadsafe(hold)
+    assert entered.wait(WAIT)
+    try:
+        yield
+    finally:
+        release.set()
 
 
 @contextlib.contextmanager
@@ -125,6 +145,8 @@ def _gate_model(server: Server, name: str = "slow"):
     """Requests for model ``name`` block (then serve ``echo``) until released.
 
     Yields ``(entered, release)`` events; released on exit whatever happens.
+    With batching, the request is held where it runs, in the batch thread (the
+    asyncio gRPC server's loop must not block).
     """
     entered, release = threading.Event(), threading.Event()
     get = server.manager.get
@@ -136,7 +158,25 @@ def _gate_model(server: Server, name: str = "slow"):
             model = "echo"
         return get(model, version)
 
-    server.manager.get = gated
+    def renamed(model, version=None):
+        if model == name:
+            return dataclasses.replace(get("echo", version), name=name)
+        return get(model, version)
+
+    batcher = server.batcher
+    if batcher is None:
+        server.manager.get = gated
+    else:
+        server.manager.get = renamed
+        run = batcher._run
+
+        def gated_run(batch) -> None:
+            if batch.tasks[0].model == name:
+                entered.set()
+                release.wait(WAIT)
+            run(batch)
+
+        batcher._run = gated_run
     try:
         yield entered, release
     finally:
@@ -184,7 +224,7 @@ def test_grpc_calls_queued_in_grpc_core_are_served_not_cancelled(export_dir, bat
         grpc.channel_ready_future(channel).result(timeout=WAIT)
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         base = _calls_started(server_id)
-        with _grpc_lock(server):  # grpcio's serving thread cannot take new calls
+        with _calls_held_in_core(server):
             calls = [stub.Predict.future(_request(i), timeout=WAIT * 2)
                      for i in range(count)]
             _wait_for(lambda: _calls_started(server_id) >= base + count,

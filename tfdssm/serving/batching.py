@@ -40,7 +40,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -58,6 +58,8 @@ WIDTH_INPUT = "k"
 QUEUE_FULL = ("The batch scheduling queue to which this request was submitted is "
               "full (max_enqueued_batches={} batches of up to {} rows); retry it, "
               "or raise max_enqueued_batches in --batching-parameters-file.")
+DEADLINE_PASSED = ("the request's deadline passed while it waited for its batch; "
+                   "retry with a longer deadline.")
 STOPPING = ("tfdssm serve is shutting down and accepts no new requests; the "
             "request was not run: retry it.")
 
@@ -78,11 +80,27 @@ class _Task:
     result: dict[str, np.ndarray] | None = None
     error: ServingError | None = None
     cancelled: bool = False
+    # Called (in the batch thread) once the task is answered, e.g. to wake an
+    # event loop awaiting it; None: the submitter waits on `done`.
+    on_done: Callable[[_Task], None] | None = None
 
     def finish(self, result: dict[str, np.ndarray] | None = None,
                error: ServingError | None = None) -> None:
         self.result, self.error = result, error
         self.done.set()
+        if self.on_done is not None:
+            self.on_done(self)
+
+    def outcome(self) -> dict[str, np.ndarray]:
+        """The answer of a finished task.
+
+        Raises:
+            ServingError: the error it was finished with.
+        """
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
 
 
 @dataclasses.dataclass(eq=False)
@@ -172,6 +190,42 @@ class Batcher:
                 the batching parameters; ``UNAVAILABLE`` when its queue is
                 full or the server is stopping; ``DEADLINE_EXCEEDED``.
         """
+        task = self.submit(servable, signature_name, inputs, output_filter,
+                           max_batch_size)
+        if isinstance(task, dict):
+            return task
+        if timeout is not None and timeout >= threading.TIMEOUT_MAX:
+            timeout = None  # gRPC's "no deadline" is ~9e18 s: Event.wait overflows
+        if not task.done.wait(timeout):
+            task.cancelled = True
+            raise ServingError(DEADLINE_PASSED, "DEADLINE_EXCEEDED")
+        return task.outcome()
+
+    def submit(
+        self,
+        servable: Any,
+        signature_name: str,
+        inputs: Mapping[str, tf.Tensor],
+        output_filter: Sequence[str] = (),
+        max_batch_size: int | None = None,
+        on_done: Callable[[_Task], None] | None = None,
+    ) -> _Task | dict[str, np.ndarray]:
+        """Validates one request and queues it, without waiting for it.
+
+        Args:
+            servable, signature_name, inputs, output_filter, max_batch_size: As
+                :meth:`predict`'s.
+            on_done: Called with the task, in a batch thread, once it is
+                answered (its :meth:`_Task.outcome`); ``None``: wait on its
+                ``done`` event.
+
+        Returns:
+            The queued task; or, for a request that cannot be batched (a
+            scalar input), its outputs, computed at once in this thread.
+
+        Raises:
+            ServingError: as :meth:`predict`, except ``DEADLINE_EXCEEDED``.
+        """
         signature = servable.signature(signature_name)
         output_filter = tuple(output_filter)
         signature.check(inputs, output_filter, max_batch_size)
@@ -196,19 +250,9 @@ class Batcher:
             key += tuple(sorted((n, s[1:]) for n, s in shapes.items()))
         task = _Task(signature, servable.name,
                      signature_name or predict.DEFAULT_SIGNATURE, inputs, rows,
-                     output_filter, width, time.monotonic())
-        if timeout is not None and timeout >= threading.TIMEOUT_MAX:
-            timeout = None  # gRPC's "no deadline" is ~9e18 s: Event.wait overflows
+                     output_filter, width, time.monotonic(), on_done=on_done)
         self._enqueue(key, task)
-        if not task.done.wait(timeout):
-            task.cancelled = True
-            raise ServingError("the request's deadline passed while it waited for "
-                               "its batch; retry with a longer deadline.",
-                               "DEADLINE_EXCEEDED")
-        if task.error is not None:
-            raise task.error
-        assert task.result is not None
-        return task.result
+        return task
 
     def _enqueue(self, key: tuple, task: _Task) -> None:
         limit = self.parameters.max_batch_size

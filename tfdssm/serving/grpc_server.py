@@ -139,19 +139,28 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         context: grpc.ServicerContext,
     ) -> get_model_metadata_pb2.GetModelMetadataResponse:
         try:
-            fields = list(request.metadata_field)
-            if not fields:
-                raise ServingError("GetModelMetadataRequest must specify at least one "
-                                   'metadata_field (use "signature_def").')
-            unknown = [f for f in fields if f != "signature_def"]
-            if unknown:
-                raise ServingError(f"Metadata field {unknown[0]} is not supported; the "
-                                   'only field is "signature_def".')
-            servable = self.manager.get(request.model_spec.name,
-                                        requested_version(request.model_spec))
+            servable = self._metadata_servable(request)
         except ServingError as error:
             _abort(context, error)
         return metadata_response(servable)
+
+    def _metadata_servable(self, request: Any) -> Any:
+        """The servable a ``GetModelMetadataRequest`` asks about.
+
+        Raises:
+            ServingError: no or unknown ``metadata_field``; unknown model or
+                version.
+        """
+        fields = list(request.metadata_field)
+        if not fields:
+            raise ServingError("GetModelMetadataRequest must specify at least one "
+                               'metadata_field (use "signature_def").')
+        unknown = [f for f in fields if f != "signature_def"]
+        if unknown:
+            raise ServingError(f"Metadata field {unknown[0]} is not supported; the "
+                               'only field is "signature_def".')
+        return self.manager.get(request.model_spec.name,
+                                requested_version(request.model_spec))
 
     def _unimplemented(self, request: Any, context: grpc.ServicerContext) -> None:
         context.abort(grpc.StatusCode.UNIMPLEMENTED,
@@ -202,10 +211,66 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         except ServingError as error:
             _abort(context, error)
 
+    RELOAD_UNIMPLEMENTED = ("tfdssm serve reads models.config at start; restart "
+                            "it to change the model list (new versions are picked "
+                            "up live).")
+
     def HandleReloadConfigRequest(self, request: Any, context: Any) -> None:  # noqa: N802
-        context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                      "tfdssm serve reads models.config at start; restart it to "
-                      "change the model list (new versions are picked up live).")
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, self.RELOAD_UNIMPLEMENTED)
+
+
+def is_marker(metadata: Any, token: str) -> bool:
+    """Whether a call's metadata carries the stop's marker ``token``."""
+    return any(key == _MARKER_KEY and value == token for key, value in metadata or ())
+
+
+def listen_address(host: str, port: int) -> str:
+    """``host:port`` to bind (IPv6 hosts in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def local_address(host: str, port: int) -> str:
+    """Where this process reaches a server bound to ``host``: a wildcard
+    host is reached on loopback."""
+    host = host.strip("[]")
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return listen_address(host, port)
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """The gRPC server's channel arguments: the request size limit, any
+    response size, and no port sharing (a second server on the port fails)."""
+    return [("grpc.max_receive_message_length", int(max_message_bytes)),
+            ("grpc.max_send_message_length", -1),
+            ("grpc.so_reuseport", 0)]
+
+
+def close_admission(admission: Any, local: str, deadline: float) -> bool:
+    """Sends the marker call to the server at ``local`` and waits (until
+    ``deadline``, a ``time.monotonic()`` value) for ``admission`` (the server's
+    interceptor) to take it; admission is closed either way.
+
+    Returns:
+        Whether the marker was taken.
+    """
+    admission.draining = True
+    channel = grpc.insecure_channel(local, options=[("grpc.enable_http_proxy", 0)])
+    try:
+        marker = channel.unary_unary(MARKER_METHOD).future(
+            b"", timeout=max(0.1, deadline - time.monotonic()),
+            metadata=((_MARKER_KEY, admission.token),))
+        marker.add_done_callback(lambda _: admission.wake.set())
+        admission.wake.wait(max(0.0, deadline - time.monotonic()))
+    finally:
+        channel.close()
+    taken = admission.closed
+    admission.closed = True
+    if not taken:
+        LOG.warning("tfdssm serve: could not confirm that gRPC calls received "
+                    "before the stop were all taken (%s); some may be "
+                    "cancelled", "grace period over" if time.monotonic() >=
+                    deadline else "the marker call failed")
+    return taken
 
 
 class _Admission(grpc.ServerInterceptor):
@@ -233,16 +298,15 @@ class _Admission(grpc.ServerInterceptor):
     def intercept_service(self, continuation: Any, details: Any) -> Any:
         if self.closed:
             return self._refuse
-        if self.draining and details.method == MARKER_METHOD and any(
-                key == _MARKER_KEY and value == self.token
-                for key, value in details.invocation_metadata or ()):
+        if self.draining and details.method == MARKER_METHOD and is_marker(
+                details.invocation_metadata, self.token):
             self.closed = True
             self.wake.set()
             return None  # answered UNIMPLEMENTED at once, without a worker
         return continuation(details)
 
 
-class _GenericHandlersOnly:
+class GenericHandlersOnly:
     """Adds a servicer's methods as generic handlers only.
 
     Newer generated ``*_pb2_grpc`` modules also register each method with gRPC
@@ -274,9 +338,7 @@ class GrpcServer:
         self.server, self.port = server, port
         self._admission, self._workers = admission, workers
         self._marker_taken = False
-        host = host.strip("[]")
-        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-        self._local = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self._local = local_address(host, port)
 
     def close_admission(self, deadline: float) -> bool:
         """The cut-off: calls received from now on are refused ``UNAVAILABLE``.
@@ -290,28 +352,10 @@ class GrpcServer:
             deadline passed), admission closes anyway; calls still queued in
             gRPC core may then be cancelled by :meth:`stop`.
         """
-        admission = self._admission
-        if admission.closed:
-            return self._marker_taken
-        admission.draining = True
-        channel = grpc.insecure_channel(self._local,
-                                        options=[("grpc.enable_http_proxy", 0)])
-        try:
-            marker = channel.unary_unary(MARKER_METHOD).future(
-                b"", timeout=max(0.1, deadline - time.monotonic()),
-                metadata=((_MARKER_KEY, admission.token),))
-            marker.add_done_callback(lambda _: admission.wake.set())
-            admission.wake.wait(max(0.0, deadline - time.monotonic()))
-        finally:
-            channel.close()
-        self._marker_taken = taken = admission.closed
-        admission.closed = True
-        if not taken:
-            LOG.warning("tfdssm serve: could not confirm that gRPC calls received "
-                        "before the stop were all taken (%s); some may be "
-                        "cancelled", "grace period over" if time.monotonic() >=
-                        deadline else "the marker call failed")
-        return taken
+        if not self._admission.closed:
+            self._marker_taken = close_admission(self._admission, self._local,
+                                                 deadline)
+        return self._marker_taken
 
     def stop(self, grace_seconds: float) -> None:
         """Closes admission (unless done), then drains: returns when every
@@ -353,17 +397,14 @@ def start_grpc(
     admission = _Admission()
     server = grpc.server(
         pool, interceptors=[admission],
-        options=[("grpc.max_receive_message_length", int(max_message_bytes)),
-                 ("grpc.max_send_message_length", -1),
-                 ("grpc.so_reuseport", 0)],
-    )
-    handlers = _GenericHandlersOnly(server)
+        options=server_options(max_message_bytes))
+    handlers = GenericHandlersOnly(server)
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
         PredictionService(manager, max_batch_size, int(max_message_bytes), batcher,
                           metrics), handlers)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(
         ModelService(manager), handlers)
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    address = listen_address(host, port)
     try:
         bound = server.add_insecure_port(address)
     except RuntimeError as error:

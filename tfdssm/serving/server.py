@@ -35,7 +35,7 @@ from typing import Any
 
 from tfdssm.errors import ConfigError
 from tfdssm.export import serving_config as config
-from tfdssm.serving import grpc_server, rest
+from tfdssm.serving import aio_server, grpc_server, rest
 from tfdssm.serving.batching import Batcher
 from tfdssm.serving.config_files import BatchingParameters, MonitoringOptions
 from tfdssm.serving.metrics import Metrics
@@ -44,17 +44,13 @@ from tfdssm.serving.predict import DEFAULT_MAX_BATCH_SIZE
 
 LOG = logging.getLogger("tfdssm.serving")
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
-# gRPC worker threads. Every call also needs grpcio's one serving thread (and
-# the GIL) to be taken, fed its message and finished, so past a few workers
-# more threads only contend: 32 clients on 2 cores, MovieLens export, measured
-# in alternating runs (docs/serving.md): unbatched 4 workers 668-702 req/s
-# against 532 with 8 (p99 69-74 ms against 91). With batching each request
-# waits for its batch in a worker, so the workers cap how many gRPC requests
-# one batch can merge: 8 workers answered 608-688 req/s against 507 with 128,
-# but merged fewer requests (tests/test_batching.py: 24 concurrent requests in
-# under 12 calls), so batching keeps 128.
+# gRPC worker threads (unbatched; with batching, calls are coroutines on one
+# event loop, see tfdssm.serving.aio_server). Every call also needs grpcio's
+# one serving thread (and the GIL) to be taken, fed its message and finished,
+# so past a few workers more threads only contend: 32 clients on 2 cores,
+# MovieLens export, measured in alternating runs (docs/serving.md): 4 workers
+# 668-702 req/s against 532 with 8 (p99 69-74 ms against 91).
 DEFAULT_WORKERS = 4
-DEFAULT_BATCHING_WORKERS = 128
 
 
 def _config_watcher(
@@ -94,10 +90,10 @@ class Server:
         max_request_bytes: Largest gRPC message / REST body accepted.
         model_config_file: A TF Serving model config to use instead of
             ``export_dir/models.config``.
-        workers: gRPC worker threads (default :data:`DEFAULT_WORKERS`, 4;
-            with batching :data:`DEFAULT_BATCHING_WORKERS`, 128: requests wait
-            for their batch in them, so this also caps how many gRPC requests
-            one batch can merge).
+        workers: gRPC worker threads (default :data:`DEFAULT_WORKERS`, 4).
+            Not used with batching: gRPC then runs on grpcio's asyncio server
+            (:mod:`tfdssm.serving.aio_server`), where waiting requests hold
+            no thread.
         max_batch_size: Most rows a request may have.
         batching: Merge concurrent requests with these parameters (see
             :mod:`tfdssm.serving.batching`); ``None``: each request runs alone.
@@ -157,8 +153,7 @@ class Server:
         self.batching, self.monitoring = batching, monitoring
         self.batcher: Batcher | None = None
         self.host = host
-        self.workers = workers or (DEFAULT_BATCHING_WORKERS if batching is not None
-                                   else DEFAULT_WORKERS)
+        self.workers = workers or DEFAULT_WORKERS
         self.max_request_bytes = int(max_request_bytes)
         self.max_batch_size = int(max_batch_size)
         self.grpc_port, self.rest_port = grpc_port, rest_port
@@ -173,9 +168,15 @@ class Server:
         try:
             if self.batching is not None:
                 self.batcher = Batcher(self.batching, self.metrics).start()
-            self._grpc, self.grpc_port = grpc_server.start_grpc(
-                self.manager, self.host, self.grpc_port, self.max_request_bytes,
-                self.workers, self.max_batch_size, self.batcher, self.metrics)
+            if self.batcher is not None:  # requests wait for batches on a loop
+                self._grpc, self.grpc_port = aio_server.start_aio_grpc(
+                    self.manager, self.batcher, self.host, self.grpc_port,
+                    self.max_request_bytes, self.max_batch_size, self.metrics)
+            else:
+                self._grpc, self.grpc_port = grpc_server.start_grpc(
+                    self.manager, self.host, self.grpc_port,
+                    self.max_request_bytes, self.workers, self.max_batch_size,
+                    None, self.metrics)
             if self.rest_port is not None:
                 path = (self.monitoring.path if self.monitoring is not None
                         and self.monitoring.prometheus else None)
