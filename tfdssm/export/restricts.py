@@ -316,24 +316,23 @@ class Restricts(tf.Module):
         flat_positions = tf.reshape(tf.gather(positions, chosen), [-1])
         row = tf.repeat(tf.range(tf.cast(rows, tf.int64)), columns)
 
-        def unions() -> tf.Tensor:
+        def some() -> tf.Tensor:
             union = self._union(row, flat_positions, flat_takes, rows)
-            return tf.reshape(union, tf.stack([slots, batch, self.num_candidates]))
+            union = tf.reshape(union, tf.stack([slots, batch, self.num_candidates]))
 
-        def combine() -> tf.Tensor:
-            union = unions()
-            denies = tf.equal(chosen, spaces)[:, None, None]
-            waived = tf.logical_not(tf.gather(asked, chosen))[:, :, None]
-            return tf.reduce_all(tf.where(denies, tf.logical_not(union),
-                                          union | waived), axis=0)
+            def combine() -> tf.Tensor:
+                denies = tf.equal(chosen, spaces)[:, None, None]
+                waived = tf.logical_not(tf.gather(asked, chosen))[:, :, None]
+                return tf.reduce_all(tf.where(denies, tf.logical_not(union),
+                                              union | waived), axis=0)
 
-        # Common cases without the combination pass: nothing asked; one
-        # namespace asked by every row and nothing denied.
-        single = (tf.equal(slots, 1) & tf.reduce_all(tf.gather(asked, chosen))
-                  & tf.reduce_all(chosen < spaces))
-        return tf.cond(
-            tf.equal(slots, 0), lambda: tf.ones(everyone, tf.bool),
-            lambda: tf.cond(single, lambda: unions()[0], combine))
+            # One namespace asked by every row, nothing denied: no
+            # combination pass.
+            single = (tf.equal(slots, 1) & tf.reduce_all(tf.gather(asked, chosen))
+                      & tf.reduce_all(chosen < spaces))
+            return tf.cond(single, lambda: union[0], combine)
+
+        return tf.cond(tf.equal(slots, 0), lambda: tf.ones(everyone, tf.bool), some)
 
 
 def count_passing(passing: tf.Tensor) -> tf.Tensor:
