@@ -257,10 +257,12 @@ class Restricts(tf.Module):
             return tf.while_loop(lambda column, _: column < count, more,
                                  (tf.constant(1), mask))[1]
 
-        return tf.cond(
-            tf.reduce_any(broad),
-            lambda: tf.cond(tf.reduce_any(rare), lambda: dense() | marked(), dense),
-            marked)
+        def with_broad() -> tf.Tensor:
+            mask = dense()  # once in the graph, whether rare tokens follow
+            return tf.cond(tf.reduce_any(rare), lambda: mask | marked(),
+                           lambda: mask)
+
+        return tf.cond(tf.reduce_any(broad), with_broad, marked)
 
     def passing(self, allow: tf.Tensor, deny: tf.Tensor) -> tf.Tensor:
         """Which candidates pass each row's filter.
