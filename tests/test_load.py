@@ -74,14 +74,13 @@ def _check(result: dict, levels: list[tuple[int, float]],
 
 def test_1_8_32_clients_against_in_process_then_sigterm():
     export_dir, prepared, _ = trained_export()
-    # The last level swaps in a new `retrieval` version a quarter into it:
-    # loading and warming it up under 32 clients took over 6 s on an idle
-    # machine once filtered retrieval chose its path per row (a larger graph),
-    # so the level lasts 14 s; the RSS growth includes that second version
-    # (measured 71 MB, malloc or BFC alike), hence 96 MB.
-    levels = [(1, 1.0), (8, 1.0), (32, 14.0)]
+    # The last level swaps in a new `retrieval` version a quarter into it
+    # (loading and warming it up under 32 clients). The filter graph was
+    # once twice its size (over 6 s and 71 MB to load at 32 clients); it is
+    # back to its former size (docs/model_load.md), and so is the budget.
+    levels = [(1, 1.0), (8, 1.0), (32, 8.0)]
     result = serving.measure(export_dir, prepared, levels)
-    _check(result, levels, max_growth_mb=96)
+    _check(result, levels, max_growth_mb=64)
 
 
 @pytest.mark.bench

@@ -485,31 +485,55 @@ class ScannRetrieval(RetrievalModule):
     ) -> tuple[tf.Tensor, tf.Tensor]:
         """Oversample-and-filter with an exact fallback (see the module doc),
         chosen per row: a batch mixing broad and selective filters sends
-        each row down its own path."""
+        each row down its own path.
+
+        The graph holds one oversampled search and one exact search: the
+        rows that oversample go first; the rows chosen for the exact path,
+        plus all of the oversampled ones when any of them found too few
+        passing candidates, are then scored exactly, and the two parts are
+        stitched back in row order. (Each path once: a larger graph costs
+        its loading, its first call's optimisation and its memory.)
+        """
+        batch = tf.shape(passing)[0]
         count = tf.cast(count_passing(passing), tf.float32)  # [batch]
         asked = tf.math.ceil(OVERSAMPLE * tf.cast(n, tf.float32)
                              * self.num_candidates / tf.maximum(count, 1.0))
         row_exact = ((asked + tf.cast(n, tf.float32) > self.max_oversample)
                      | (count <= self.exact_below))
+        if not self.split_rows:  # one selective row sends the batch exact
+            row_exact = tf.fill([batch], tf.reduce_any(row_exact))
+        some = tf.cast(tf.where(tf.logical_not(row_exact))[:, 0], tf.int32)
+
+        def oversampled() -> tuple[tf.Tensor, ...]:
+            return self._oversample(tf.gather(queries, some), n, passing, some,
+                                    tf.gather(count, some))
+
+        def none() -> tuple[tf.Tensor, ...]:
+            return (tf.zeros([0, 0], tf.float32), tf.zeros([0, 0], tf.int32),
+                    tf.constant(True))
+
+        approximate, indices, enough = tf.cond(tf.size(some) > 0, oversampled,
+                                               none)
+        exact_rows = tf.cast(tf.where(row_exact | tf.logical_not(enough))[:, 0],
+                             tf.int32)
+        kept = tf.cast(tf.where(tf.logical_not(row_exact) & enough)[:, 0], tf.int32)
 
         def exact() -> tuple[tf.Tensor, tf.Tensor]:
-            return exact_search(self.embeddings, queries, passing, n)
+            mask = tf.cond(tf.equal(tf.size(exact_rows), batch), lambda: passing,
+                           lambda: tf.gather(passing, exact_rows))
+            return exact_search(self.embeddings, tf.gather(queries, exact_rows),
+                                mask, n)
 
-        def approximate() -> tuple[tf.Tensor, tf.Tensor]:
-            return self._oversample(queries, n, passing, count)
+        def no_rows() -> tuple[tf.Tensor, tf.Tensor]:
+            return tf.zeros([0, 0], tf.float32), tf.zeros([0, 0], tf.int32)
 
-        def mixed() -> tuple[tf.Tensor, tf.Tensor]:
-            rows = [tf.where(tf.logical_not(row_exact))[:, 0],
-                    tf.where(row_exact)[:, 0]]
-            parts = [self._oversample(tf.gather(queries, rows[0]), n,
-                                      tf.gather(passing, rows[0]),
-                                      tf.gather(count, rows[0])),
-                     exact_search(self.embeddings, tf.gather(queries, rows[1]),
-                                  tf.gather(passing, rows[1]), n)]
-            width = tf.maximum(tf.shape(parts[0][0])[1], tf.shape(parts[1][0])[1])
-            parts = [_pad_columns(scores, indices, width)
-                     for scores, indices in parts]
-            rows = [tf.cast(r, tf.int32) for r in rows]
+        parts = [(approximate[:tf.size(kept)], indices[:tf.size(kept)]),
+                 tf.cond(tf.size(exact_rows) > 0, exact, no_rows)]
+        width = tf.maximum(tf.shape(parts[0][0])[1], tf.shape(parts[1][0])[1])
+        parts = [_pad_columns(scores, indices, width) for scores, indices in parts]
+
+        def filtered() -> tuple[tf.Tensor, tf.Tensor]:
+            rows = [kept, exact_rows]
             return (tf.dynamic_stitch(rows, [p[0] for p in parts]),
                     tf.dynamic_stitch(rows, [p[1] for p in parts]))
 
@@ -517,30 +541,29 @@ class ScannRetrieval(RetrievalModule):
             scores, indices = multihead.search_heads(self.search, queries, n)
             return scores, tf.cast(indices, tf.int32)
 
-        return tf.cond(
-            tf.reduce_all(count >= self.num_candidates), unfiltered,
-            lambda: tf.cond(
-                tf.reduce_all(row_exact), exact,
-                lambda: tf.cond(tf.reduce_any(row_exact),
-                                mixed if self.split_rows else exact, approximate)))
+        return tf.cond(tf.reduce_all(count >= self.num_candidates), unfiltered,
+                       filtered)
 
     def _oversample(
-        self, queries: tf.Tensor, n: tf.Tensor, passing: tf.Tensor, count: tf.Tensor
-    ) -> tuple[tf.Tensor, tf.Tensor]:
+        self, queries: tf.Tensor, n: tf.Tensor, passing: tf.Tensor,
+        rows: tf.Tensor, count: tf.Tensor
+    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         """Asks ScaNN for ``OVERSAMPLE * n * N / passing + n`` neighbours
         (searching ``filter_leaves`` leaves, re-scoring ``reorder * N /
-        passing``) and keeps the best passing ``n``; the rows fall back to
-        :func:`exact_search` when that finds fewer than ``min(n, passing)``.
+        passing``) and keeps the best passing ``n``.
 
         Args:
             queries: float32 ``[rows, dim]`` or ``[rows, heads, dim]``.
             n: int32 scalar.
-            passing: bool ``[rows, N]``.
+            passing: bool ``[batch, N]`` (the whole batch's mask).
+            rows: int32 ``[rows]``, the batch rows of ``queries``.
             count: float32 ``[rows]``, candidates passing per row.
 
         Returns:
-            ``(scores [rows, <= n], indices int32 [rows, <= n])``; NaN score =
-            missing.
+            ``(scores [rows, <= n], indices int32 [rows, <= n], enough)``;
+            NaN score = missing; ``enough`` (bool scalar) is False when a
+            row found fewer than ``min(n, passing)`` (the caller then scores
+            these rows exactly).
         """
         wanted = tf.cast(n, tf.float32)
         fewest = tf.maximum(tf.reduce_min(count), 1.0)
@@ -553,13 +576,15 @@ class ScannRetrieval(RetrievalModule):
             tf.math.ceil(self.reorder * self.num_candidates / fewest),
             float(self.num_candidates)), tf.int32)
         heads = queries.shape[1] if queries.shape.rank == 3 else 1
-        mask = tf.repeat(passing, heads, axis=0) if heads > 1 else passing
+        rows = tf.repeat(rows, heads) if heads > 1 else rows  # per searched row
 
-        def keep_passing(rows: tf.Tensor, size: tf.Tensor):
+        def keep_passing(queries: tf.Tensor, size: tf.Tensor):
             pre_reorder = tf.maximum(size, reorder) if self.reorder else size
-            scores, indices = self.search(rows, size, self.filter_leaves,
+            scores, indices = self.search(queries, size, self.filter_leaves,
                                           pre_reorder)
-            ok = (tf.gather(mask, tf.maximum(indices, 0), batch_dims=1)
+            at = tf.stack([tf.broadcast_to(rows[:, None], tf.shape(indices)),
+                           tf.maximum(indices, 0)], axis=-1)
+            ok = (tf.gather_nd(passing, at)
                   & (indices >= 0) & tf.logical_not(tf.math.is_nan(scores)))
             scores = tf.where(ok, scores, tf.constant(-np.inf, tf.float32))
             best = tf.math.top_k(scores, tf.minimum(n, tf.shape(scores)[1]))
@@ -571,8 +596,7 @@ class ScannRetrieval(RetrievalModule):
         found = tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_nan(scores)),
                                       tf.float32), axis=1)
         enough = tf.reduce_all(found >= tf.minimum(wanted, count))
-        return tf.cond(enough, lambda: (scores, tf.cast(indices, tf.int32)),
-                       lambda: exact_search(self.embeddings, queries, passing, n))
+        return scores, tf.cast(indices, tf.int32), enough
 
     def save_options(self) -> tf.saved_model.SaveOptions:
         return tf.saved_model.SaveOptions(namespace_whitelist=["Scann"])

@@ -257,16 +257,21 @@ class Restricts(tf.Module):
             return tf.while_loop(lambda column, _: column < count, more,
                                  (tf.constant(1), mask))[1]
 
-        return tf.cond(
-            tf.reduce_any(broad),
-            lambda: tf.cond(tf.reduce_any(rare), lambda: dense() | marked(), dense),
-            marked)
+        def with_broad() -> tf.Tensor:
+            mask = dense()  # once in the graph, whether rare tokens follow
+            return tf.cond(tf.reduce_any(rare), lambda: mask | marked(),
+                           lambda: mask)
+
+        return tf.cond(tf.reduce_any(broad), with_broad, marked)
 
     def passing(self, allow: tf.Tensor, deny: tf.Tensor) -> tf.Tensor:
         """Which candidates pass each row's filter.
 
         One union of the named tokens (dense rows and/or marked posting
-        lists) per namespace asked for and one for the denied tokens.
+        lists) per namespace asked for and one for the denied tokens, all
+        computed by one :meth:`_union` over ``groups x batch`` rows (one
+        copy of it in the graph, whatever the number of namespaces: the
+        graph's size is what loading and the first call pay for).
 
         Args:
             allow: string ``[batch, n]``, ``namespace=token`` or ``""``.
@@ -279,34 +284,57 @@ class Restricts(tf.Module):
         ``NAMESPACE=TOKEN``, or names a namespace the model does not have.
         """
         batch = tf.shape(allow)[0]
-        width = tf.shape(allow)[1]
+        spaces = len(self.namespaces)
         everyone = tf.stack([batch, self.num_candidates])
-        ok = None  # all pass (no pass over [batch, N] until a namespace asks)
-        row, ns_id, position, found, present = self._lookup(allow, "allow")
-        for index in range(len(self.namespaces)):
-            mine = tf.equal(ns_id, index)
-            asked = tf.reduce_any(tf.reshape(present & mine, [batch, width]), axis=1)
+        _, ns_id, position, found, present = self._lookup(allow, "allow")
+        _, _, deny_position, deny_found, _ = self._lookup(deny, "deny")
+        columns = tf.maximum(tf.shape(allow)[1], tf.shape(deny)[1])
 
-            def clause(asked=asked, mine=mine) -> tf.Tensor:
-                union = self._union(row, position, found & mine, batch)
-                return tf.cond(tf.reduce_all(asked), lambda: union,
-                               lambda: union | tf.logical_not(asked)[:, None])
+        def table(values: tf.Tensor, width: tf.Tensor, fill: Any) -> tf.Tensor:
+            values = tf.reshape(values, tf.stack([batch, width]))
+            return tf.pad(values, [[0, 0], [0, columns - width]],
+                          constant_values=fill)
 
-            if ok is None:
-                ok = tf.cond(tf.reduce_any(asked), clause,
-                             lambda: tf.ones(everyone, tf.bool))
-            else:
-                ok = tf.cond(tf.reduce_any(asked),
-                             lambda ok=ok, clause=clause: ok & clause(),
-                             lambda ok=ok: ok)
-        if ok is None:
-            ok = tf.ones(everyone, tf.bool)
-        row, _, position, found, _ = self._lookup(deny, "deny")
+        # Groups: one per namespace, then the denied tokens; [groups, batch,
+        # columns] token positions and which of them a group takes.
+        ns_id = table(ns_id, tf.shape(allow)[1], -1)
+        group = tf.range(spaces, dtype=tf.int32)[:, None, None]
+        mine = tf.equal(ns_id[None], group)  # [spaces, batch, columns]
+        takes = tf.concat([
+            table(found, tf.shape(allow)[1], False)[None] & mine,
+            table(deny_found, tf.shape(deny)[1], False)[None]], axis=0)
+        positions = tf.concat([
+            tf.tile(table(position, tf.shape(allow)[1], 0)[None], [spaces, 1, 1]),
+            table(deny_position, tf.shape(deny)[1], 0)[None]], axis=0)
+        # [groups, batch]: rows that ask for a namespace / deny something.
+        asked = tf.concat([
+            tf.reduce_any(table(present, tf.shape(allow)[1], False)[None] & mine,
+                          axis=2),
+            tf.reduce_any(takes[spaces:], axis=2)], axis=0)
+        chosen = tf.where(tf.reduce_any(asked, axis=1))[:, 0]  # [slots]
+        slots = tf.shape(chosen)[0]
+        rows = slots * batch
+        flat_takes = tf.reshape(tf.gather(takes, chosen), [-1])
+        flat_positions = tf.reshape(tf.gather(positions, chosen), [-1])
+        row = tf.repeat(tf.range(tf.cast(rows, tf.int64)), columns)
 
-        def remove(ok=ok) -> tf.Tensor:
-            return ok & tf.logical_not(self._union(row, position, found, batch))
+        def some() -> tf.Tensor:
+            union = self._union(row, flat_positions, flat_takes, rows)
+            union = tf.reshape(union, tf.stack([slots, batch, self.num_candidates]))
 
-        return tf.cond(tf.reduce_any(found), remove, lambda: ok)
+            def combine() -> tf.Tensor:
+                denies = tf.equal(chosen, spaces)[:, None, None]
+                waived = tf.logical_not(tf.gather(asked, chosen))[:, :, None]
+                return tf.reduce_all(tf.where(denies, tf.logical_not(union),
+                                              union | waived), axis=0)
+
+            # One namespace asked by every row, nothing denied: no
+            # combination pass.
+            single = (tf.equal(slots, 1) & tf.reduce_all(tf.gather(asked, chosen))
+                      & tf.reduce_all(chosen < spaces))
+            return tf.cond(single, lambda: union[0], combine)
+
+        return tf.cond(tf.equal(slots, 0), lambda: tf.ones(everyone, tf.bool), some)
 
 
 def count_passing(passing: tf.Tensor) -> tf.Tensor:
