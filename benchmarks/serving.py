@@ -83,6 +83,12 @@ class ServeProcess:
         """Resident memory now, MiB (``VmRSS``)."""
         return _status_kb(self.proc.pid, "VmRSS") / 1024
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds the process has used (all its threads)."""
+        with open(f"/proc/{self.proc.pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def listening(self) -> dict[int, set[str]]:
         """``{port: local addresses}`` of this server's listening TCP sockets."""
         return {port: _listen_addresses(port)
@@ -243,6 +249,9 @@ class Load:
     calls: list[Call]
     rss: list[tuple[float, float]]  # (seconds since start, MiB)
     started: float
+    # CPU seconds over the run: this process (the clients, or the in-process
+    # calls) and the server process (NaN without one).
+    cpu: tuple[float, float] = (float("nan"), float("nan"))
 
     @property
     def ok(self) -> list[Call]:
@@ -283,7 +292,12 @@ class Load:
                 "p99_ms": round(self.latency_ms(99), 2),
                 "max_ms": round(self.latency_ms(100), 2),
                 "rss_start_mb": round(base, 1), "rss_end_mb": round(end, 1),
-                "rss_growth_mb": round(growth, 1)}
+                "rss_growth_mb": round(growth, 1),
+                "this_process_cpu_ms_per_request": self._cpu_ms(self.cpu[0]),
+                "server_cpu_ms_per_request": self._cpu_ms(self.cpu[1])}
+
+    def _cpu_ms(self, seconds: float) -> float:
+        return round(seconds / len(self.ok) * 1e3, 3) if self.ok else float("nan")
 
 
 Send = Callable[[Any], tuple[str, str, int, str]]
@@ -301,6 +315,7 @@ def drive(
     rss: Callable[[], float] | None = None,
     events: Sequence[tuple[float, Callable[[], Any]]] = (),
     stop_on: threading.Event | None = None,
+    server_cpu: Callable[[], float] | None = None,
 ) -> Load:
     """``clients`` threads (one ``connect()`` each) sending ``requests`` round-robin.
 
@@ -314,6 +329,7 @@ def drive(
         events: ``(seconds after start, callable)`` run by the sampler thread,
             e.g. adding a model version or sending SIGTERM.
         stop_on: Clients also stop once this is set.
+        server_cpu: Returns the server process's CPU seconds so far.
     """
     calls: list[Call] = []
     lock = threading.Lock()
@@ -354,11 +370,21 @@ def drive(
     threads = [threading.Thread(target=client, args=(i * 7,), name=f"client-{i}")
                for i in range(clients)]
     watcher = threading.Thread(target=sampler, name="sampler")
+    cpu_before = (time.process_time(), server_cpu() if server_cpu else float("nan"))
     for thread in [*threads, watcher]:
         thread.start()
     for thread in [*threads, watcher]:
         thread.join(timeout=seconds + 120)
-    return Load(clients, time.monotonic() - started, calls, samples, started)
+    cpu = (time.process_time() - cpu_before[0],
+           _cpu_or_nan(server_cpu) - cpu_before[1])
+    return Load(clients, time.monotonic() - started, calls, samples, started, cpu)
+
+
+def _cpu_or_nan(server_cpu: Callable[[], float] | None) -> float:
+    try:
+        return server_cpu() if server_cpu else float("nan")
+    except OSError:  # the server has exited (SIGTERM under load)
+        return float("nan")
 
 
 def grpc_client(target: str) -> tuple[Send, Callable[[], None]]:
@@ -580,13 +606,13 @@ def grpc_levels(export_copy: pathlib.Path, prepared: Any, requests: Sequence[Any
         warm = run_load(server.target, requests, max(c for c, _ in levels),
                         min(2.0, levels[-1][1] / 4))
         loads = [run_load(server.target, requests, clients, seconds,
-                          rss=server.rss_mb)
+                          rss=server.rss_mb, server_cpu=server.cpu_seconds)
                  for clients, seconds in levels[:-1]]
         clients, seconds = levels[-1]
         swapped: dict[str, int] = {}
         loads.append(run_load(
             server.target, requests, clients, seconds, rss=server.rss_mb,
-            events=[(seconds / 4, lambda: swapped.update(
+            server_cpu=server.cpu_seconds, events=[(seconds / 4, lambda: swapped.update(
                 version=add_version(export_copy / "retrieval")))]))
         stats = batch_stats(server) if "--monitoring-config-file" in serve_args else {}
         sigterm = sigterm_under_load(server, requests,
@@ -731,7 +757,7 @@ def markdown(result: Mapping[str, Any]) -> str:
              level["in_process"]["p99_ms"], f"{level['p50_overhead']:.2f}x",
              f"{level['throughput_ratio']:.2f}",
              f"{level['grpc']['rss_start_mb']:.0f} -> "
-             f"{level['grpc']['rss_end_mb']:.0f}"]
+             f"{level['grpc']['rss_end_mb']:.0f}", *_cpu_cells(level)]
             for level in result["levels"]]
     sigterm, swap = result["sigterm"], result["swap"]
     return (
@@ -746,16 +772,30 @@ def markdown(result: Mapping[str, Any]) -> str:
                         "gRPC p50 ms", "gRPC p99 ms", "in-process req/s",
                         "in-process p50 ms", "in-process p99 ms",
                         "p50 overhead (gRPC / in-process)",
-                        "throughput (gRPC / in-process)", "server RSS MiB"], rows)
+                        "throughput (gRPC / in-process)", "server RSS MiB",
+                        *CPU_COLUMNS], rows)
         + f"\n\nA new `retrieval` version (v{swap['new_version']}) swapped in "
         f"during the {result['levels'][-1]['clients']}-client gRPC run: versions "
-        f"served {swap['versions_served']}, {swap['failed']} failed requests. "
+        f"served {swap['versions_served']}, {swap['failed']} failed requests "
+        "(the server's CPU in that run includes loading it). "
         f"SIGTERM under load: {sigterm['in_flight']} requests in flight, "
         f"{len(sigterm['in_flight_failed'])} failed; a {sigterm['slow_seconds']} s "
         f"request in flight {'completed' if sigterm['slow_ok'] else 'FAILED'}; exit "
         f"code {sigterm['exit_code']} after {sigterm['exit_seconds']} s. Listening "
         f"on {result['bind']}."
         + (_batched_markdown(result["batched"]) if "batched" in result else ""))
+
+
+CPU_COLUMNS = ("server CPU ms/request", "gRPC clients' CPU ms/request",
+               "in-process CPU ms/request")
+
+
+def _cpu_cells(level: Mapping[str, Any]) -> list[float]:
+    """CPU per answered request: the server process and the client threads'
+    process in the gRPC run; the whole in-process run."""
+    return [level["grpc"]["server_cpu_ms_per_request"],
+            level["grpc"]["this_process_cpu_ms_per_request"],
+            level["in_process"]["this_process_cpu_ms_per_request"]]
 
 
 def _batched_markdown(batched: Mapping[str, Any]) -> str:
@@ -766,7 +806,7 @@ def _batched_markdown(batched: Mapping[str, Any]) -> str:
              level["grpc"]["p99_ms"], level["in_process"]["requests_per_s"],
              level["in_process"]["p50_ms"], level["unbatched_p99_ms"],
              f"{level['throughput_ratio']:.2f}", f"{level['p50_overhead']:.2f}x",
-             f"{level['p99_vs_unbatched']:.2f}x"]
+             f"{level['p99_vs_unbatched']:.2f}x", *_cpu_cells(level)]
             for level in batched["levels"]]
     sigterm, swap = batched["sigterm"], batched["swap"]
     stats = batched.get("batch_stats", {})
@@ -780,7 +820,7 @@ def _batched_markdown(batched: Mapping[str, Any]) -> str:
                         "in-process p50 ms", "unbatched gRPC p99 ms",
                         "throughput (batched / in-process)",
                         "p50 overhead (batched / in-process)",
-                        "p99 (batched / unbatched gRPC)"], rows)
+                        "p99 (batched / unbatched gRPC)", *CPU_COLUMNS], rows)
         + f"\n\nOver the batched run: {stats.get('requests', 0):.0f} requests in "
         f"{stats.get('merged_calls', 0):.0f} SavedModel calls, "
         f"{stats.get('mean_batch_rows', 0)} rows per call on average, "

@@ -33,11 +33,7 @@ import time
 from typing import Any
 
 import grpc
-from tensorflow_serving.apis import (
-    model_service_pb2_grpc,
-    predict_pb2,
-    prediction_service_pb2_grpc,
-)
+from tensorflow_serving.apis import predict_pb2
 
 from tfdssm.errors import ServingError
 from tfdssm.serving import batching, predict
@@ -45,12 +41,11 @@ from tfdssm.serving.grpc_server import (
     DEFAULT_MAX_MESSAGE_BYTES,
     MARKER_METHOD,
     SHUTTING_DOWN,
-    GenericHandlersOnly,
     ModelService,
     PredictionService,
+    add_services_and_bind,
     close_admission,
     is_marker,
-    listen_address,
     local_address,
     metadata_response,
     requested_version,
@@ -302,23 +297,11 @@ def start_aio_grpc(
     async def start() -> tuple[grpc.aio.Server, int]:
         server = grpc.aio.server(interceptors=[admission],
                                  options=server_options(max_message_bytes))
-        handlers = GenericHandlersOnly(server)
-        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            AioPredictionService(manager, batcher, _Waker(loop), max_batch_size,
-                                 int(max_message_bytes), metrics), handlers)
-        model_service_pb2_grpc.add_ModelServiceServicer_to_server(
-            AioModelService(manager), handlers)
-        address = listen_address(host, port)
-        try:
-            bound = server.add_insecure_port(address)
-        except RuntimeError as error:
-            bound, reason = 0, str(error)
-        else:
-            reason = "address in use?"
-        if not bound:
-            raise ServingError(f"cannot listen for gRPC on {address} ({reason}); "
-                               "choose another --grpc-port or stop the process "
-                               "using it.", "UNAVAILABLE")
+        bound = add_services_and_bind(
+            server, AioPredictionService(manager, batcher, _Waker(loop),
+                                         max_batch_size, int(max_message_bytes),
+                                         metrics),
+            AioModelService(manager), host, port)
         await server.start()
         return server, bound
 

@@ -371,6 +371,32 @@ class GrpcServer:
         self._admission.refusals.shutdown(wait=False)
 
 
+def add_services_and_bind(server: Any, prediction: Any, model: Any, host: str,
+                          port: int) -> int:
+    """Adds the two services to a (thread-pool or asyncio) gRPC server, as
+    generic handlers only, and binds it; returns the bound port.
+
+    Raises:
+        ServingError: the address cannot be bound.
+    """
+    handlers = GenericHandlersOnly(server)
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+        prediction, handlers)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(model, handlers)
+    address = listen_address(host, port)
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as error:
+        bound, reason = 0, str(error)
+    else:
+        reason = "address in use?"
+    if not bound:
+        raise ServingError(f"cannot listen for gRPC on {address} ({reason}); choose "
+                           "another --grpc-port or stop the process using it.",
+                           "UNAVAILABLE")
+    return bound
+
+
 def start_grpc(
     manager: ModelManager,
     host: str = "127.0.0.1",
@@ -398,22 +424,8 @@ def start_grpc(
     server = grpc.server(
         pool, interceptors=[admission],
         options=server_options(max_message_bytes))
-    handlers = GenericHandlersOnly(server)
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionService(manager, max_batch_size, int(max_message_bytes), batcher,
-                          metrics), handlers)
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(
-        ModelService(manager), handlers)
-    address = listen_address(host, port)
-    try:
-        bound = server.add_insecure_port(address)
-    except RuntimeError as error:
-        bound, reason = 0, str(error)
-    else:
-        reason = "address in use?"
-    if not bound:
-        raise ServingError(f"cannot listen for gRPC on {address} ({reason}); choose "
-                           "another --grpc-port or stop the process using it.",
-                           "UNAVAILABLE")
+    bound = add_services_and_bind(
+        server, PredictionService(manager, max_batch_size, int(max_message_bytes),
+                                  batcher, metrics), ModelService(manager), host, port)
     server.start()
     return GrpcServer(server, bound, host, admission, pool), bound
