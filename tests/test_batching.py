@@ -30,7 +30,15 @@ import scann  # noqa: F401 - registers ScaNN's ops for loading `retrieval` in-pr
 import tensorflow as tf
 from prometheus_client.parser import text_string_to_metric_families
 from serving_helpers import running_server, trained_export
-from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+from tensorflow_serving.apis import (
+    classification_pb2,
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_management_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
 
 from tfdssm import cli
 from tfdssm.errors import ConfigError, ServingError
@@ -450,6 +458,41 @@ def test_a_call_whose_deadline_passes_in_the_queue_is_dropped_not_run(tmp_path):
                 - _value(before, count, count + "_total", status=status))
 
     assert (moved("CANCELLED"), moved("OK")) == (1, 1)
+
+
+def test_metadata_status_and_unimplemented_on_the_batched_front(server):
+    """The asyncio front answers the other RPCs as the thread-pool server does."""
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    models = model_service_pb2_grpc.ModelServiceStub(channel)
+    try:
+        request = get_model_metadata_pb2.GetModelMetadataRequest()
+        request.model_spec.name = "towers"
+        request.metadata_field.append("signature_def")
+        metadata = stub.GetModelMetadata(request, timeout=WAIT)
+        signatures = get_model_metadata_pb2.SignatureDefMap()
+        metadata.metadata["signature_def"].Unpack(signatures)
+        assert "query" in signatures.signature_def
+        request.model_spec.name = "no_such_model"
+        with pytest.raises(grpc.RpcError) as error:
+            stub.GetModelMetadata(request, timeout=WAIT)
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND
+        status_request = get_model_status_pb2.GetModelStatusRequest()
+        status_request.model_spec.name = "towers"
+        status = models.GetModelStatus(status_request, timeout=WAIT)
+        assert [v.state for v in status.model_version_status] == [
+            get_model_status_pb2.ModelVersionStatus.AVAILABLE]
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Classify(classification_pb2.ClassificationRequest(), timeout=WAIT)
+        assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert "use Predict" in error.value.details()
+        with pytest.raises(grpc.RpcError) as error:
+            models.HandleReloadConfigRequest(
+                model_management_pb2.ReloadConfigRequest(), timeout=WAIT)
+        assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert "restart" in error.value.details()
+    finally:
+        channel.close()
 
 
 def _grpc_code(stub, request) -> str:

@@ -27,7 +27,6 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
-import secrets
 import threading
 import time
 from typing import Any
@@ -39,17 +38,17 @@ from tfdssm.errors import ServingError
 from tfdssm.serving import batching, predict
 from tfdssm.serving.grpc_server import (
     DEFAULT_MAX_MESSAGE_BYTES,
-    MARKER_METHOD,
     SHUTTING_DOWN,
+    Admission,
     ModelService,
     PredictionService,
     add_services_and_bind,
     close_admission,
-    is_marker,
     local_address,
     metadata_response,
     requested_version,
     server_options,
+    status_code,
     status_response,
 )
 from tfdssm.serving.metrics import Metrics
@@ -106,7 +105,6 @@ class AioPredictionService(PredictionService):
                  waker: _Waker, max_batch_size: int | None, max_bytes: int | None,
                  metrics: Metrics | None = None) -> None:
         super().__init__(manager, max_batch_size, max_bytes, batcher, metrics)
-        self.batcher: batching.Batcher = batcher
         self._waker = waker
 
     async def Predict(self, request: predict_pb2.PredictRequest,  # noqa: N802
@@ -129,9 +127,8 @@ class AioPredictionService(PredictionService):
             outputs = task if isinstance(task, dict) else await future
             return self._response(servable, signature, outputs)
         except ServingError as error:
-            status = error.code if hasattr(grpc.StatusCode, error.code) else "UNKNOWN"
-            failure = (getattr(grpc.StatusCode, status, grpc.StatusCode.UNKNOWN),
-                       str(error))
+            failure = (status_code(error), str(error))
+            status = failure[0].name
         except asyncio.CancelledError:  # the client went away or its deadline passed
             status = "CANCELLED"
             if isinstance(task, batching._Task):  # noqa: SLF001 - ours
@@ -151,7 +148,7 @@ class AioPredictionService(PredictionService):
         try:
             servable = self._metadata_servable(request)
         except ServingError as error:
-            await context.abort(_code(error), str(error))
+            await context.abort(status_code(error), str(error))
         return metadata_response(servable)
 
     async def _unimplemented(self, request: Any, context: Any) -> None:
@@ -171,18 +168,14 @@ class AioModelService(ModelService):
             return status_response(self.manager, request.model_spec.name,
                                    requested_version(request.model_spec))
         except ServingError as error:
-            await context.abort(_code(error), str(error))
+            await context.abort(status_code(error), str(error))
 
     async def HandleReloadConfigRequest(self, request: Any,  # noqa: N802
                                         context: Any) -> None:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, self.RELOAD_UNIMPLEMENTED)
 
 
-def _code(error: ServingError) -> grpc.StatusCode:
-    return getattr(grpc.StatusCode, error.code, grpc.StatusCode.UNKNOWN)
-
-
-class _Admission(grpc.aio.ServerInterceptor):
+class _Admission(Admission, grpc.aio.ServerInterceptor):
     """Admits calls until the stop's marker call is taken, then refuses them.
 
     Runs on the loop as each call's task starts, in the order the calls were
@@ -191,10 +184,7 @@ class _Admission(grpc.aio.ServerInterceptor):
     """
 
     def __init__(self) -> None:
-        self.token = secrets.token_hex(16)
-        self.draining = False
-        self.closed = False
-        self.wake = threading.Event()
+        super().__init__()
 
         async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
@@ -202,14 +192,10 @@ class _Admission(grpc.aio.ServerInterceptor):
         self._refuse = grpc.unary_unary_rpc_method_handler(refuse)
 
     async def intercept_service(self, continuation: Any, details: Any) -> Any:
-        if self.closed:
-            return self._refuse
-        if self.draining and details.method == MARKER_METHOD and is_marker(
-                details.invocation_metadata, self.token):
-            self.closed = True
-            self.wake.set()
-            return None  # answered UNIMPLEMENTED at once
-        return await continuation(details)
+        verdict = self.verdict(details)
+        if verdict == "admit":
+            return await continuation(details)
+        return self._refuse if verdict == "refuse" else None  # None: UNIMPLEMENTED
 
 
 class AioGrpcServer:

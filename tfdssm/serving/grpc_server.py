@@ -74,9 +74,13 @@ def requested_version(model_spec: Any) -> int | None:
     return None
 
 
+def status_code(error: ServingError) -> grpc.StatusCode:
+    """The gRPC status of a ``ServingError`` (``UNKNOWN`` for a code gRPC lacks)."""
+    return getattr(grpc.StatusCode, error.code, grpc.StatusCode.UNKNOWN)
+
+
 def _abort(context: grpc.ServicerContext, error: ServingError) -> None:
-    context.abort(getattr(grpc.StatusCode, error.code, grpc.StatusCode.UNKNOWN),
-                  str(error))
+    context.abort(status_code(error), str(error))
 
 
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
@@ -113,7 +117,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                                    context.time_remaining())
             return self._response(servable, signature, outputs)
         except ServingError as error:
-            status = error.code if hasattr(grpc.StatusCode, error.code) else "UNKNOWN"
+            status = status_code(error).name
             _abort(context, error)
         except Exception as error:  # noqa: BLE001 - answer, log, keep serving
             LOG.exception("tfdssm serve: internal error in Predict")
@@ -219,11 +223,6 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         context.abort(grpc.StatusCode.UNIMPLEMENTED, self.RELOAD_UNIMPLEMENTED)
 
 
-def is_marker(metadata: Any, token: str) -> bool:
-    """Whether a call's metadata carries the stop's marker ``token``."""
-    return any(key == _MARKER_KEY and value == token for key, value in metadata or ())
-
-
 def listen_address(host: str, port: int) -> str:
     """``host:port`` to bind (IPv6 hosts in brackets)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -245,7 +244,7 @@ def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
             ("grpc.so_reuseport", 0)]
 
 
-def close_admission(admission: Any, local: str, deadline: float) -> bool:
+def close_admission(admission: Admission, local: str, deadline: float) -> bool:
     """Sends the marker call to the server at ``local`` and waits (until
     ``deadline``, a ``time.monotonic()`` value) for ``admission`` (the server's
     interceptor) to take it; admission is closed either way.
@@ -273,11 +272,10 @@ def close_admission(admission: Any, local: str, deadline: float) -> bool:
     return taken
 
 
-class _Admission(grpc.ServerInterceptor):
-    """Admits calls until the stop's marker call is taken, then refuses them.
-
-    Runs in grpcio's serving thread as it takes each call, so in the order the
-    calls reached the server (see the module docstring).
+class Admission:
+    """The stop's cut-off (see the module docstring): admits calls until the
+    marker call is taken, then refuses them. Both gRPC servers' interceptors
+    ask it about each call as they take it.
     """
 
     def __init__(self) -> None:
@@ -285,6 +283,30 @@ class _Admission(grpc.ServerInterceptor):
         self.draining = False  # the stop has begun: watch for the marker
         self.closed = False  # the marker has been taken (or the wait gave up)
         self.wake = threading.Event()  # the marker: taken, or failed
+
+    def verdict(self, details: Any) -> str:
+        """``"admit"``, ``"refuse"`` (``UNAVAILABLE``), or ``"marker"`` (the
+        stop's own call, taken now: answer it ``UNIMPLEMENTED`` at once)."""
+        if self.closed:
+            return "refuse"
+        if self.draining and details.method == MARKER_METHOD and any(
+                key == _MARKER_KEY and value == self.token
+                for key, value in details.invocation_metadata or ()):
+            self.closed = True
+            self.wake.set()
+            return "marker"
+        return "admit"
+
+
+class _Admission(Admission, grpc.ServerInterceptor):
+    """:class:`Admission` as the thread-pool server's interceptor.
+
+    Runs in grpcio's serving thread as it takes each call, so in the order the
+    calls reached the server (see the module docstring).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
         # Refusals do not queue behind the requests being drained.
         self.refusals = futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="tfdssm-grpc-refuse")
@@ -296,14 +318,10 @@ class _Admission(grpc.ServerInterceptor):
         self._refuse = grpc.unary_unary_rpc_method_handler(refuse)
 
     def intercept_service(self, continuation: Any, details: Any) -> Any:
-        if self.closed:
-            return self._refuse
-        if self.draining and details.method == MARKER_METHOD and is_marker(
-                details.invocation_metadata, self.token):
-            self.closed = True
-            self.wake.set()
-            return None  # answered UNIMPLEMENTED at once, without a worker
-        return continuation(details)
+        verdict = self.verdict(details)
+        if verdict == "admit":
+            return continuation(details)
+        return self._refuse if verdict == "refuse" else None  # None: UNIMPLEMENTED
 
 
 class GenericHandlersOnly:
