@@ -382,7 +382,9 @@ def test_two_workers_train_in_sync_and_the_loss_falls(two_workers):
     training = info["training"]
     assert (training["replicas"], training["workers"]) == (2, 2)
     history = training["loss_history"]
-    assert history == pytest.approx(chief, rel=1e-3)
+    # The logs print the loss to 4 decimals (Keras): a small loss such as 0.0393
+    # is off by up to half its last digit, more than rel 1e-3 of it.
+    assert history == pytest.approx(chief, rel=1e-3, abs=5e-5)
     assert history[-1] < 0.6 * history[0]
 
 
