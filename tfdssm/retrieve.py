@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from tfdssm.data import readers as data
-from tfdssm.errors import ConfigError, DataError, DataWarning, ExportError
+from tfdssm.errors import ConfigError, DataError, ExportError
 from tfdssm.export import layout, tokens
 from tfdssm.export.loading import ids_as_text, load_towers, read_corpus, tower_features
 from tfdssm.model import multihead
@@ -49,12 +48,9 @@ class LocalRetriever:
         self.candidate_id = self.info["candidate_id"]
         self.ids = self.corpus[self.candidate_id].astype(str).to_numpy()
         self._position = {cid: i for i, cid in enumerate(self.ids)}
-        with warnings.catch_warnings():
-            # Said once, when the corpus was exported; not again on every query.
-            warnings.filterwarnings("ignore", "the corpus .*missing or empty cell",
-                                    DataWarning)
-            arrays = data.to_feature_arrays(self.corpus, self.candidate_features,
-                                            "the corpus")
+        # Said once, when the corpus was exported; not again on every query.
+        arrays = data.to_feature_arrays(self.corpus, self.candidate_features,
+                                        "the corpus", warn_empty=False)
         self.embeddings = embed(self.towers.signatures["candidate"], arrays)
 
     @property

@@ -128,13 +128,18 @@ def distinct_candidates(
 
 
 def to_feature_arrays(
-    frame: pd.DataFrame, features: Sequence[Feature], what: str = "data"
+    frame: pd.DataFrame, features: Sequence[Feature], what: str = "data",
+    warn_empty: bool = True,
 ) -> dict[str, np.ndarray]:
     """Converts the columns the features need into numpy arrays for ``tf.data``.
 
     Text-like columns become ``str`` (missing cells become ``""``, counted in a
-    warning; lone surrogates become U+FFFD); numeric columns become float32 and
-    must not be missing.
+    warning unless ``warn_empty`` is false; lone surrogates become U+FFFD);
+    numeric columns become float32 and must not be missing.
+
+    ``warn_empty=False`` is for a second read of rows already reported: the
+    candidate corpus, whose empty cells the export reports once (it leaves
+    such candidates out) and the training data reports as data.
 
     Raises:
         DataError: missing columns, non-numeric or missing numeric values, list
@@ -148,7 +153,7 @@ def to_feature_arrays(
         column = frame[feature.name]
         if feature.dtype == tf.string:
             missing = int((column.isna() | column.eq("")).sum())
-            if missing:
+            if missing and warn_empty:
                 warnings.warn(
                     f"{what} column {feature.name!r} has {missing} missing or "
                     "empty cell(s); they are used as empty text.",

@@ -9,14 +9,13 @@ pool the served model ranks (what ``tfdssm evaluate`` does); with
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pandas as pd
 
 from tfdssm.data import readers as data
-from tfdssm.errors import DataError, DataWarning
+from tfdssm.errors import DataError
 from tfdssm.export import layout
 from tfdssm.export.loading import load_towers, read_corpus, tower_features
 from tfdssm.features import Feature
@@ -51,11 +50,9 @@ def evaluate_frame(
         )
     positives = ids.map(index).to_numpy()
     queries = embed(query_tower, data.to_feature_arrays(test, query_features))
-    with warnings.catch_warnings():
-        # Empty corpus cells are the export's to report (once), not every
-        # evaluation's.
-        warnings.filterwarnings("ignore", ".*missing or empty cell", DataWarning)
-        arrays = data.to_feature_arrays(corpus, candidate_features, "the corpus")
+    # Empty corpus cells are the export's to report (once), not every evaluation's.
+    arrays = data.to_feature_arrays(corpus, candidate_features, "the corpus",
+                                    warn_empty=False)
     candidates = embed(candidate_tower, arrays)
     metrics = rank_metrics(queries, positives, candidates, ks=ks)
     if train is not None and query_key is not None:

@@ -287,8 +287,10 @@ class HardNegatives(tf.keras.callbacks.Callback):
                                    for n in model.candidate_tower.feature_names]
         names = list(dict.fromkeys([*model.candidate_tower.feature_names,
                                     candidate_id]))
+        # The corpus's empty cells are the export's to report, once.
         arrays = data.to_feature_arrays(
-            self.corpus, [by_name[n] for n in names if n in by_name], "the corpus")
+            self.corpus, [by_name[n] for n in names if n in by_name], "the corpus",
+            warn_empty=False)
         if candidate_id not in arrays:
             arrays[candidate_id] = self.ids.astype(str).astype(bytes)
         self.columns = {n: tf.constant(arrays[n]) for n in names}
@@ -313,7 +315,7 @@ class HardNegatives(tf.keras.callbacks.Callback):
         queries = embed(self.dssm.query_tower, data.to_feature_arrays(
             self.train_rows, self.query_features, "the training rows"))
         documents = embed(self.dssm.candidate_tower, data.to_feature_arrays(
-            self.corpus, self.candidate_features, "the corpus"))
+            self.corpus, self.candidate_features, "the corpus", warn_empty=False))
         mined = mine_dense(queries, documents, self.positives, self.ids, self.per_row)
         logger.info("mining self hard negatives for %d queries over %d documents "
                     "took %.1f s", len(queries), len(documents),
