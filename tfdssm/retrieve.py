@@ -18,8 +18,14 @@ import pandas as pd
 
 from tfdssm.data import readers as data
 from tfdssm.errors import ConfigError, DataError, ExportError
-from tfdssm.export import layout, tokens
-from tfdssm.export.loading import ids_as_text, load_towers, read_corpus, tower_features
+from tfdssm.export import tokens
+from tfdssm.export.loading import (
+    ids_as_text,
+    load_towers,
+    read_committed,
+    read_corpus,
+    tower_features,
+)
 from tfdssm.model import multihead
 from tfdssm.model.runner import embed
 
@@ -37,12 +43,12 @@ class LocalRetriever:
     """
 
     def __init__(self, export_dir: str | os.PathLike) -> None:
-        self.info = layout.read_export(export_dir)
+        self.info = read_committed(export_dir)  # what servers serve, or an error
         self.export_dir = pathlib.Path(export_dir)
         self._served: Any = None  # a hybrid export's brute-force model, loaded once
         self._tokens: Any = None  # (postings, namespaces), read on first filter
         self.corpus = read_corpus(export_dir)
-        self.towers = load_towers(export_dir)
+        self.towers = load_towers(export_dir, info=self.info)
         self.query_features = tower_features(self.info, "query")
         self.candidate_features = tower_features(self.info, "candidate")
         self.candidate_id = self.info["candidate_id"]

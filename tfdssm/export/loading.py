@@ -13,7 +13,8 @@ import pandas as pd
 import tensorflow as tf
 
 from tfdssm.errors import ExportError
-from tfdssm.export.layout import CORPUS_FILE, versions
+from tfdssm.export import serving_config
+from tfdssm.export.layout import CORPUS_FILE, read_export, versions
 from tfdssm.features import Feature, feature_from_config
 from tfdssm.features.registry import feature_kind
 
@@ -33,12 +34,41 @@ def ids_as_text(ids: Any) -> np.ndarray:
     return decode(ids).astype(str)
 
 
-def load_towers(export_dir: str | os.PathLike, version: int | None = None) -> Any:
-    """Loads ``towers/<version>`` (newest by default) with ``tf.saved_model.load``."""
+def read_committed(export_dir: str | os.PathLike) -> dict[str, Any]:
+    """``export.json`` of the export ``models.config`` commits, checked.
+
+    An export killed before its commit can leave newer versions (and, killed
+    late, a newer ``export.json`` and candidate files) next to the committed
+    export that servers keep serving; readers of an export (evaluation,
+    :class:`~tfdssm.retrieve.LocalRetriever`) read what is served, or refuse.
+
+    Raises:
+        ExportError: not an export, or ``export.json`` and the candidate files
+            are not those of the committed export (re-run the export).
+    """
+    info = read_export(export_dir)
+    if (pathlib.Path(export_dir) / serving_config.CONFIG_FILE).is_file():
+        serving_config.check_committed(export_dir, info)
+    return info
+
+
+def load_towers(export_dir: str | os.PathLike, version: int | None = None,
+                info: Mapping[str, Any] | None = None) -> Any:
+    """Loads ``towers/<version>`` with ``tf.saved_model.load``.
+
+    Args:
+        export_dir: The export directory.
+        version: The version to load; by default the one ``info`` (the
+            export's ``export.json``, see :func:`read_committed`) records, or
+            the newest without ``info``.
+        info: ``export.json``.
+    """
     base = pathlib.Path(export_dir) / "towers"
     found = versions(base)
     if not found:
         raise ExportError(f"no towers/<version> SavedModel under {str(export_dir)!r}.")
+    if version is None and info is not None:
+        version = (info.get("towers") or {}).get("version")
     chosen = found[-1] if version is None else version
     if chosen not in found:
         raise ExportError(f"towers version {chosen} not found; have {found}.")

@@ -16,8 +16,12 @@ import pandas as pd
 
 from tfdssm.data import readers as data
 from tfdssm.errors import DataError
-from tfdssm.export import layout
-from tfdssm.export.loading import load_towers, read_corpus, tower_features
+from tfdssm.export.loading import (
+    load_towers,
+    read_committed,
+    read_corpus,
+    tower_features,
+)
 from tfdssm.features import Feature
 from tfdssm.model.runner import embed
 from tfdssm.training.metrics import DEFAULT_KS, rank_metrics
@@ -131,8 +135,8 @@ def evaluate_export(
             candidate is not in the pool (the message says how to add it).
         ExportError: not an export, or its corpus is missing.
     """
-    info = layout.read_export(export_dir)
-    towers = load_towers(export_dir)
+    info = read_committed(export_dir)  # what servers serve, or an error
+    towers = load_towers(export_dir, info=info)
     if not len(frame):
         raise DataError(f"{what} has a header but no rows.")
     candidate_id = info["candidate_id"]
