@@ -72,7 +72,11 @@ def run(quick: bool = False) -> dict[str, Any]:
     rows = [
         ["in-graph (tf.data, batch 256)", len(docs) / graph_s, 1.0],
         ["pure Python, same table", len(docs) / table_s, table_s / graph_s],
-        ["Python + unicodedata (C)", len(docs) / unicodedata_s, unicodedata_s / graph_s],
+        [
+            "Python + unicodedata (C)",
+            len(docs) / unicodedata_s,
+            unicodedata_s / graph_s,
+        ],
     ]
     markdown = ("### Hashing: ~400-character documents, letter trigrams into 30k "
                 "buckets\n\n" + common.table(

@@ -86,10 +86,14 @@ def run(quick: bool = False) -> dict[str, Any]:
         rows.append(["training (MovieLens-100k, 1 epoch, with exports)", train])
         for n in ((100_000,) if quick else (100_000, 1_000_000)):
             peak = _peak(
-                "import tfdssm, numpy as np, tensorflow as tf\nfrom tfdssm import index\n"
-                f"x = np.random.default_rng(0).normal(size=[{n}, 128]).astype('float32')\n"
+                "import tfdssm, numpy as np, tensorflow as tf\n"
+                "from tfdssm import index\n"
+                "x = np.random.default_rng(0).normal(\n"
+                f"    size=[{n}, 128]).astype('float32')\n"
                 "spec = {'q': tf.TensorSpec([None], tf.string, name='q')}\n"
-                f"index.ScannRetrieval(lambda f: f, spec, x, [str(i) for i in range({n})])")
+                "index.ScannRetrieval(lambda f: f, spec, x,\n"
+                f"                     [str(i) for i in range({n})])"
+            )
             rows.append([f"ScaNN index build, {n:,} x 128 floats "
                          f"({n * 128 * 4 / 2**20:.0f} MiB of vectors)", peak])
         rows.append(["tfdssm serve (MovieLens export, 3 models) after 200 requests",

@@ -30,7 +30,8 @@ CURVE_KS = tuple(range(1, 101))
 def _exclusions(prepared: train.Prepared) -> list[list[int]]:
     index = {m: i for i, m in enumerate(prepared.corpus["movie_id"])}
     seen: dict[str, list[int]] = {}
-    for user, movie in zip(prepared.train["user_id"], prepared.train["movie_id"]):
+    for user, movie in zip(prepared.train["user_id"], prepared.train["movie_id"],
+                           strict=True):
         seen.setdefault(user, []).append(index[movie])
     return [seen.get(u, []) for u in prepared.test["user_id"]]
 
@@ -40,7 +41,9 @@ def _positives(prepared: train.Prepared) -> np.ndarray:
     return prepared.test["movie_id"].map(index).to_numpy()
 
 
-def _ours(prepared: train.Prepared, epochs: int) -> tuple[np.ndarray, np.ndarray, float]:
+def _ours(
+    prepared: train.Prepared, epochs: int
+) -> tuple[np.ndarray, np.ndarray, float]:
     start = time.perf_counter()
     train.run(prepared, None, epochs=epochs, verbose=0)
     seconds = time.perf_counter() - start

@@ -62,7 +62,9 @@ def run(quick: bool = False) -> dict[str, Any]:
         scann_build = time.perf_counter() - start
         exact_qps, truth = _qps(exact.search, queries)
         scann_qps, found = _qps(approx.search, queries)
-        recall = np.mean([len(set(a) & set(b)) / K for a, b in zip(found, truth)])
+        recall = np.mean(
+            [len(set(a) & set(b)) / K for a, b in zip(found, truth, strict=True)]
+        )
         rows.append([f"{n:,}", regime, exact_qps, scann_qps, scann_qps / exact_qps,
                      recall, exact_build, scann_build])
         if regime == "clustered":
@@ -74,10 +76,23 @@ def run(quick: bool = False) -> dict[str, Any]:
     plot = common.plot_lines(common.RESULTS / "retrieval_qps.png",
                              "Top-10 retrieval, one query per call (dim 128)",
                              "candidates", "queries/s", curves, log_x=True)
-    markdown = ("### Retrieval: ScaNN vs brute force (exported layers, top-10, dim 128)"
-                "\n\n" + common.table(
-                    ["candidates", "data", "brute force q/s", "ScaNN q/s", "ScaNN speed-up",
-                     "ScaNN recall@10", "brute force build s", "ScaNN build s"], rows)
-                + "\n\nTarget at 1M: ≥ 10× queries/s at recall@10 ≥ 0.95.\n\n"
-                f"![queries/s]({plot.relative_to(common.RESULTS.parent)})")
+    markdown = (
+        "### Retrieval: ScaNN vs brute force (exported layers, top-10, dim 128)"
+        "\n\n"
+        + common.table(
+            [
+                "candidates",
+                "data",
+                "brute force q/s",
+                "ScaNN q/s",
+                "ScaNN speed-up",
+                "ScaNN recall@10",
+                "brute force build s",
+                "ScaNN build s",
+            ],
+            rows,
+        )
+        + "\n\nTarget at 1M: ≥ 10× queries/s at recall@10 ≥ 0.95.\n\n"
+        f"![queries/s]({plot.relative_to(common.RESULTS.parent)})"
+    )
     return {"markdown": markdown, "rows": rows}

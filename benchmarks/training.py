@@ -61,7 +61,9 @@ def stdlib_pairs() -> pd.DataFrame:
         except ImportError:
             continue
         for attr, obj in inspect.getmembers(module):
-            if attr.startswith("_") or not (inspect.isroutine(obj) or inspect.isclass(obj)):
+            if attr.startswith("_") or not (
+                inspect.isroutine(obj) or inspect.isclass(obj)
+            ):
                 continue
             members = [(attr, obj)]
             if inspect.isclass(obj):

@@ -47,14 +47,20 @@ def main(argv: list[str] | None = None) -> int:
         )
         movies = movielens.movies.set_index("movie_id")
         metrics = retriever.info.get("metrics", {})
-        print(f"\nexport {args.export_dir}: recall@100 {metrics.get('recall@100', 0):.3f} "
-              f"(unseen: {metrics.get('recall@100_excl', 0):.3f}) over "
-              f"{len(retriever.ids)} movies")
+        print(
+            f"\nexport {args.export_dir}: "
+            f"recall@100 {metrics.get('recall@100', 0):.3f} "
+            f"(unseen: {metrics.get('recall@100_excl', 0):.3f}) over "
+            f"{len(retriever.ids)} movies"
+        )
         for row, user in enumerate(wanted):
             u = users.loc[user]
-            print(f"\nuser {user} ({u['age']}, {u['gender']}, {u['occupation']}): "
-                  f"top {args.k} unseen movies")
-            for rank, (movie, score) in enumerate(zip(ids[row], scores[row]), 1):
+            print(
+                f"\nuser {user} ({u['age']}, {u['gender']}, {u['occupation']}): "
+                f"top {args.k} unseen movies"
+            )
+            ranked = zip(ids[row], scores[row], strict=True)
+            for rank, (movie, score) in enumerate(ranked, 1):
                 m = movies.loc[movie]
                 year = f" ({m['year']})" if m["year"] else ""
                 print(f"  {rank:>2}. {m['title']}{year:<8} {score:6.3f}  {m['genres']}")

@@ -114,7 +114,8 @@ class LocalRetriever:
         """
         if not 1 <= k <= len(self.ids):
             raise ConfigError(
-                f"k must be between 1 and the corpus size {len(self.ids)}, received {k}."
+                f"k must be between 1 and the corpus size {len(self.ids)}, "
+                f"received {k}."
             )
         filtered = bool(allow is not None and any(allow)) or bool(
             deny is not None and any(deny))
@@ -210,12 +211,14 @@ class LocalRetriever:
             out = self._served.signatures["top_k_exclude"](**inputs)
         return ids_as_text(out["ids"]), out["scores"].numpy()
 
-    def describe(self, candidate_ids: Sequence[str], column: str | None = None) -> list[str]:
+    def describe(
+        self, candidate_ids: Sequence[str], column: str | None = None
+    ) -> list[str]:
         """A display string per candidate id (its first text column)."""
         if column is None:
             text = [f.name for f in self.candidate_features if f.kind == "text"]
             column = text[0] if text else self.candidate_id
-        lookup = dict(zip(self.ids, self.corpus[column].astype(str)))
+        lookup = dict(zip(self.ids, self.corpus[column].astype(str), strict=True))
         return [lookup.get(str(i), "") for i in candidate_ids]
 
 

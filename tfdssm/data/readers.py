@@ -34,8 +34,8 @@ def check_text_columns(frame: pd.DataFrame, names: Sequence[str],
     Traceback (most recent call last):
     ...
     tfdssm.errors.DataError: data column 'q' holds lists (data row 1: ['a', 'b']), \
-not text; join each list into one string first (e.g. `df['q'] = df['q'].str.join(' ')`) \
-or choose a text column.
+not text; join each list into one string first \
+(e.g. `df['q'] = df['q'].str.join(' ')`) or choose a text column.
     """
     for name in dict.fromkeys(names):
         if name not in frame.columns or frame[name].dtype != object:
@@ -53,7 +53,8 @@ or choose a text column.
                 "column.")
 
 
-def check_columns(frame: pd.DataFrame, names: Sequence[str], what: str = "data") -> None:
+def check_columns(frame: pd.DataFrame, names: Sequence[str],
+                  what: str = "data") -> None:
     """Raises a :class:`DataError` naming missing columns and the available ones."""
     missing = [n for n in names if n not in frame.columns]
     if missing:
@@ -279,7 +280,9 @@ def tfrecord_dataset(
         dataset = dataset.shuffle(10_000, seed=seed)
     return (
         dataset.batch(batch_size)
-        .map(lambda x: tf.io.parse_example(x, spec), num_parallel_calls=tf.data.AUTOTUNE)
+        .map(
+            lambda x: tf.io.parse_example(x, spec), num_parallel_calls=tf.data.AUTOTUNE
+        )
         .prefetch(tf.data.AUTOTUNE)
     )
 

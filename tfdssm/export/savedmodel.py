@@ -182,7 +182,9 @@ def save_towers(
     def query(features):
         return {"embedding": module.query_tower(features)}
 
-    @tf.function(input_signature=[signature_spec(model.candidate_tower)], autograph=False)
+    @tf.function(
+        input_signature=[signature_spec(model.candidate_tower)], autograph=False
+    )
     def candidate(features):
         return {"embedding": module.candidate_tower(features)}
 
@@ -407,7 +409,8 @@ def export_model(
     """
     export_dir = pathlib.Path(export_dir)
     if export_dir.exists() and not export_dir.is_dir():
-        raise ExportError(f"export dir {str(export_dir)!r} exists and is not a directory.")
+        raise ExportError(
+            f"export dir {str(export_dir)!r} exists and is not a directory.")
     id_column = (candidate_id or model.candidate_id
                  or model.candidate_tower.feature_names[0])
     candidate_row = None

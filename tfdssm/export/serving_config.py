@@ -137,7 +137,9 @@ def check_committed(export_dir: str | os.PathLike, info: Mapping) -> None:
     commit = info.get("commit") or {}
     recorded = commit.get("versions") or {
         name: (info.get(name) or {}).get("version") for name in pins}
-    differ = sorted(n for n in pins if pins[n] is not None and pins[n] != recorded.get(n))
+    differ = sorted(
+        n for n in pins if pins[n] is not None and pins[n] != recorded.get(n)
+    )
     if differ:
         raise ExportError(
             f"{str(export_dir)!r}: {CONFIG_FILE} serves "

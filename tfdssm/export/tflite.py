@@ -23,7 +23,8 @@ Each feature says how it enters (or why it cannot) through
 :meth:`tfdssm.features.Feature.tflite_input`. Towers reading other kinds of
 features (a history of item ids, which needs string splitting; an example age,
 served as a constant) are not converted: :func:`unsupported` says why,
-``tfdssm train`` skips the file and notes that in ``export.json``; serve such query towers from the ``towers`` SavedModel.
+``tfdssm train`` skips the file and notes that in ``export.json``; serve such
+query towers from the ``towers`` SavedModel.
 """
 
 from __future__ import annotations
@@ -109,7 +110,9 @@ def input_spec(tower: tf.keras.layers.Layer) -> list[dict[str, Any]]:
     return specs
 
 
-def query_function(tower: tf.keras.layers.Layer) -> tf.types.experimental.ConcreteFunction:
+def query_function(
+    tower: tf.keras.layers.Layer,
+) -> tf.types.experimental.ConcreteFunction:
     """Traces the tower's integer-input twin (the graph TFLite converts).
 
     Args:
@@ -380,7 +383,8 @@ def write_tflite(
             "quantization": quantization}
 
 
-def sample_queries(tower: tf.keras.layers.Layer, count: int = 12) -> list[dict[str, Any]]:
+def sample_queries(tower: tf.keras.layers.Layer,
+                   count: int = 12) -> list[dict[str, Any]]:
     """Parity queries for a tower, from each feature's TFLite hook: the
     multilingual set for text features, vocabulary values plus an unknown one
     for ids, spread values for numbers."""

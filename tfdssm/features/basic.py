@@ -72,7 +72,8 @@ class TextFeature(ColumnFeature):
                 or not 1 <= self.max_length <= MAX_LENGTH_LIMIT):
             raise ConfigError(
                 f"max_length of text feature {self.name!r} must be an integer between "
-                f"1 and {MAX_LENGTH_LIMIT:,} code points, received {self.max_length!r}; "
+                f"1 and {MAX_LENGTH_LIMIT:,} code points, "
+                f"received {self.max_length!r}; "
                 "texts are cut to it and padded to it, so every batch holds "
                 "batch size x max_length code points. Use e.g. 1024.")
 

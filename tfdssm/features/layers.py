@@ -234,7 +234,9 @@ class TextEmbedding(tf.keras.layers.Layer):
             valid = tf.concat([valid, word_valid], axis=1)
         return ids, valid
 
-    def embed_code_points(self, code_points: tf.Tensor, dense: bool = False) -> tf.Tensor:
+    def embed_code_points(
+        self, code_points: tf.Tensor, dense: bool = False
+    ) -> tf.Tensor:
         """Embeds normalised code points (the part a TFLite model runs).
 
         Args:
@@ -285,7 +287,8 @@ class CategoricalEmbedding(tf.keras.layers.Layer):
     TensorShape([2, 3])
     """
 
-    def __init__(self, vocabulary: Sequence[str], output_dim: int = 32, **kwargs) -> None:
+    def __init__(self, vocabulary: Sequence[str], output_dim: int = 32,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         self.vocabulary = _check_vocabulary(vocabulary, output_dim)
         self.output_dim = int(output_dim)

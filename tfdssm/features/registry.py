@@ -61,7 +61,9 @@ def feature_from_config(config: dict[str, Any]) -> Feature:
         raise ConfigError(f"bad {kind} feature config {config}: {error}") from None
 
 
-def vocabulary_of(values: Iterable[Any], separator: str | None = None) -> tuple[str, ...]:
+def vocabulary_of(
+    values: Iterable[Any], separator: str | None = None
+) -> tuple[str, ...]:
     """Sorted distinct values of a column (split by ``separator`` if given).
 
     >>> vocabulary_of(["b|a", "a", ""], separator="|")

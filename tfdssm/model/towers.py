@@ -89,7 +89,8 @@ class Tower(tf.keras.layers.Layer):
     ) -> None:
         super().__init__(**kwargs)
         self.features = [
-            f if not isinstance(f, Mapping) else feature_from_config(f) for f in features
+            f if not isinstance(f, Mapping) else feature_from_config(f)
+            for f in features
         ]
         if not self.features:
             raise ConfigError("a tower needs at least one feature.")

@@ -111,7 +111,9 @@ def prepare(
         )
     user_features = [
         CategoricalFeature("user_id", vocabulary_of(train["user_id"]), 32),
-        NumericFeature("age", float(train["age"].mean()), float(train["age"].std() or 1)),
+        NumericFeature(
+            "age", float(train["age"].mean()), float(train["age"].std() or 1)
+        ),
         CategoricalFeature("gender", vocabulary_of(train["gender"]), 4),
         CategoricalFeature("occupation", vocabulary_of(train["occupation"]), 8),
         CategoricalFeature("zip_prefix", vocabulary_of(train["zip_prefix"]), 8),

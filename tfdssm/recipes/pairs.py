@@ -122,7 +122,9 @@ def prepare(
             query_tower, {query_column: candidate_column}, name="candidate_tower"
         )
     else:
-        candidate_tower = paper_tower(candidate_column, name="candidate_tower", **kwargs)
+        candidate_tower = paper_tower(
+            candidate_column, name="candidate_tower", **kwargs
+        )
     features = [query_feature, doc_feature]
     if candidate_id_column not in (None, query_column, candidate_column):
         features.append(TextFeature(candidate_id_column))  # fed as a raw string

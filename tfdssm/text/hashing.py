@@ -128,7 +128,7 @@ def word_ngram_ids_py(
     if 1 in orders:
         out += [((w + 1) * MULTIPLIER) % MODULUS % num_buckets for w in words]
     if 2 in orders:
-        for w, nxt in zip(words, words[1:]):
+        for w, nxt in zip(words, words[1:], strict=False):
             g = ((w * MULTIPLIER) % MODULUS + nxt) * MULTIPLIER % MODULUS
             out.append(((g + 2) * MULTIPLIER) % MODULUS % num_buckets)
     return out
@@ -167,7 +167,9 @@ def boundary_mask(code_points: tf.Tensor) -> tf.Tensor:
     return mask
 
 
-def trigram_ids(code_points: tf.Tensor, num_buckets: int) -> tuple[tf.Tensor, tf.Tensor]:
+def trigram_ids(
+    code_points: tf.Tensor, num_buckets: int
+) -> tuple[tf.Tensor, tf.Tensor]:
     """Hashes every position's letter trigram (integer ops only).
 
     Args:
@@ -200,7 +202,8 @@ def trigram_hashes(code_points: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         ``[batch, length]``.
     """
     boundary = boundary_mask(code_points)
-    x = tf.where(boundary, tf.constant(BOUNDARY, tf.int64), tf.cast(code_points, tf.int64))
+    x = tf.where(boundary, tf.constant(BOUNDARY, tf.int64),
+                 tf.cast(code_points, tf.int64))
     edge = tf.fill([tf.shape(x)[0], 1], tf.constant(BOUNDARY, tf.int64))
     left = tf.concat([edge, x[:, :-1]], axis=1)
     right = tf.concat([x[:, 1:], edge], axis=1)
@@ -244,7 +247,8 @@ def word_ngram_ids(
     h = tf.where(valid, h, tf.zeros_like(h))
     if dense:
         member = tf.logical_and(
-            tf.equal(word[:, tf.newaxis, :], tf.range(length)[tf.newaxis, :, tf.newaxis]),
+            tf.equal(word[:, tf.newaxis, :],
+                     tf.range(length)[tf.newaxis, :, tf.newaxis]),
             valid[:, tf.newaxis, :],
         )
         sums = tf.reduce_sum(

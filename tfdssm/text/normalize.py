@@ -172,7 +172,8 @@ def _python_tables() -> tuple[dict[int, int], frozenset[int],
     """The frozen table as Python objects: pair key -> composed, the code points
     that can end a pair, code point -> expansion."""
     table = load_table()
-    compose = dict(zip(table.compose_keys.tolist(), table.compose_values.tolist()))
+    compose = dict(zip(table.compose_keys.tolist(), table.compose_values.tolist(),
+                       strict=True))
     seconds = frozenset(k % (MAX_CODE_POINT + 1) for k in compose)
     splits = table.expand_splits.tolist()
     values = table.expand_values.tolist()
@@ -294,7 +295,9 @@ class TextNormalizer(tf.Module):
             tf.ones_like(flat),
         )
         pool = tf.concat([tf.cast(self._values, tf.int64), flat], axis=0)
-        gathered = tf.gather(pool, tf.ragged.range(starts, starts + lengths).flat_values)
+        gathered = tf.gather(
+            pool, tf.ragged.range(starts, starts + lengths).flat_values
+        )
         row_lengths = tf.math.unsorted_segment_sum(
             lengths, points.value_rowids(), points.nrows()
         )
