@@ -68,11 +68,19 @@ def tiny_csv(tmp_path_factory, pairs_frame):
 
 @pytest.fixture(scope="module")
 def trained(tiny_csv, tmp_path_factory):
-    """``tfdssm train --pipeline pairs`` on tiny.csv: (export_dir, code, out, err)."""
-    export_dir = tmp_path_factory.mktemp("cli_export") / "D"
+    """``tfdssm train --pipeline pairs`` on tiny.csv with row 3's query cell
+    emptied, not ``--quiet``: (export_dir, code, out, err). The export tests and
+    the output tests (a DataWarning, progress lines) read this one run."""
+    root = tmp_path_factory.mktemp("cli_export")
+    header, *rows = tiny_csv.read_text().splitlines()
+    rows[2] = "," + rows[2].split(",", 1)[1]
+    holes = root / "holes.csv"
+    holes.write_text("\n".join([header, *rows]) + "\n")
+    export_dir = root / "D"
     code, out, err = _run_main(
-        ["train", "--pipeline", "pairs", "--data", tiny_csv, "--query-column", "query",
-         "--candidate-column", "doc", "--export-dir", export_dir, *TINY])
+        ["train", "--pipeline", "pairs", "--data", holes, "--query-column", "query",
+         "--candidate-column", "doc", "--export-dir", export_dir,
+         *[a for a in TINY if a != "--quiet"]])
     return export_dir, code, out, err
 
 
@@ -374,16 +382,10 @@ def test_learning_rate_must_be_positive(capsys):
 # --------------------------------------------------------------------------- #
 
 
-def test_warnings_and_progress_are_tfdssm_lines(tiny_csv, tmp_path):
-    frame = tiny_csv.read_text().splitlines()
-    holes = tmp_path / "holes.csv"
-    # Row 3's query cell emptied: a DataWarning, shown as one `tfdssm: warning:` line.
-    header, *rows = frame
-    rows[2] = "," + rows[2].split(",", 1)[1]
-    holes.write_text("\n".join([header, *rows]) + "\n")
-    argv = ["train", "--pipeline", "pairs", "--data", holes, "--export-dir",
-            tmp_path / "E", *[a for a in TINY if a != "--quiet"], "--patience", "0"]
-    code, out, err = _run_main(argv)
+def test_warnings_and_progress_are_tfdssm_lines(trained):
+    # `trained` has row 3's query cell empty: a DataWarning, shown as one
+    # `tfdssm: warning:` line; progress as `tfdssm: ` lines too.
+    _, code, _, err = trained
     assert code == 0, err
     assert ("tfdssm: warning: data column 'query' has 1 missing or empty cell(s); "
             "they are used as empty text.\n") in err
