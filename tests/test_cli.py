@@ -238,21 +238,29 @@ def test_query_output_fits_the_terminal(columns, monkeypatch, capsys):
     assert lines[3].count("lorem") < 30
 
 
-def test_console_script_evaluate_matches_in_process(trained, tiny_csv, tmp_path):
+NOISE = re.compile(r"cuInit|oneDNN|cpu_feature_guard|cudart_stub|^[IWE]0000 |"
+                   r"absl::InitializeLog|^WARNING:|XNNPACK", re.M)
+
+
+def test_console_script_query_matches_in_process_without_tensorflow_noise(
+        trained, tmp_path):
+    """The installed console script in a fresh process whose environment does
+    not quiet TensorFlow: the same answer as in process, nothing on stderr."""
     export_dir = trained[0]
     assert CONSOLE_SCRIPT.is_file()
-    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    proc = subprocess.run(
-        [str(CONSOLE_SCRIPT), "evaluate", "--export-dir", str(export_dir), "--data",
-         str(tiny_csv), "--json"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_USE_LEGACY_KERAS",
+                        "GRPC_VERBOSITY")}
+    argv = ["query", "--export-dir", str(export_dir), "--k", "2", "pasta"]
+    proc = subprocess.run([str(CONSOLE_SCRIPT), *argv], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from_script = json.loads(proc.stdout)
-    code, out, _ = _run_main(["evaluate", "--export-dir", export_dir, "--data",
-                              tiny_csv, "--json"])
+    assert re.search(r"^  1\. ", proc.stdout, re.M), proc.stdout
+    assert not NOISE.search(proc.stderr), proc.stderr
+    assert proc.stderr == ""
+    code, out, _ = _run_main(argv)
     assert code == 0
-    assert from_script == pytest.approx(json.loads(out), abs=1e-6)
+    assert proc.stdout == out
 
 
 def test_console_script_user_error_exits_2_without_traceback(tmp_path):
@@ -400,25 +408,6 @@ def test_verbose_is_a_global_and_a_subcommand_option():
     assert parser.parse_args(["--verbose", "tflite", "--export-dir", "x"]).verbose
     assert parser.parse_args(["tflite", "--export-dir", "x", "-v"]).verbose
     assert not parser.parse_args(["tflite", "--export-dir", "x"]).verbose
-
-
-NOISE = re.compile(r"cuInit|oneDNN|cpu_feature_guard|cudart_stub|^[IWE]0000 |"
-                   r"absl::InitializeLog|^WARNING:|XNNPACK", re.M)
-
-
-def test_commands_keep_tensorflow_noise_out_of_stderr(trained, tmp_path):
-    export_dir = trained[0]
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_USE_LEGACY_KERAS",
-                        "GRPC_VERBOSITY")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "tfdssm.cli", "query", "--export-dir", str(export_dir),
-         "--k", "2", "pasta"], capture_output=True, text=True, env=env, cwd=tmp_path,
-        timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert re.search(r"^  1\. ", proc.stdout, re.M), proc.stdout
-    assert not NOISE.search(proc.stderr), proc.stderr
-    assert proc.stderr == ""
 
 
 def test_corpus_warnings_are_not_repeated_on_every_query(pairs_export, tmp_path):
