@@ -1,4 +1,5 @@
-"""Hard negatives (tfdssm.training.negatives): miners, the re-mining callback, train.run."""
+"""Hard negatives (tfdssm.training.negatives): miners, the re-mining callback,
+train.run."""
 
 from __future__ import annotations
 
