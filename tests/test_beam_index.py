@@ -61,6 +61,14 @@ def export_dir(pairs_export, tmp_path_factory):
     return target
 
 
+@pytest.fixture(scope="module")
+def single_server(export_dir):
+    """A server of ``export_dir`` (its single index), started by the re-index test
+    and reused as the sharded front's reference (one server start less)."""
+    with running_server(export_dir, rest_port=None, poll_seconds=0.2) as server:
+        yield server
+
+
 def _top_k(loaded, k: int, exclude=None):
     features = {"query": tf.constant(QUERIES)}
     ks = tf.constant([k] * len(QUERIES), tf.int32)
@@ -148,11 +156,11 @@ def test_index_same_corpus_equals_the_trained_index(export_dir, pairs_export):
 
 
 def test_reindex_serves_new_items_and_a_killed_run_changes_nothing(
-        export_dir, monkeypatch):
+        export_dir, single_server, monkeypatch):
     corpus_file = export_dir.parent / "changed.parquet"
     _changed_corpus().to_parquet(corpus_file, index=False)
-    with running_server(export_dir, rest_port=None, poll_seconds=0.2) as server, \
-            Client(f"127.0.0.1:{server.grpc_port}") as client:
+    server = single_server
+    with Client(f"127.0.0.1:{server.grpc_port}") as client:
         served = client.top_k({"query": QUERIES}, k=10, model="retrieval_brute_force")
         pins = _pins(export_dir)
 
@@ -200,10 +208,16 @@ def _front_requests(target: str, k: int = 5):
         }
 
 
-def test_sharded_front_merges_to_the_single_index(export_dir):
-    # After the previous test: the export's single index is over _changed_corpus().
+def test_sharded_front_merges_to_the_single_index(export_dir, single_server):
+    # After the previous test: the export's single index is over _changed_corpus(),
+    # and single_server serves it (the reference the front must equal).
     corpus_file = export_dir.parent / "changed.parquet"
     assert json.loads((export_dir / "export.json").read_text())["num_candidates"] == 24
+    whole = single_server
+    deadline = time.monotonic() + 30
+    while whole.manager.served() != _pins(export_dir) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert whole.manager.served() == _pins(export_dir)
     result = reindex.index_corpus(export_dir, [str(corpus_file)], num_shards=2,
                                   max_k=8, beam_args=IN_PROCESS)
     sizes = [info["num_candidates"] for info in result["export.json"]]
@@ -213,8 +227,7 @@ def test_sharded_front_merges_to_the_single_index(export_dir):
     for i in range(2):  # every id in the shard it hashes to
         _, ids = candidates.read_candidates(reindex.shard_dir(export_dir, i))
         assert {corpus.shard_of(c, 2) for c in ids} == {i}
-    with running_server(export_dir, rest_port=None) as whole, \
-            running_server(reindex.shard_dir(export_dir, 0), rest_port=None) as s0, \
+    with running_server(reindex.shard_dir(export_dir, 0), rest_port=None) as s0, \
             running_server(reindex.shard_dir(export_dir, 1), rest_port=None) as s1:
         addresses = [f"127.0.0.1:{s0.grpc_port}", f"127.0.0.1:{s1.grpc_port}"]
         want = _front_requests(f"127.0.0.1:{whole.grpc_port}")

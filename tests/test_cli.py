@@ -43,6 +43,12 @@ def _signature_inputs(version_dir: pathlib.Path) -> dict[str, list[str]]:
     return {k: list(v.inputs) for k, v in proto.meta_graphs[0].signature_def.items()}
 
 
+def _signature_outputs(version_dir: pathlib.Path) -> dict[str, list[str]]:
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString((version_dir / "saved_model.pb").read_bytes())
+    return {k: list(v.outputs) for k, v in proto.meta_graphs[0].signature_def.items()}
+
+
 def _assert_user_error(code: int, err: str, *fragments: str) -> None:
     assert code == 2
     lines = err.strip().splitlines()
@@ -62,11 +68,19 @@ def tiny_csv(tmp_path_factory, pairs_frame):
 
 @pytest.fixture(scope="module")
 def trained(tiny_csv, tmp_path_factory):
-    """``tfdssm train --pipeline pairs`` on tiny.csv: (export_dir, code, out, err)."""
-    export_dir = tmp_path_factory.mktemp("cli_export") / "D"
+    """``tfdssm train --pipeline pairs`` on tiny.csv with row 3's query cell
+    emptied, not ``--quiet``: (export_dir, code, out, err). The export tests and
+    the output tests (a DataWarning, progress lines) read this one run."""
+    root = tmp_path_factory.mktemp("cli_export")
+    header, *rows = tiny_csv.read_text().splitlines()
+    rows[2] = "," + rows[2].split(",", 1)[1]
+    holes = root / "holes.csv"
+    holes.write_text("\n".join([header, *rows]) + "\n")
+    export_dir = root / "D"
     code, out, err = _run_main(
-        ["train", "--pipeline", "pairs", "--data", tiny_csv, "--query-column", "query",
-         "--candidate-column", "doc", "--export-dir", export_dir, *TINY])
+        ["train", "--pipeline", "pairs", "--data", holes, "--query-column", "query",
+         "--candidate-column", "doc", "--export-dir", export_dir,
+         *[a for a in TINY if a != "--quiet"]])
     return export_dir, code, out, err
 
 
@@ -83,9 +97,13 @@ def test_train_pairs_exports_towers_and_prints_metrics(trained):
     inputs = _signature_inputs(export_dir / "towers" / "1")
     assert inputs["query"] == ["query"] and inputs["candidate"] == ["doc"]
     assert inputs["serving_default"] == ["query"]
+    outputs = _signature_outputs(export_dir / "towers" / "1")
+    assert outputs["query"] == outputs["candidate"] == ["embedding"]
+    assert outputs["serving_default"] == ["embedding"]
     info = json.loads((export_dir / "export.json").read_text())
     assert info["candidate_id"] == "doc"  # no --candidate-id-column: the text is the id
     assert info["training"]["epochs"] == 1
+    assert "hard_negatives" not in info["training"]  # --hard-negatives none
     assert info["query"]["output_dim"] == 8
     assert info["query"]["features"][0]["num_buckets"] == 500
     assert info["query"]["hidden"] == [16]  # hidden[0] is the bag, the rest is the MLP
@@ -100,6 +118,7 @@ def test_train_pairs_exports_towers_and_prints_metrics(trained):
 
 def test_train_custom_columns_and_candidate_id_column(tmp_path, pairs_frame):
     frame = pairs_frame(40).rename(columns={"query": "q", "doc": "d", "doc_id": "id"})
+    frame.loc[2, "q"] = ""  # a DataWarning, which --quiet still shows
     data = tmp_path / "qd.tsv"
     frame.to_csv(data, sep="\t", index=False)
     export_dir = tmp_path / "qd_export"
@@ -108,6 +127,10 @@ def test_train_custom_columns_and_candidate_id_column(tmp_path, pairs_frame):
          "--candidate-column", "d", "--candidate-id-column", "id",
          "--export-dir", export_dir, "--shared-towers", *TINY])
     assert code == 0, err
+    # --quiet (in TINY): warnings only, as one `tfdssm: warning:` line each.
+    assert err.splitlines() == [
+        "tfdssm: warning: data column 'q' has 1 missing or empty cell(s); they "
+        "are used as empty text."]
     inputs = _signature_inputs(export_dir / "towers" / "1")
     assert inputs["query"] == ["q"] and inputs["candidate"] == ["d"]
     info = json.loads((export_dir / "export.json").read_text())
@@ -215,21 +238,29 @@ def test_query_output_fits_the_terminal(columns, monkeypatch, capsys):
     assert lines[3].count("lorem") < 30
 
 
-def test_console_script_evaluate_matches_in_process(trained, tiny_csv, tmp_path):
+NOISE = re.compile(r"cuInit|oneDNN|cpu_feature_guard|cudart_stub|^[IWE]0000 |"
+                   r"absl::InitializeLog|^WARNING:|XNNPACK", re.M)
+
+
+def test_console_script_query_matches_in_process_without_tensorflow_noise(
+        trained, tmp_path):
+    """The installed console script in a fresh process whose environment does
+    not quiet TensorFlow: the same answer as in process, nothing on stderr."""
     export_dir = trained[0]
     assert CONSOLE_SCRIPT.is_file()
-    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    proc = subprocess.run(
-        [str(CONSOLE_SCRIPT), "evaluate", "--export-dir", str(export_dir), "--data",
-         str(tiny_csv), "--json"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_USE_LEGACY_KERAS",
+                        "GRPC_VERBOSITY")}
+    argv = ["query", "--export-dir", str(export_dir), "--k", "2", "pasta"]
+    proc = subprocess.run([str(CONSOLE_SCRIPT), *argv], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from_script = json.loads(proc.stdout)
-    code, out, _ = _run_main(["evaluate", "--export-dir", export_dir, "--data",
-                              tiny_csv, "--json"])
+    assert re.search(r"^  1\. ", proc.stdout, re.M), proc.stdout
+    assert not NOISE.search(proc.stderr), proc.stderr
+    assert proc.stderr == ""
+    code, out, _ = _run_main(argv)
     assert code == 0
-    assert from_script == pytest.approx(json.loads(out), abs=1e-6)
+    assert proc.stdout == out
 
 
 def test_console_script_user_error_exits_2_without_traceback(tmp_path):
@@ -359,28 +390,17 @@ def test_learning_rate_must_be_positive(capsys):
 # --------------------------------------------------------------------------- #
 
 
-def test_warnings_and_progress_are_tfdssm_lines(tiny_csv, tmp_path):
-    frame = tiny_csv.read_text().splitlines()
-    holes = tmp_path / "holes.csv"
-    # Row 3's query cell emptied: a DataWarning, shown as one `tfdssm: warning:` line.
-    header, *rows = frame
-    rows[2] = "," + rows[2].split(",", 1)[1]
-    holes.write_text("\n".join([header, *rows]) + "\n")
-    argv = ["train", "--pipeline", "pairs", "--data", holes, "--export-dir",
-            tmp_path / "E", *[a for a in TINY if a != "--quiet"], "--patience", "0"]
-    code, out, err = _run_main(argv)
+def test_warnings_and_progress_are_tfdssm_lines(trained):
+    # `trained` has row 3's query cell empty: a DataWarning, shown as one
+    # `tfdssm: warning:` line; progress as `tfdssm: ` lines too.
+    _, code, _, err = trained
     assert code == 0, err
     assert ("tfdssm: warning: data column 'query' has 1 missing or empty cell(s); "
             "they are used as empty text.\n") in err
     assert re.search(r"^tfdssm: trained 1 epoch\(s\) on \d+ rows in ", err, re.M), err
     assert re.search(r"^tfdssm: wrote \S+query_tower\.tflite \(", err, re.M), err
     assert all(line.startswith("tfdssm: ") for line in err.splitlines()), err
-    # --quiet: warnings only.
-    code, _, quiet = _run_main([*argv, "--quiet", "--export-dir", tmp_path / "Q"])
-    assert code == 0, quiet
-    assert quiet.splitlines() == [
-        "tfdssm: warning: data column 'query' has 1 missing or empty cell(s); they "
-        "are used as empty text."]
+    # --quiet (warnings only) is checked by the custom columns run above.
 
 
 def test_verbose_is_a_global_and_a_subcommand_option():
@@ -388,25 +408,6 @@ def test_verbose_is_a_global_and_a_subcommand_option():
     assert parser.parse_args(["--verbose", "tflite", "--export-dir", "x"]).verbose
     assert parser.parse_args(["tflite", "--export-dir", "x", "-v"]).verbose
     assert not parser.parse_args(["tflite", "--export-dir", "x"]).verbose
-
-
-NOISE = re.compile(r"cuInit|oneDNN|cpu_feature_guard|cudart_stub|^[IWE]0000 |"
-                   r"absl::InitializeLog|^WARNING:|XNNPACK", re.M)
-
-
-def test_commands_keep_tensorflow_noise_out_of_stderr(trained, tmp_path):
-    export_dir = trained[0]
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_USE_LEGACY_KERAS",
-                        "GRPC_VERBOSITY")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "tfdssm.cli", "query", "--export-dir", str(export_dir),
-         "--k", "2", "pasta"], capture_output=True, text=True, env=env, cwd=tmp_path,
-        timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert re.search(r"^  1\. ", proc.stdout, re.M), proc.stdout
-    assert not NOISE.search(proc.stderr), proc.stderr
-    assert proc.stderr == ""
 
 
 def test_corpus_warnings_are_not_repeated_on_every_query(pairs_export, tmp_path):

@@ -114,8 +114,11 @@ def test_a_new_kind_trains_exports_warms_up_and_meets_tflite(accept, tmp_path):
     model = _train(accept)
     assert model.query_tower.input_bias.shape == [4 + 2]  # width from the kind
     assert model.query_tower.feature_names == ["user", "x"]
-    info = savedmodel.export_model(model, tmp_path,
-                                   corpus=pd.DataFrame({"doc": list(DOCS)}))
+    # The retrieval models (query tower inside) once; the refusal case exports
+    # the towers alone (what TFLite reads), two SavedModels less.
+    corpus = pd.DataFrame({"doc": list(DOCS)}) if accept else None
+    info = savedmodel.export_model(model, tmp_path, corpus=corpus)
+    assert info["num_candidates"] == (len(DOCS) if accept else None)
 
     (version,) = (tmp_path / "towers").iterdir()
     loaded = tf.saved_model.load(str(version))

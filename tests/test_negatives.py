@@ -1,4 +1,5 @@
-"""Hard negatives (tfdssm.training.negatives): miners, the re-mining callback, train.run."""
+"""Hard negatives (tfdssm.training.negatives): miners, the re-mining callback,
+train.run."""
 
 from __future__ import annotations
 
@@ -129,28 +130,33 @@ def _signature_defs(version_dir: pathlib.Path) -> dict:
 
 @pytest.mark.parametrize("mode", [None, "bm25", "self"])
 def test_train_run_with_hard_negatives_trains_and_exports(mode, tmp_path, pairs_frame):
+    """Mined negatives leave the model, its config and its exported signatures
+    as they are. Without mining (``None``) nothing is exported here: that export
+    (same signatures, no ``hard_negatives`` in its training record) is
+    ``trained`` in test_cli.py (``--hard-negatives none``)."""
     from tfdssm.training import run as train  # noqa: PLC0415
     prepared = _prepared(pairs_frame)
     config = prepared.model.get_config()
-    result = train.run(prepared, tmp_path / "export", epochs=2, batch_size=32,
+    export_dir = None if mode is None else tmp_path / "export"
+    result = train.run(prepared, export_dir, epochs=2, batch_size=32,
                        verbose=0, hard_negatives=mode, hard_negatives_every=1)
     assert np.isfinite(result["history"]["loss"]).all()
     assert result["metrics"]["recall@10"] >= 0
-    defs = _signature_defs(tmp_path / "export" / "towers" / "1")
-    assert defs["query"] == (["query"], ["embedding"])
-    assert defs["candidate"] == (["doc"], ["embedding"])
-    assert defs["serving_default"] == (["query"], ["embedding"])
     after = prepared.model.get_config()  # nothing added to the model's config
     assert set(after) == set(config) and after["candidate_id"] == "doc_id"
     rebuilt = type(prepared.model).from_config(after)
     assert rebuilt.query_tower.feature_names == ["query"]
-    training = result["export"]["training"]
     if mode is None:
-        assert "hard_negatives" not in training
-    else:
-        assert training["hard_negatives"]["mode"] == mode
-        # self: mined when training begins and after epoch 1 (not after the last)
-        assert training["hard_negatives"]["minings"] == (2 if mode == "self" else 1)
+        assert result["export"] is None
+        return
+    defs = _signature_defs(export_dir / "towers" / "1")
+    assert defs["query"] == (["query"], ["embedding"])
+    assert defs["candidate"] == (["doc"], ["embedding"])
+    assert defs["serving_default"] == (["query"], ["embedding"])
+    training = result["export"]["training"]
+    assert training["hard_negatives"]["mode"] == mode
+    # self: mined when training begins and after epoch 1 (not after the last)
+    assert training["hard_negatives"]["minings"] == (2 if mode == "self" else 1)
 
 
 def test_hard_negatives_refuse_logq_and_unknown_modes(pairs_frame):

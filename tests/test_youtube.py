@@ -218,11 +218,14 @@ def test_cli_history_tower_trains_exports_serves_and_answers(tmp_path, capsys):
         ids, scores = client.top_k(query, k=5, exclude=["2"],
                                    model="retrieval_brute_force")
         vector = client.embed(query)
+        # The CLI asks the running server (no third load of the export; the
+        # local path, LocalRetriever, is checked below).
+        features = [f"--feature={k}={v[0]}" for k, v in query.items()]
+        code = cli.main(["query", "--server", f"127.0.0.1:{server.grpc_port}",
+                         "--k", "3", *features])
+        assert code == 0 and capsys.readouterr().out.count("\n") == 4
     local_ids, local_scores = LocalRetriever(export_dir).top_k(query, k=5,
                                                                exclude=[["2"]])
     assert ids.tolist() == local_ids.tolist() and "2" not in ids[0]
     np.testing.assert_allclose(scores, local_scores, rtol=1e-5, atol=1e-6)
     assert vector.shape == (1, 8)
-    code = cli.main(["query", "--export-dir", str(export_dir), "--k", "3",
-                     *[f"--feature={k}={v[0]}" for k, v in query.items()]])
-    assert code == 0 and capsys.readouterr().out.count("\n") == 4
