@@ -7,6 +7,7 @@ import tfdssm  # noqa: F401  - selects Keras 2; must precede tensorflow
 
 # isort: split
 import pathlib
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -136,10 +137,18 @@ def test_train_run_with_hard_negatives_trains_and_exports(mode, tmp_path, pairs_
     ``trained`` in test_cli.py (``--hard-negatives none``)."""
     from tfdssm.training import run as train  # noqa: PLC0415
     prepared = _prepared(pairs_frame)
+    # One candidate's text emptied: the miner reads the corpus again (and "self"
+    # at every mining) but only the export says so, once.
+    prepared.corpus.loc[prepared.corpus.index[3], "doc"] = ""
     config = prepared.model.get_config()
     export_dir = None if mode is None else tmp_path / "export"
-    result = train.run(prepared, export_dir, epochs=2, batch_size=32,
-                       verbose=0, hard_negatives=mode, hard_negatives_every=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train.run(prepared, export_dir, epochs=2, batch_size=32,
+                           verbose=0, hard_negatives=mode, hard_negatives_every=1)
+    said = [str(w.message) for w in caught
+            if "the corpus column 'doc'" in str(w.message)]
+    assert len(said) == (0 if mode is None else 1), said
     assert np.isfinite(result["history"]["loss"]).all()
     assert result["metrics"]["recall@10"] >= 0
     after = prepared.model.get_config()  # nothing added to the model's config
