@@ -131,26 +131,29 @@ def _kill(proc, condition, timeout: float = 120.0) -> bool:
     return alive
 
 
-_LOADED: set[pathlib.Path] = set()
+_CHECKED: set[pathlib.Path] = set()
 
 
-def _check_versions_complete(export_dir: pathlib.Path) -> dict[str, list[int]]:
-    """Every integer version loads and has its variables; returns them."""
+def _check_versions_complete(export_dir: pathlib.Path,
+                             load: bool = True) -> dict[str, list[int]]:
+    """Every integer version has all its files and (``load``) loads; returns
+    them. A version is checked once, when it first appears."""
     found = {}
     for model in MODELS:
         base = export_dir / model
         found[model] = export.versions(base)
         for version in found[model]:
             path = base / str(version)
-            if path in _LOADED:
+            if path in _CHECKED:
                 continue
-            _LOADED.add(path)
+            _CHECKED.add(path)
             assert (path / "saved_model.pb").is_file(), path
             assert (path / "variables" / "variables.index").is_file(), path
             assert list((path / "variables").glob("variables.data-*")), path
             assert (path / "assets.extra" / "tf_serving_warmup_requests").is_file()
-            loaded = tf.saved_model.load(str(path))
-            assert "serving_default" in loaded.signatures, path
+            if load:
+                loaded = tf.saved_model.load(str(path))
+                assert "serving_default" in loaded.signatures, path
     info = json.loads((export_dir / export.EXPORT_JSON).read_text())
     for model in MODELS:
         entry = info["towers"] if model == "towers" else info[model]
@@ -462,20 +465,24 @@ for _ in range(int(sys.argv[4])):
 
 
 def _kill_exports_while_serving(export_dir: pathlib.Path, csv: pathlib.Path, model,
-                                plan: list[str | float]) -> dict[str, Any]:
+                                plan: list[str | float], ahead: int = 2
+                                ) -> dict[str, Any]:
     """The guarantees of :func:`_kill_exports` and :func:`_kill_before_commit`
     at once, on one running server under requests: one exporting process per
     item of ``plan``, SIGKILLed just before that step (an EXPORT_STEPS name), when
     a :func:`_kill_when` condition holds (its label), or a random moment (a
     float: that fraction of the longest time an earlier kill took; that process
     exports five times in a row, so the kill always hits an export and it may
-    commit some first). After every kill: every integer version is complete and
-    loads, ``export.json`` names present versions, ``models.config`` pins the
+    commit some first). After every kill: every integer version is complete
+    (and loads, when a kill at an arbitrary moment or the final export left it:
+    a kill at a step boundary leaves versions renamed in whole before it),
+    ``export.json`` names present versions, ``models.config`` pins the
     last committed export (a kill before the commit changes nothing) and the
     server serves exactly that set; a thread samples the served set throughout
     and never sees a mix; requests never fail. Then one complete export (in this
     process) removes the temporaries, adds one version of every model and
-    replaces the served set at once.
+    replaces the served set at once. ``ahead`` processes start in advance, so
+    that their imports overlap the exports before them.
 
     Returns:
         ``{"outcomes": [(kill, exit code, versions afterwards, temporaries
@@ -499,8 +506,10 @@ def _kill_exports_while_serving(export_dir: pathlib.Path, csv: pathlib.Path, mod
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             text=True, env=ENV)
 
+    # Requests every 50 ms per thread, not 20: serving goes on throughout all
+    # the same, and leaves the exporters more of the two cores.
     with running_server(export_dir, poll_seconds=0.05, rest_port=None) as server, \
-            _Hammer(server.grpc_port) as hammer:
+            _Hammer(server.grpc_port, pause=0.05) as hammer:
         def sample():
             while not stop.is_set():
                 samples.append(server.manager.served())
@@ -508,14 +517,14 @@ def _kill_exports_while_serving(export_dir: pathlib.Path, csv: pathlib.Path, mod
 
         sampler = threading.Thread(target=sample)
         sampler.start()
-        procs = [spawn(plan[0])]
+        procs = [spawn(item) for item in plan[:ahead]]
         try:
             for i, item in enumerate(plan):
                 versions_now = {m: export.versions(export_dir / m) for m in MODELS}
                 proc = procs[i]
                 _go(proc)
-                if i + 1 < len(plan):  # its imports overlap this export
-                    procs.append(spawn(plan[i + 1]))
+                if i + ahead < len(plan):  # its imports overlap the exports before
+                    procs.append(spawn(plan[i + ahead]))
                 start = time.monotonic()
                 if isinstance(item, str) and item in EXPORT_STEPS:
                     label, code = f"just before {item}", proc.wait(timeout=300)
@@ -540,7 +549,11 @@ def _kill_exports_while_serving(export_dir: pathlib.Path, csv: pathlib.Path, mod
                     pins = json.loads(line.removeprefix("committed "))
                     assert all(pins[m] > committed[-1][m] for m in MODELS), pins
                     committed.append(pins)
-                found = _check_versions_complete(export_dir)
+                # Versions a kill at a step boundary left were renamed in whole
+                # before it (their files are checked); those a kill at any other
+                # moment left are loaded too, as are the final export's.
+                at_a_step = isinstance(item, str) and item in EXPORT_STEPS
+                found = _check_versions_complete(export_dir, load=not at_a_step)
                 leftovers = [p for m in MODELS for p in _temporaries(export_dir / m)]
                 pins = serving_config.pinned_versions(export_dir)
                 if pins != committed[-1]:  # committed, killed before it said so
