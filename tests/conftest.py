@@ -81,15 +81,3 @@ def movielens_export(tmp_path_factory):
     prepared = movielens.prepare(interactions=movielens_frame(), hidden=(16,), dim=8,
                                  num_buckets=500, verbose=False)
     return _train_and_export(prepared, tmp_path_factory.mktemp("movielens_export"))
-
-
-@pytest.fixture(scope="session")
-def trained_server():
-    """One in-process server (gRPC and REST) on ``serving_helpers.trained_export()``
-    for the whole session, with ``max_request_bytes=SHARED_SERVER_MAX_BYTES``:
-    test_serving, test_client and test_filters only send it requests."""
-    from serving_helpers import SHARED_SERVER_MAX_BYTES, running_server, trained_export
-
-    with running_server(trained_export()[0],
-                        max_request_bytes=SHARED_SERVER_MAX_BYTES) as running:
-        yield running

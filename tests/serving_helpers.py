@@ -125,20 +125,3 @@ def running_server(export_dir, **kwargs):
         yield server
     finally:
         server.stop(grace_seconds=2)
-
-
-# Request size limit of the shared session server (``trained_server`` in conftest).
-SHARED_SERVER_MAX_BYTES = 256 * 1024
-
-
-@functools.cache
-def trained_savedmodels() -> dict[str, object]:
-    """``trained_export()``'s three SavedModels (version 1), loaded once per
-    session: ``{"towers", "retrieval", "retrieval_brute_force": loaded}``."""
-    import pathlib
-
-    import tensorflow as tf
-
-    export_dir = pathlib.Path(trained_export()[0])
-    return {name: tf.saved_model.load(str(export_dir / name / "1"))
-            for name in ("towers", "retrieval", "retrieval_brute_force")}

@@ -15,11 +15,7 @@ import numpy as np
 import pytest
 import scann  # noqa: F401 - registers ScaNN's ops for loading `retrieval` in-process
 import tensorflow as tf
-from serving_helpers import (
-    trained_export,
-    trained_savedmodels,
-    user_features,
-)
+from serving_helpers import running_server, trained_export, user_features
 
 from tfdssm import cli
 from tfdssm.client import Client
@@ -33,14 +29,16 @@ def exported():
 
 
 @pytest.fixture(scope="module")
-def client(exported, trained_server):  # the session's server (conftest.py)
-    with Client(f"127.0.0.1:{trained_server.grpc_port}", timeout=30) as connected:
-        yield connected
+def client(exported):
+    with running_server(exported[0], rest_port=None) as server:
+        with Client(f"127.0.0.1:{server.grpc_port}", timeout=30) as connected:
+            yield connected
 
 
 @pytest.fixture(scope="module")
 def direct(exported):
-    return trained_savedmodels()  # loaded once per session
+    return {name: tf.saved_model.load(str(exported[0] / name / "1"))
+            for name in ("towers", "retrieval", "retrieval_brute_force")}
 
 
 def _feed(features: dict) -> dict[str, tf.Tensor]:

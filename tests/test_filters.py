@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import scann  # noqa: F401 - registers ScaNN's ops for loading `retrieval`
 import tensorflow as tf
-from serving_helpers import trained_export, user_features
+from serving_helpers import running_server, trained_export, user_features
 
 from tfdssm.errors import DataError, ExportError, ServingError
 from tfdssm.export import hybrid as hybrid_lib
@@ -367,8 +367,9 @@ def exported():
 
 
 @pytest.fixture(scope="module")
-def server(trained_server):
-    return trained_server  # the session's (conftest.py)
+def server(exported):
+    with running_server(exported[0]) as running:
+        yield running
 
 
 def _check_passing(ids, allow, deny, labels):

@@ -22,7 +22,7 @@ import pytest
 import scann  # noqa: F401 - registers ScaNN's ops for loading `retrieval`
 import tensorflow as tf
 from google.protobuf import text_format
-from serving_helpers import trained_export, trained_savedmodels, user_features
+from serving_helpers import trained_export, user_features
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
@@ -41,8 +41,9 @@ def exported():
 
 @pytest.fixture(scope="module")
 def loaded(exported):
-    loaded = trained_savedmodels()  # loaded once per session
-    return {name: loaded[name] for name in (*RETRIEVAL_MODELS, "towers")}
+    export_dir = exported[0]
+    return {name: tf.saved_model.load(str(export_dir / name / "1"))
+            for name in (*RETRIEVAL_MODELS, "towers")}
 
 
 def _feed(features: dict) -> dict[str, tf.Tensor]:
@@ -74,8 +75,7 @@ def test_scann_options_scale_with_corpus_size():
     assert small["num_leaves_to_search"] == 20  # <= 5000 candidates: every leaf
     assert small["reorder"] == 200
     mid = index.scann_options(100_000)
-    # 25 % of the leaves
-    assert (mid["num_leaves"], mid["num_leaves_to_search"]) == (316, 79)
+    assert (mid["num_leaves"], mid["num_leaves_to_search"]) == (316, 79)  # 25 % of the leaves
     big = index.scann_options(1_000_000)
     assert (big["num_leaves"], big["num_leaves_to_search"]) == (1000, 250)
     assert big["reorder"] == 500 and big["training_sample_size"] == 100_000

@@ -30,13 +30,7 @@ import numpy as np
 import pytest
 import scann  # noqa: F401 - registers ScaNN's ops for loading `retrieval` in-process
 import tensorflow as tf
-from serving_helpers import (
-    SHARED_SERVER_MAX_BYTES,
-    running_server,
-    trained_export,
-    trained_savedmodels,
-    user_features,
-)
+from serving_helpers import running_server, trained_export, user_features
 from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
@@ -53,7 +47,7 @@ from tfdssm.serving import json_codec, predict
 from tfdssm.serving.predict import InputSpec
 from tfdssm.serving.server import Server
 
-MAX_BYTES = SHARED_SERVER_MAX_BYTES  # of the shared session server
+MAX_BYTES = 256 * 1024
 MOVIE_COLUMNS = ("movie_id", "title", "genres", "year")
 
 
@@ -64,8 +58,9 @@ def exported():
 
 
 @pytest.fixture(scope="module")
-def server(trained_server):
-    return trained_server  # the session's (conftest.py), max_request_bytes=MAX_BYTES
+def server(exported):
+    with running_server(exported[0], max_request_bytes=MAX_BYTES) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +73,8 @@ def stubs(server):
 
 @pytest.fixture(scope="module")
 def direct(exported):
-    return trained_savedmodels()  # loaded once per session
+    return {name: tf.saved_model.load(str(exported[0] / name / "1"))
+            for name in ("towers", "retrieval", "retrieval_brute_force")}
 
 
 def _typed(features: dict) -> dict[str, np.ndarray]:
