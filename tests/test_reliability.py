@@ -3,9 +3,15 @@
 * An export process SIGKILLed at several moments (while each SavedModel is being
   written, between models, at random delays) leaves every integer version
   complete and loadable, ``export.json`` valid, and a running ``tfdssm serve``
-  answering throughout; the next export cleans up and adds a version.
+  answering throughout; a kill before the commit record (``models.config``)
+  never changes the served set, and the server never serves a mix of two
+  exports; the next export cleans up, adds a version and replaces the set at
+  once. CI runs all of this in one test (one server, five killed exporters);
+  ``make bench`` runs every kill point, 12 random moments and a kill before
+  every step.
 * ``tfdssm train`` SIGKILLed in the middle of epoch 3 resumes with ``--resume``
-  at epoch 3 (not from scratch) and ends as good as an uninterrupted run.
+  at epoch 3 from exactly the checkpoint's weights and optimizer state (not
+  from scratch) and ends as good as an uninterrupted run.
 
 Re-running an export adds a version and never rewrites one:
 ``tests/test_export.py::test_second_export_adds_a_version_and_leaves_the_first``.
@@ -125,26 +131,29 @@ def _kill(proc, condition, timeout: float = 120.0) -> bool:
     return alive
 
 
-_LOADED: set[pathlib.Path] = set()
+_CHECKED: set[pathlib.Path] = set()
 
 
-def _check_versions_complete(export_dir: pathlib.Path) -> dict[str, list[int]]:
-    """Every integer version loads and has its variables; returns them."""
+def _check_versions_complete(export_dir: pathlib.Path,
+                             load: bool = True) -> dict[str, list[int]]:
+    """Every integer version has all its files and (``load``) loads; returns
+    them. A version is checked once, when it first appears."""
     found = {}
     for model in MODELS:
         base = export_dir / model
         found[model] = export.versions(base)
         for version in found[model]:
             path = base / str(version)
-            if path in _LOADED:
+            if path in _CHECKED:
                 continue
-            _LOADED.add(path)
+            _CHECKED.add(path)
             assert (path / "saved_model.pb").is_file(), path
             assert (path / "variables" / "variables.index").is_file(), path
             assert list((path / "variables").glob("variables.data-*")), path
             assert (path / "assets.extra" / "tf_serving_warmup_requests").is_file()
-            loaded = tf.saved_model.load(str(path))
-            assert "serving_default" in loaded.signatures, path
+            if load:
+                loaded = tf.saved_model.load(str(path))
+                assert "serving_default" in loaded.signatures, path
     info = json.loads((export_dir / export.EXPORT_JSON).read_text())
     for model in MODELS:
         entry = info["towers"] if model == "towers" else info[model]
@@ -286,17 +295,6 @@ def _corpus(export_dir: pathlib.Path) -> pd.DataFrame:
     return pd.read_parquet(export_dir / export.CORPUS_FILE)
 
 
-def test_export_killed_at_any_moment_leaves_every_version_loadable_and_served(
-        export_copy, pairs_export):
-    export_dir, csv = export_copy
-    assert {m: export.versions(export_dir / m) for m in MODELS} == {
-        m: [1] for m in MODELS}
-    moment = random.Random().uniform(0.02, 1.5)  # a different one every run
-    _kill_exports(export_dir, csv, pairs_export[1].model,
-                  ["writing towers", "retrieval_brute_force renamed, ScaNN not yet"],
-                  [moment])
-
-
 @pytest.mark.bench
 def test_export_killed_at_many_moments(export_copy, pairs_export):
     """The long version (``make bench``): every kill point, 12 random moments."""
@@ -430,21 +428,219 @@ def _kill_before_commit(export_dir: pathlib.Path, csv: pathlib.Path,
     return {"outcomes": outcomes, "committed": committed}
 
 
-# CI kills an export after some models are written, before export.json and
-# before the commit record; `make bench` kills it before every step.
-CI_KILL_STEPS = ("retrieval", "export.json", "models.config")
-
-
-@pytest.mark.parametrize("steps", [
-    pytest.param(CI_KILL_STEPS, id="short"),
-    pytest.param(EXPORT_STEPS, id="long", marks=pytest.mark.bench)])
-def test_an_export_killed_before_its_commit_never_changes_the_served_set(
-        export_copy, steps):
+@pytest.mark.bench
+def test_an_export_killed_before_each_step_never_changes_the_served_set(export_copy):
     """Killed before each step, an export leaves ``models.config`` (the commit
     record) and the set a running server serves those of the previous export;
-    the export that completes replaces the whole set at once."""
+    the export that completes replaces the whole set at once (the long version
+    of the CI test below, for ``make bench``)."""
     export_dir, csv = export_copy
-    _kill_before_commit(export_dir, csv, [*steps, "none"])
+    _kill_before_commit(export_dir, csv, [*EXPORT_STEPS, "none"])
+
+
+# One server, one export copy, five exporting processes (CI): each export is
+# SIGKILLed at one moment, by its own hook just before a step (as above) or from
+# outside (while a SavedModel is half-written, at a random moment); it prints the
+# versions of every export it committed before dying.
+HOOKED_EXPORTER = """
+import json, os, signal, sys
+import tfdssm
+import pandas as pd
+from tfdssm.export import savedmodel
+from tfdssm.recipes import pairs
+
+def hook(step):
+    if step == sys.argv[3]:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+savedmodel._hook = hook
+prepared = pairs.prepare(pd.read_csv(sys.argv[2]), "query", "doc", "doc_id",
+                         num_buckets=500, hidden=(16, 16), dim=8)
+print("ready", flush=True)
+sys.stdin.readline()
+for _ in range(int(sys.argv[4])):
+    info = savedmodel.export_model(prepared.model, sys.argv[1], corpus=prepared.corpus)
+    print("committed", json.dumps(info["commit"]["versions"]), flush=True)
+"""
+
+
+def _kill_exports_while_serving(export_dir: pathlib.Path, csv: pathlib.Path, model,
+                                plan: list[str | float], ahead: int = 2
+                                ) -> dict[str, Any]:
+    """The guarantees of :func:`_kill_exports` and :func:`_kill_before_commit`
+    at once, on one running server under requests: one exporting process per
+    item of ``plan``, SIGKILLed just before that step (an EXPORT_STEPS name), when
+    a :func:`_kill_when` condition holds (its label), or a random moment (a
+    float: that fraction of the longest time an earlier kill took; that process
+    exports five times in a row, so the kill always hits an export and it may
+    commit some first). After every kill: every integer version is complete
+    (and loads, when a kill at an arbitrary moment or the final export left it:
+    a kill at a step boundary leaves versions renamed in whole before it),
+    ``export.json`` names present versions, ``models.config`` pins the
+    last committed export (a kill before the commit changes nothing) and the
+    server serves exactly that set; a thread samples the served set throughout
+    and never sees a mix; requests never fail. Then one complete export (in this
+    process) removes the temporaries, adds one version of every model and
+    replaces the served set at once. ``ahead`` processes start in advance, so
+    that their imports overlap the exports before them.
+
+    Returns:
+        ``{"outcomes": [(kill, exit code, versions afterwards, temporaries
+        left, pins)], "committed": [pins], "requests": OK count}``.
+    """
+    from tfdssm.errors import ExportError
+    from tfdssm.export import serving_config
+
+    committed = [serving_config.pinned_versions(export_dir)]
+    assert committed[0] == {m: 1 for m in MODELS}
+    serving_config.check_committed(export_dir, export.read_export(export_dir))
+    points = _kill_when(export_dir, committed[0])
+    assert all(isinstance(i, float) or i in EXPORT_STEPS or i in points for i in plan)
+    samples, stop, outcomes, reached = [], threading.Event(), [], [1.0]
+
+    def spawn(item):
+        return subprocess.Popen(
+            [sys.executable, "-c", HOOKED_EXPORTER, str(export_dir), str(csv),
+             item if item in EXPORT_STEPS else "none",
+             "5" if isinstance(item, float) else "1"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            text=True, env=ENV)
+
+    # Requests every 50 ms per thread, not 20: serving goes on throughout all
+    # the same, and leaves the exporters more of the two cores.
+    with running_server(export_dir, poll_seconds=0.05, rest_port=None) as server, \
+            _Hammer(server.grpc_port, pause=0.05) as hammer:
+        def sample():
+            while not stop.is_set():
+                samples.append(server.manager.served())
+                time.sleep(0.005)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        procs = [spawn(item) for item in plan[:ahead]]
+        try:
+            for i, item in enumerate(plan):
+                versions_now = {m: export.versions(export_dir / m) for m in MODELS}
+                proc = procs[i]
+                _go(proc)
+                if i + ahead < len(plan):  # its imports overlap the exports before
+                    procs.append(spawn(plan[i + ahead]))
+                start = time.monotonic()
+                if isinstance(item, str) and item in EXPORT_STEPS:
+                    label, code = f"just before {item}", proc.wait(timeout=300)
+                    assert code == -signal.SIGKILL, label
+                else:
+                    if isinstance(item, float):
+                        delay = item * max(reached)
+                        label = f"random moment {delay:.2f}s"
+
+                        def condition(s: float = start, d: float = delay) -> bool:
+                            return time.monotonic() - s >= d
+                    else:  # re-evaluated against the versions present now
+                        label, condition = item, _kill_when(export_dir,
+                                                            versions_now)[item]
+                    assert _kill(proc, condition), label  # the kill hit an export
+                    code = proc.returncode
+                reached.append(time.monotonic() - start)
+                # The exports it committed before it died (only a random
+                # moment's process may get that far).
+                for line in proc.stdout.read().splitlines():
+                    assert isinstance(item, float), (label, line)
+                    pins = json.loads(line.removeprefix("committed "))
+                    assert all(pins[m] > committed[-1][m] for m in MODELS), pins
+                    committed.append(pins)
+                # Versions a kill at a step boundary left were renamed in whole
+                # before it (their files are checked); those a kill at any other
+                # moment left are loaded too, as are the final export's.
+                at_a_step = isinstance(item, str) and item in EXPORT_STEPS
+                found = _check_versions_complete(export_dir, load=not at_a_step)
+                leftovers = [p for m in MODELS for p in _temporaries(export_dir / m)]
+                pins = serving_config.pinned_versions(export_dir)
+                if pins != committed[-1]:  # committed, killed before it said so
+                    assert isinstance(item, float), (label, pins, committed)
+                    assert all(pins[m] > committed[-1][m] for m in MODELS), pins
+                    committed.append(pins)
+                info = export.read_export(export_dir)
+                try:
+                    serving_config.check_committed(export_dir, info)
+                    assert info["commit"]["versions"] == pins, label
+                except ExportError as error:  # a torn export is never silent
+                    assert isinstance(item, float) or item in (
+                        "export.json", "models.config"), (label, error)
+                    assert "before its commit" in str(error)
+                if item == "models.config":  # export.json written, not committed
+                    assert info["commit"]["versions"] != pins
+                deadline = time.monotonic() + 60
+                while server.manager.served() != pins and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert server.manager.served() == pins, label
+                outcomes.append((label, code, found, len(leftovers), pins))
+            # The next complete export removes the temporaries, adds a version
+            # of every model and replaces the served set at once.
+            newest = _check_versions_complete(export_dir)
+            info = export.export_model(model, export_dir, corpus=_corpus(export_dir))
+            pins = serving_config.pinned_versions(export_dir)
+            assert info["commit"]["versions"] == pins
+            for name in MODELS:
+                assert _temporaries(export_dir / name) == []
+                assert export.versions(export_dir / name)[-1] == newest[name][-1] + 1
+                assert pins[name] == newest[name][-1] + 1
+            committed.append(pins)
+            _check_versions_complete(export_dir)
+            serving_config.check_committed(export_dir, export.read_export(export_dir))
+            deadline = time.monotonic() + 60
+            while (server.manager.served() != pins or max(
+                    hammer.versions["towers"], default=0) < pins["towers"]) and (
+                    time.monotonic() < deadline):
+                time.sleep(0.05)
+            assert server.manager.served() == pins
+            assert max(hammer.versions["towers"]) == pins["towers"]
+            time.sleep(0.2)  # a few more samples of the final set
+            statuses = {m: server.manager.status(m) for m in MODELS}
+        finally:
+            stop.set()
+            sampler.join(timeout=30)
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(timeout=60)
+        errors, served = list(hammer.errors), hammer.ok
+    print(f"\nkill -> exit code, versions present afterwards (temporaries left), "
+          f"pins; {len(committed) - 1} export(s) committed:")
+    for label, code, found, leftovers, pins in outcomes:
+        print(f"  {label:<48} exit {code:>3} {found} ({leftovers} tmp) {pins}")
+    print(f"served throughout: {hammer.ok} requests OK, {len(hammer.errors)} failed; "
+          f"versions seen {hammer.versions}; {len(samples)} served sets sampled")
+    assert errors == [] and hammer.errors == [] and served > 50
+    for name, states in statuses.items():  # never tried to load a broken version
+        assert all(error == "" for _, _, error in states), (name, states)
+    assert any(leftovers for *_, leftovers, _ in outcomes)  # kills left temporaries
+    mixed = [s for s in samples if s not in committed]
+    assert samples and mixed == [], mixed[:3]
+    assert committed[-1] in samples
+    # Orphan versions of the killed exports exist, yet were never served.
+    orphans = {m: set(export.versions(export_dir / m)) - {c[m] for c in committed}
+               for m in MODELS}
+    assert orphans["towers"], orphans
+    return {"outcomes": outcomes, "committed": committed, "requests": served}
+
+
+# CI: a kill while towers is half-written (temporaries left), just before ScaNN
+# (towers and brute force renamed in), before export.json, before the commit
+# record, and at a random moment. `make bench` runs the two long versions above
+# (every kill point, 12 random moments; a kill before every step).
+CI_KILLS = ("writing towers", "retrieval", "export.json", "models.config")
+
+
+def test_exports_killed_at_any_moment_leave_versions_loadable_and_sets_whole(
+        export_copy, pairs_export):
+    export_dir, csv = export_copy
+    # A different moment every run, anywhere in an export: the longest earlier
+    # kill (just before the commit) took about one whole export.
+    moment = random.Random().uniform(0.02, 1.0)
+    result = _kill_exports_while_serving(export_dir, csv, pairs_export[1].model,
+                                         [*CI_KILLS, moment])
+    assert [code for _, code, *_ in result["outcomes"]] == [-signal.SIGKILL] * 5
 
 
 def test_stale_temporaries_of_live_processes_are_kept(tmp_path):
@@ -541,7 +737,29 @@ def _epochs_run(stdout: str) -> list[int]:
     return [int(n) for n in re.findall(rf"^Epoch (\d+)/{EPOCHS}$", stdout, re.M)]
 
 
-def test_training_killed_mid_epoch_resumes_from_its_checkpoint(tmp_path):
+class _StateAtFirstEpoch(tf.keras.callbacks.Callback):
+    """Records the model's and optimizer's variables when the first epoch this
+    process runs begins (after ``BackupAndRestore`` restored them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weights: list[np.ndarray] = []
+        self.optimizer: list[np.ndarray] = []
+        self.iterations = 0
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        if self.weights:
+            return
+        self.weights = [np.asarray(w) for w in self.model.get_weights()]
+        variables = self.model.optimizer.variables
+        variables = variables() if callable(variables) else variables
+        self.optimizer = [np.asarray(v.numpy()) for v in variables]
+        self.iterations = int(self.model.optimizer.iterations.numpy())
+
+
+def test_training_killed_mid_epoch_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    from tfdssm.training import run as train_module
+
     csv = tmp_path / "synonyms.csv"
     synonym_pairs().to_csv(csv, index=False)
     resumed_dir = tmp_path / "resumed"
@@ -559,8 +777,27 @@ def test_training_killed_mid_epoch_resumes_from_its_checkpoint(tmp_path):
     assert "--resume" in err and "dim: 16 then, 24 now" in err, err
     assert checkpoints.has_backup(backup)
 
+    # What the checkpoint holds: the model and optimizer after epoch 2.
+    reader = tf.train.load_checkpoint(str(backup / "chief"))
+    saved: dict[tuple, list[np.ndarray]] = {}
+    for key in reader.get_variable_to_shape_map():
+        if key.endswith("/.ATTRIBUTES/VARIABLE_VALUE"):
+            value = np.asarray(reader.get_tensor(key))
+            saved.setdefault(value.shape, []).append(value)
+    start = _StateAtFirstEpoch()
+    run = train_module.run
+    monkeypatch.setattr(train_module, "run", lambda *a, callbacks=(), **k: run(
+        *a, callbacks=[*callbacks, start], **k))
     code, out, err = _main(_train_argv(csv, resumed_dir, "--resume"))
+    monkeypatch.setattr(train_module, "run", run)
     assert code == 0, err
+    # The resumed run's first epoch starts from exactly the checkpoint's
+    # weights and optimizer state (Adam's moments, its step count), not from a
+    # fresh model: every variable equals one the checkpoint holds.
+    assert start.weights and start.optimizer and start.iterations > 0
+    for value in [*start.weights, *start.optimizer]:
+        assert any(np.array_equal(value, s) for s in saved.get(value.shape, [])), (
+            value.shape)
     assert f"resuming from the checkpoint in {str(backup)!r}: epoch 3 of 6" in err
     assert _epochs_run(out) == [3, 4, 5, 6]  # epochs 1-2 were not run again
     assert not backup.exists()  # a finished run leaves no checkpoint
@@ -575,10 +812,12 @@ def test_training_killed_mid_epoch_resumes_from_its_checkpoint(tmp_path):
     whole = export.read_export(whole_dir)
     loss_whole = whole["training"]["loss_history"]
     loss_resumed = resumed["training"]["loss_history"]
-    # Resumed from trained weights: epoch 3 starts where the uninterrupted run
-    # was after epoch 2, far below the first epoch's loss.
+    # Resumed from trained weights (checked exactly above): its first epoch's
+    # loss is far below that of an epoch starting from fresh weights. (It is not
+    # the uninterrupted run's epoch-3 loss: the resumed run's data iterator and
+    # random state start afresh, so epoch 3 sees other batches, other in-batch
+    # negatives; the two differed by over 50 % at times.)
     assert loss_resumed[0] < 0.5 * loss_whole[0]
-    assert loss_resumed[0] == pytest.approx(loss_whole[2], rel=0.5)
     chance = sum(1 / r for r in range(1, 11)) / 40  # MRR@10 of a random ranking
     print(f"\nresume: killed in epoch 3/{EPOCHS}, resumed at epoch "
           f"{resumed['training']['resumed_at_epoch']}; loss per epoch: uninterrupted "
@@ -1031,6 +1270,7 @@ def test_an_export_dir_under_a_file_or_unwritable_is_refused_first(tmp_path,
         layout.check_export_dir(tmp_path / "f" / "sub")
     with pytest.raises(ExportError, match="exists and is not a directory"):
         layout.check_export_dir(tmp_path / "f")
-    monkeypatch.setattr(layout.os, "access", lambda *a, **k: False)  # root ignores 0o555
+    # root ignores 0o555
+    monkeypatch.setattr(layout.os, "access", lambda *a, **k: False)
     with pytest.raises(ExportError, match="is not writable"):
         layout.check_export_dir(tmp_path / "new")
