@@ -6,6 +6,7 @@ import tfdssm  # noqa: F401  - selects Keras 2; must precede tensorflow
 
 # isort: split
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -419,6 +420,12 @@ def test_corpus_warnings_are_not_repeated_on_every_query(pairs_export, tmp_path)
     corpus = pd.read_parquet(copy / "corpus.parquet")
     corpus.loc[3, "doc"] = ""
     corpus.to_parquet(copy / "corpus.parquet", index=False)
+    # As if the export had written this corpus: its digest in the commit record
+    # (readers refuse a corpus that is not the committed export's).
+    info = json.loads((copy / "export.json").read_text())
+    info["commit"]["sha256"]["corpus.parquet"] = hashlib.sha256(
+        (copy / "corpus.parquet").read_bytes()).hexdigest()
+    (copy / "export.json").write_text(json.dumps(info))
     code, out, err = _run_main(["query", "--export-dir", copy, "--k", "2", "kiwi"])
     assert code == 0, err
     assert err == "" and out.startswith("# query=kiwi")

@@ -55,24 +55,6 @@ from tfdssm.training import checkpoints
 MODELS = ("towers", "retrieval_brute_force", "retrieval")
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
 
-# Exports the tiny pairs model (fresh weights) into argv[1], argv[3] times, once
-# told to go (a line on stdin), so that its start-up overlaps earlier work.
-EXPORTER = """
-import sys
-import tfdssm
-import pandas as pd
-from tfdssm import export
-from tfdssm.recipes import pairs
-
-prepared = pairs.prepare(pd.read_csv(sys.argv[2]), "query", "doc", "doc_id",
-                         num_buckets=500, hidden=(16, 16), dim=8)
-print("ready", flush=True)
-sys.stdin.readline()
-for _ in range(int(sys.argv[3])):
-    export.export_model(prepared.model, sys.argv[1], corpus=prepared.corpus)
-    print("exported", flush=True)
-"""
-
 
 # --------------------------------------------------------------------------- #
 # Exports killed at any moment
@@ -102,13 +84,6 @@ def _kill_when(export_dir: pathlib.Path, versions_before: dict) -> dict:
             "retrieval_brute_force"),
         "retrieval renamed, before models.config/export.json": renamed("retrieval"),
     }
-
-
-def _spawn_exporter(export_dir: pathlib.Path, csv: pathlib.Path, times: int = 1):
-    return subprocess.Popen(
-        [sys.executable, "-c", EXPORTER, str(export_dir), str(csv), str(times)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-        text=True, env=ENV)
 
 
 def _go(proc) -> None:
@@ -220,228 +195,19 @@ def export_copy(pairs_export, pairs_frame, tmp_path):
     return target, csv
 
 
-def _kill_exports(export_dir: pathlib.Path, csv: pathlib.Path, model,
-                  points: list[str], fractions: list[float], ahead: int = 3) -> dict:
-    """SIGKILLs one exporting process per kill point and per random moment while
-    a server serves ``export_dir`` under requests; checks every version after
-    each kill, then exports once more, completely.
-
-    A random moment is ``fraction`` times the longest time a kill point took to
-    be reached (the exporters of random moments export five times in a row, so
-    a late moment still hits an export).
-
-    Returns:
-        ``{"outcomes": [(kill point, versions afterwards, temporaries left)],
-        "requests": OK count}``.
-    """
-    before = {m: export.versions(export_dir / m) for m in MODELS}
-    assert set(points) <= set(_kill_when(export_dir, before))
-    plan = [(label, None) for label in points] + [("random", f) for f in fractions]
-    outcomes, reached = [], [1.0]
-    with running_server(export_dir, poll_seconds=0.1, rest_port=None) as server, \
-            _Hammer(server.grpc_port) as hammer:
-        procs = [_spawn_exporter(export_dir, csv, times=1 if d is None else 5)
-                 for _, d in plan[:ahead]]
-        for i, (label, delay) in enumerate(plan):
-            versions_now = {m: export.versions(export_dir / m) for m in MODELS}
-            proc = procs[i]
-            _go(proc)
-            if i + ahead < len(plan):  # start the next one's imports meanwhile
-                procs.append(_spawn_exporter(
-                    export_dir, csv, times=1 if plan[i + ahead][1] is None else 5))
-            start = time.monotonic()
-            if delay is None:  # re-evaluated against the versions present now
-                condition = _kill_when(export_dir, versions_now)[label]
-            else:
-                delay *= max(reached)
-                label = f"random moment {delay:.2f}s"
-
-                def condition(s: float = start, d: float = delay) -> bool:
-                    return time.monotonic() - s >= d
-            assert _kill(proc, condition), label  # the kill really hit an export
-            reached.append(time.monotonic() - start)
-            found = _check_versions_complete(export_dir)
-            leftovers = [p for m in MODELS for p in _temporaries(export_dir / m)]
-            outcomes.append((label, found, len(leftovers)))
-        time.sleep(0.5)  # the watcher sees the final state
-        statuses = {m: server.manager.status(m) for m in MODELS}
-        errors, served = list(hammer.errors), hammer.ok
-        # The next complete export removes the temporaries and adds a version.
-        newest = _check_versions_complete(export_dir)
-        info = export.export_model(model, export_dir, corpus=_corpus(export_dir))
-        for name in MODELS:
-            assert _temporaries(export_dir / name) == []
-            assert export.versions(export_dir / name)[-1] == newest[name][-1] + 1
-        assert info["towers"]["version"] == newest["towers"][-1] + 1
-        _check_versions_complete(export_dir)
-        deadline = time.monotonic() + 60
-        while hammer.versions["towers"] and max(hammer.versions["towers"]) < info[
-                "towers"]["version"] and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert max(hammer.versions["towers"]) == info["towers"]["version"]
-    print("\nkill point -> versions present afterwards (temporaries left):")
-    for label, found, leftovers in outcomes:
-        print(f"  {label:<48} {found} {leftovers} tmp")
-    print(f"served throughout: {hammer.ok} requests OK, {len(hammer.errors)} failed; "
-          f"versions seen {hammer.versions}")
-    assert errors == [] and hammer.errors == [] and served > 50
-    for name, states in statuses.items():  # never tried to load a broken version
-        assert all(error == "" for _, _, error in states), (name, states)
-    assert any(leftovers for *_, leftovers in outcomes)  # kills left temporaries
-    return {"outcomes": outcomes, "requests": hammer.ok}
-
-
 def _corpus(export_dir: pathlib.Path) -> pd.DataFrame:
     return pd.read_parquet(export_dir / export.CORPUS_FILE)
 
 
-@pytest.mark.bench
-def test_export_killed_at_many_moments(export_copy, pairs_export):
-    """The long version (``make bench``): every kill point, 12 random moments."""
-    export_dir, csv = export_copy
-    rng = random.Random(7)
-    result = _kill_exports(export_dir, csv, pairs_export[1].model,
-                           list(_kill_when(export_dir, {m: [1] for m in MODELS})),
-                           [rng.uniform(0.02, 1.5) for _ in range(12)], ahead=2)
-    assert len(result["outcomes"]) == 17
-
-
-# One export, one set (issue 17.2): each export is SIGKILLed just before one of
-# its steps (argv[3]; "none": it commits), through savedmodel._hook.
-KILLED_EXPORTER = """
-import os, signal, sys
-import tfdssm
-import pandas as pd
-from tfdssm.export import savedmodel
-from tfdssm.recipes import pairs
-
-def hook(step):
-    if step == sys.argv[3]:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-savedmodel._hook = hook
-prepared = pairs.prepare(pd.read_csv(sys.argv[2]), "query", "doc", "doc_id",
-                         num_buckets=500, hidden=(16, 16), dim=8)
-print("ready", flush=True)
-sys.stdin.readline()
-savedmodel.export_model(prepared.model, sys.argv[1], corpus=prepared.corpus)
-print("exported", flush=True)
-"""
+# The steps of one export, in order; savedmodel._hook(step) runs before each.
 EXPORT_STEPS = ("towers", "retrieval_brute_force", "retrieval", "candidates",
                 "export.json", "models.config")
 
 
-def _kill_before_commit(export_dir: pathlib.Path, csv: pathlib.Path,
-                       plan: list[str | float]) -> dict[str, Any]:
-    """Runs one export per item of ``plan`` against a running server: a step
-    name (see EXPORT_STEPS) SIGKILLs it just before that step, ``"none"`` lets
-    it commit, a float SIGKILLs it that fraction of a full export's duration
-    after it started (it may commit first). After every export, ``models.config``
-    pins one export's versions and the server serves exactly those; a thread
-    samples the served set throughout and never sees a mix."""
-    from tfdssm.errors import ExportError
-    from tfdssm.export import serving_config
-
-    committed = [serving_config.pinned_versions(export_dir)]
-    assert committed[0] == {m: 1 for m in MODELS}
-    serving_config.check_committed(export_dir, export.read_export(export_dir))
-    samples, stop, outcomes = [], threading.Event(), []
-    full = [3.0]  # seconds a committing export took, go to exit (the latest)
-
-    def spawn(item):
-        step = item if isinstance(item, str) else "none"
-        return subprocess.Popen(
-            [sys.executable, "-c", KILLED_EXPORTER, str(export_dir), str(csv), step],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            text=True, env=ENV)
-
-    with running_server(export_dir, poll_seconds=0.05, rest_port=None) as server:
-        def sample():
-            while not stop.is_set():
-                samples.append(server.manager.served())
-                time.sleep(0.005)
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        procs = [spawn(plan[0])]
-        try:
-            for i, item in enumerate(plan):
-                if i + 1 < len(plan):  # its imports overlap this export
-                    procs.append(spawn(plan[i + 1]))
-                _go(procs[i])
-                start = time.monotonic()
-                if isinstance(item, str):
-                    step, code = item, procs[i].wait(timeout=300)
-                else:
-                    step = f"random moment {item * full[-1]:.2f}s"
-                    try:
-                        procs[i].wait(timeout=item * full[-1])
-                    except subprocess.TimeoutExpired:
-                        procs[i].send_signal(signal.SIGKILL)
-                    code = procs[i].wait(timeout=60)
-                took = time.monotonic() - start
-                pins = serving_config.pinned_versions(export_dir)
-                if item == "none" or (not isinstance(item, str) and code == 0):
-                    assert code == 0, step
-                    full.append(took)
-                if item == "none":
-                    assert pins != committed[-1]
-                elif isinstance(item, str):
-                    assert code == -signal.SIGKILL, step
-                    assert pins == committed[-1], step
-                if pins != committed[-1]:  # committed: every model a new version
-                    assert all(pins[m] > committed[-1][m] for m in MODELS), (step, pins)
-                    committed.append(pins)
-                info = export.read_export(export_dir)
-                try:
-                    serving_config.check_committed(export_dir, info)
-                    assert info["commit"]["versions"] == pins, step
-                except ExportError as error:  # a torn export is never silent
-                    assert not isinstance(item, str) or step in (
-                        "export.json", "models.config"), (step, error)
-                    assert "before its commit" in str(error)
-                if step == "models.config":  # export.json written, not committed
-                    assert info["commit"]["versions"] != pins
-                deadline = time.monotonic() + 60
-                while server.manager.served() != pins and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                assert server.manager.served() == pins, step
-                outcomes.append((step, code, pins))
-        finally:
-            stop.set()
-            sampler.join(timeout=30)
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait(timeout=60)
-    mixed = [s for s in samples if s not in committed]
-    assert samples and mixed == [], mixed[:3]
-    assert committed[-1] in samples
-    # Orphan versions of the killed exports exist, yet were never served.
-    orphans = {m: set(export.versions(export_dir / m)) - {c[m] for c in committed}
-               for m in MODELS}
-    assert orphans["towers"], orphans
-    print(f"\n{len(plan)} exports, {len(committed) - 1} committed, "
-          f"{len(samples)} served sets sampled, none mixed:")
-    for step, code, pins in outcomes:
-        print(f"  {step:<28} exit {code:>3}  served {pins}")
-    return {"outcomes": outcomes, "committed": committed}
-
-
-@pytest.mark.bench
-def test_an_export_killed_before_each_step_never_changes_the_served_set(export_copy):
-    """Killed before each step, an export leaves ``models.config`` (the commit
-    record) and the set a running server serves those of the previous export;
-    the export that completes replaces the whole set at once (the long version
-    of the CI test below, for ``make bench``)."""
-    export_dir, csv = export_copy
-    _kill_before_commit(export_dir, csv, [*EXPORT_STEPS, "none"])
-
-
-# One server, one export copy, five exporting processes (CI): each export is
-# SIGKILLed at one moment, by its own hook just before a step (as above) or from
-# outside (while a SavedModel is half-written, at a random moment); it prints the
-# versions of every export it committed before dying.
+# One server, one export copy, one exporting process per kill: each export is
+# SIGKILLed at one moment, by its own hook just before a step (argv[3]; "none":
+# no hook) or from outside (while a SavedModel is half-written, at a random
+# moment); it prints the versions of every export it committed before dying.
 HOOKED_EXPORTER = """
 import json, os, signal, sys
 import tfdssm
@@ -467,8 +233,8 @@ for _ in range(int(sys.argv[4])):
 def _kill_exports_while_serving(export_dir: pathlib.Path, csv: pathlib.Path, model,
                                 plan: list[str | float], ahead: int = 2
                                 ) -> dict[str, Any]:
-    """The guarantees of :func:`_kill_exports` and :func:`_kill_before_commit`
-    at once, on one running server under requests: one exporting process per
+    """Exports killed at any moment never break what is served, on one running
+    server under requests: one exporting process per
     item of ``plan``, SIGKILLed just before that step (an EXPORT_STEPS name), when
     a :func:`_kill_when` condition holds (its label), or a random moment (a
     float: that fraction of the longest time an earlier kill took; that process
@@ -627,8 +393,8 @@ def _kill_exports_while_serving(export_dir: pathlib.Path, csv: pathlib.Path, mod
 
 # CI: a kill while towers is half-written (temporaries left), just before ScaNN
 # (towers and brute force renamed in), before export.json, before the commit
-# record, and at a random moment. `make bench` runs the two long versions above
-# (every kill point, 12 random moments; a kill before every step).
+# record, and at a random moment. `make bench` kills at every point and step and
+# at 12 random moments (below).
 CI_KILLS = ("writing towers", "retrieval", "export.json", "models.config")
 
 
@@ -641,6 +407,18 @@ def test_exports_killed_at_any_moment_leave_versions_loadable_and_sets_whole(
     result = _kill_exports_while_serving(export_dir, csv, pairs_export[1].model,
                                          [*CI_KILLS, moment])
     assert [code for _, code, *_ in result["outcomes"]] == [-signal.SIGKILL] * 5
+
+
+@pytest.mark.bench
+def test_exports_killed_at_every_point_and_many_moments(export_copy, pairs_export):
+    """The long version (``make bench``): a kill before every step, at every
+    :func:`_kill_when` point, and at 12 random moments."""
+    export_dir, csv = export_copy
+    rng = random.Random(7)
+    plan = [*EXPORT_STEPS, *_kill_when(export_dir, {m: [1] for m in MODELS}),
+            *[rng.uniform(0.02, 1.5) for _ in range(12)]]
+    result = _kill_exports_while_serving(export_dir, csv, pairs_export[1].model, plan)
+    assert len(result["outcomes"]) == len(plan) == 23
 
 
 def test_stale_temporaries_of_live_processes_are_kept(tmp_path):
