@@ -30,7 +30,7 @@ test: $(STAMP)
 
 # Long benchmarks (not CI): `make bench` (a full run also refreshes
 # docs/benchmarks.md), or one suite: `make bench SUITES="--suite quality"`. The long versions of
-# tests marked `bench` (1/8/32 clients, 17 killed exports, amplification
+# tests marked `bench` (1/8/32 clients, 23 killed exports, amplification
 # requests from 4 clients, 6 slowly copied versions) and the README's long blocks
 # (make demo, full trainings) run first; `make bench BENCH_TESTS=` skips them.
 BENCH_TESTS ?= tests/test_load.py tests/test_reliability.py tests/test_readme.py
