@@ -58,3 +58,10 @@ def test_a_torn_export_is_refused_by_its_readers(export_with_orphan, pairs_frame
                  lambda: evaluate_export(export_with_orphan, pairs_frame(20))):
         with pytest.raises(ExportError, match="stopped before its commit"):
             read()
+
+
+def test_tflite_parity_is_checked_against_the_committed_towers(export_with_orphan):
+    from tfdssm.export import tflite  # noqa: PLC0415
+
+    check = tflite.parity(export_with_orphan, [{"query": "kiwi recipe"}])
+    assert check["queries"] == 1 and check["max_abs_diff"] < 1e-4, check
