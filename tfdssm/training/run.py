@@ -513,13 +513,12 @@ def served_metrics(
     ranking), unlike the towers' metrics, which score by the dense embedding
     alone.
     """
-    base = os.path.join(export_dir, model)
-    newest = layout.versions(base)[-1]
-    loaded = tf.saved_model.load(os.path.join(base, str(newest)))
+    entry = layout.read_export(export_dir)[model]  # the version just exported
+    loaded = tf.saved_model.load(os.path.join(export_dir, entry["path"]))
     names = list(loaded.signatures["top_k"].structured_input_signature[1])
     specs = [f for f in prepared.features if f.name in names and f.name != "k"]
     arrays = data.to_feature_arrays(prepared.test, specs, "the test rows")
-    max_k = layout.read_export(export_dir)[model]["max_k"]
+    max_k = entry["max_k"]
     ks = [k for k in (1, 10, 100) if k <= max_k] or [max_k]
     return metrics_lib.retrieval_metrics(
         loaded.signatures["top_k"], arrays,
