@@ -43,7 +43,6 @@ from tfdssm.serving.grpc_server import (
     ModelService,
     PredictionService,
     add_services_and_bind,
-    close_admission,
     local_address,
     metadata_response,
     requested_version,
@@ -104,8 +103,8 @@ class AioPredictionService(PredictionService):
     def __init__(self, manager: ModelManager, batcher: batching.Batcher,
                  waker: _Waker, max_batch_size: int | None, max_bytes: int | None,
                  metrics: Metrics | None = None) -> None:
-        super().__init__(manager, max_batch_size, max_bytes, batcher, metrics)
-        self._waker = waker
+        super().__init__(manager, max_batch_size, max_bytes, metrics)
+        self.batcher, self._waker = batcher, waker
 
     async def Predict(self, request: predict_pb2.PredictRequest,  # noqa: N802
                       context: grpc.aio.ServicerContext) -> Any:
@@ -152,9 +151,7 @@ class AioPredictionService(PredictionService):
         return metadata_response(servable)
 
     async def _unimplemented(self, request: Any, context: Any) -> None:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            "tfdssm serve implements Predict and GetModelMetadata "
-                            "only; use Predict.")
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, self.UNIMPLEMENTED)
 
     Classify = Regress = MultiInference = _unimplemented
 
@@ -215,15 +212,11 @@ class AioGrpcServer:
         self.server, self.port, self.loop = server, port, loop
         self._admission, self._thread = admission, thread
         self._local = local_address(host, port)
-        self._marker_taken = False
 
     def close_admission(self, deadline: float) -> bool:
         """The cut-off (see
         :meth:`tfdssm.serving.grpc_server.GrpcServer.close_admission`)."""
-        if not self._admission.closed:
-            self._marker_taken = close_admission(self._admission, self._local,
-                                                 deadline)
-        return self._marker_taken
+        return self._admission.close(self._local, deadline)
 
     def stop(self, grace_seconds: float) -> None:
         """Closes admission (unless done), drains the admitted calls (up to

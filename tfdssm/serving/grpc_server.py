@@ -45,7 +45,7 @@ from tensorflow_serving.apis import (
 )
 
 from tfdssm.errors import ServingError
-from tfdssm.serving import batching, predict
+from tfdssm.serving import predict
 from tfdssm.serving.metrics import Metrics
 from tfdssm.serving.models import ModelManager
 
@@ -91,13 +91,11 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         manager: ModelManager,
         max_batch_size: int | None = predict.DEFAULT_MAX_BATCH_SIZE,
         max_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
-        batcher: batching.Batcher | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.manager = manager
         self.max_batch_size = max_batch_size
         self.max_bytes = max_bytes  # the inputs' size once expanded
-        self.batcher = batcher
         self.metrics = metrics or Metrics()
 
     def Predict(self, request: predict_pb2.PredictRequest,  # noqa: N802
@@ -112,9 +110,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             version = servable.version
             inputs = servable.tensors(signature, request.inputs, self.max_bytes,
                                       self.max_batch_size, as_numpy=True)
-            outputs = batching.run(self.batcher, servable, signature, inputs,
-                                   list(request.output_filter), self.max_batch_size,
-                                   context.time_remaining())
+            outputs = servable.predict(signature, inputs, list(request.output_filter),
+                                       self.max_batch_size)
             return self._response(servable, signature, outputs)
         except ServingError as error:
             status = status_code(error).name
@@ -166,10 +163,11 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         return self.manager.get(request.model_spec.name,
                                 requested_version(request.model_spec))
 
+    UNIMPLEMENTED = ("tfdssm serve implements Predict and GetModelMetadata only; "
+                     "use Predict.")
+
     def _unimplemented(self, request: Any, context: grpc.ServicerContext) -> None:
-        context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                      "tfdssm serve implements Predict and GetModelMetadata only; "
-                      "use Predict.")
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, self.UNIMPLEMENTED)
 
     Classify = Regress = MultiInference = _unimplemented
 
@@ -244,34 +242,6 @@ def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
             ("grpc.so_reuseport", 0)]
 
 
-def close_admission(admission: Admission, local: str, deadline: float) -> bool:
-    """Sends the marker call to the server at ``local`` and waits (until
-    ``deadline``, a ``time.monotonic()`` value) for ``admission`` (the server's
-    interceptor) to take it; admission is closed either way.
-
-    Returns:
-        Whether the marker was taken.
-    """
-    admission.draining = True
-    channel = grpc.insecure_channel(local, options=[("grpc.enable_http_proxy", 0)])
-    try:
-        marker = channel.unary_unary(MARKER_METHOD).future(
-            b"", timeout=max(0.1, deadline - time.monotonic()),
-            metadata=((_MARKER_KEY, admission.token),))
-        marker.add_done_callback(lambda _: admission.wake.set())
-        admission.wake.wait(max(0.0, deadline - time.monotonic()))
-    finally:
-        channel.close()
-    taken = admission.closed
-    admission.closed = True
-    if not taken:
-        LOG.warning("tfdssm serve: could not confirm that gRPC calls received "
-                    "before the stop were all taken (%s); some may be "
-                    "cancelled", "grace period over" if time.monotonic() >=
-                    deadline else "the marker call failed")
-    return taken
-
-
 class Admission:
     """The stop's cut-off (see the module docstring): admits calls until the
     marker call is taken, then refuses them. Both gRPC servers' interceptors
@@ -283,6 +253,36 @@ class Admission:
         self.draining = False  # the stop has begun: watch for the marker
         self.closed = False  # the marker has been taken (or the wait gave up)
         self.wake = threading.Event()  # the marker: taken, or failed
+        self.marker_taken = False  # what close() found
+
+    def close(self, local: str, deadline: float) -> bool:
+        """Closes admission, once: sends the marker call to the server at
+        ``local`` and waits (until ``deadline``, a ``time.monotonic()`` value)
+        for the server to take it; admission is closed either way.
+
+        Returns:
+            Whether the marker was taken (as found by the first call).
+        """
+        if self.closed:
+            return self.marker_taken
+        self.draining = True
+        channel = grpc.insecure_channel(local, options=[("grpc.enable_http_proxy", 0)])
+        try:
+            marker = channel.unary_unary(MARKER_METHOD).future(
+                b"", timeout=max(0.1, deadline - time.monotonic()),
+                metadata=((_MARKER_KEY, self.token),))
+            marker.add_done_callback(lambda _: self.wake.set())
+            self.wake.wait(max(0.0, deadline - time.monotonic()))
+        finally:
+            channel.close()
+        self.marker_taken = self.closed
+        self.closed = True
+        if not self.marker_taken:
+            LOG.warning("tfdssm serve: could not confirm that gRPC calls received "
+                        "before the stop were all taken (%s); some may be "
+                        "cancelled", "grace period over" if time.monotonic() >=
+                        deadline else "the marker call failed")
+        return self.marker_taken
 
     def verdict(self, details: Any) -> str:
         """``"admit"``, ``"refuse"`` (``UNAVAILABLE``), or ``"marker"`` (the
@@ -355,7 +355,6 @@ class GrpcServer:
                  admission: _Admission, workers: futures.ThreadPoolExecutor) -> None:
         self.server, self.port = server, port
         self._admission, self._workers = admission, workers
-        self._marker_taken = False
         self._local = local_address(host, port)
 
     def close_admission(self, deadline: float) -> bool:
@@ -370,10 +369,7 @@ class GrpcServer:
             deadline passed), admission closes anyway; calls still queued in
             gRPC core may then be cancelled by :meth:`stop`.
         """
-        if not self._admission.closed:
-            self._marker_taken = close_admission(self._admission, self._local,
-                                                 deadline)
-        return self._marker_taken
+        return self._admission.close(self._local, deadline)
 
     def stop(self, grace_seconds: float) -> None:
         """Closes admission (unless done), then drains: returns when every
@@ -422,7 +418,6 @@ def start_grpc(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     workers: int = 8,
     max_batch_size: int | None = predict.DEFAULT_MAX_BATCH_SIZE,
-    batcher: batching.Batcher | None = None,
     metrics: Metrics | None = None,
 ) -> tuple[GrpcServer, int]:
     """Starts a gRPC server; returns it and the bound port (``port=0``: any free).
@@ -430,8 +425,8 @@ def start_grpc(
     ``max_message_bytes`` limits a request's size and the size its inputs
     declare once expanded (checked before anything is expanded, see
     :func:`tfdssm.serving.predict.tensors_from_protos`); ``max_batch_size``
-    its rows; ``batcher`` merges concurrent Predict calls (``None``: each
-    runs alone); ``metrics`` counts them.
+    its rows; ``metrics`` counts the calls. Each Predict runs alone (batched
+    serving runs on :func:`tfdssm.serving.aio_server.start_aio_grpc`).
 
     Raises:
         ServingError: the address cannot be bound.
@@ -444,6 +439,6 @@ def start_grpc(
         options=server_options(max_message_bytes))
     bound = add_services_and_bind(
         server, PredictionService(manager, max_batch_size, int(max_message_bytes),
-                                  batcher, metrics), ModelService(manager), host, port)
+                                  metrics), ModelService(manager), host, port)
     server.start()
     return GrpcServer(server, bound, host, admission, pool), bound

@@ -176,7 +176,7 @@ class Server:
                 self._grpc, self.grpc_port = grpc_server.start_grpc(
                     self.manager, self.host, self.grpc_port,
                     self.max_request_bytes, self.workers, self.max_batch_size,
-                    None, self.metrics)
+                    metrics=self.metrics)
             if self.rest_port is not None:
                 path = (self.monitoring.path if self.monitoring is not None
                         and self.monitoring.prometheus else None)
