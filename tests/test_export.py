@@ -118,7 +118,8 @@ def test_second_export_adds_a_version_and_leaves_the_first(pairs_export, tmp_pat
     assert (tmp_path / "towers" / "2" / "saved_model.pb").is_file()
     assert export.read_export(tmp_path)["metrics"] == {"recall@10": 0.75}
     assert _leftovers(tmp_path) == []
-    # load_towers defaults to the newest version; both load.
+    # load_towers defaults to the version export.json records (the newest
+    # here); both load.
     newest = export.load_towers(tmp_path)
     oldest = export.load_towers(tmp_path, version=1)
     text = tf.constant(["apple"])

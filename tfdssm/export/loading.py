@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from tfdssm.errors import ExportError
 from tfdssm.export import serving_config
-from tfdssm.export.layout import CORPUS_FILE, read_export, versions
+from tfdssm.export.layout import CORPUS_FILE, EXPORT_JSON, read_export, versions
 from tfdssm.features import Feature, feature_from_config
 from tfdssm.features.registry import feature_kind
 
@@ -58,17 +58,20 @@ def load_towers(export_dir: str | os.PathLike, version: int | None = None,
 
     Args:
         export_dir: The export directory.
-        version: The version to load; by default the one ``info`` (the
-            export's ``export.json``, see :func:`read_committed`) records, or
-            the newest without ``info``.
-        info: ``export.json``.
+        version: The version to load; by default the one ``export.json``
+            records (never a newer orphan of a killed export), or the newest
+            in a directory without one.
+        info: ``export.json``, when the caller has read it already (see
+            :func:`read_committed`).
     """
     base = pathlib.Path(export_dir) / "towers"
     found = versions(base)
     if not found:
         raise ExportError(f"no towers/<version> SavedModel under {str(export_dir)!r}.")
-    if version is None and info is not None:
-        version = (info.get("towers") or {}).get("version")
+    if version is None:
+        if info is None and (pathlib.Path(export_dir) / EXPORT_JSON).is_file():
+            info = read_export(export_dir)
+        version = ((info or {}).get("towers") or {}).get("version")
     chosen = found[-1] if version is None else version
     if chosen not in found:
         raise ExportError(f"towers version {chosen} not found; have {found}.")

@@ -412,10 +412,8 @@ def parity(
     export_dir = pathlib.Path(export_dir)
     lite = TFLiteQueryTower(model or export_dir / TFLITE_FILE)
     # The towers version export.json names: the one being exported (add_tflite
-    # runs after export.json, before the commit) or the committed one, never
-    # an orphan of a killed export.
-    info = layout.read_export(export_dir)
-    signature = loading.load_towers(export_dir, info=info).signatures["query"]
+    # runs after export.json, before the commit) or the committed one.
+    signature = loading.load_towers(export_dir).signatures["query"]
     vocabularies = {
         s["name"]: (export_dir / s["vocabulary"]).read_text().splitlines()
         for s in lite.spec["inputs"] if "vocabulary" in s
