@@ -370,7 +370,7 @@ def drive(
     threads = [threading.Thread(target=client, args=(i * 7,), name=f"client-{i}")
                for i in range(clients)]
     watcher = threading.Thread(target=sampler, name="sampler")
-    cpu_before = (time.process_time(), server_cpu() if server_cpu else float("nan"))
+    cpu_before = (time.process_time(), _cpu_or_nan(server_cpu))
     for thread in [*threads, watcher]:
         thread.start()
     for thread in [*threads, watcher]:
